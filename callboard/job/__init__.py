@@ -1,0 +1,1 @@
+"""Job execution: contexts, pools and supervised job processes."""

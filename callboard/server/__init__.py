@@ -1,0 +1,1 @@
+"""The embedded LiveKit-compatible server (`callboard server`)."""

@@ -1,0 +1,1 @@
+"""The worker side: what `python agent.py start` runs."""
