@@ -1,4 +1,4 @@
-"""callboard: fast, sturdy LiveKit voice-agent workers, and an embedded LiveKit-compatible server."""
+"""callboard: fast, sturdy LiveKit voice-agent workers and an embedded LiveKit-compatible server."""
 
 from callboard.version import __version__
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Final
 
@@ -30,8 +31,9 @@ def _server_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 7880; 0 = any)")
     p.add_argument(
-        "--keys", help="API keys as 'key: secret[, key2: secret2]' (or LIVEKIT_KEYS); "
-        "default: the dev pair devkey/secret"
+        "--keys",
+        help="API keys as 'key: secret[, key2: secret2]' (or LIVEKIT_KEYS); "
+        "default: the dev pair devkey/secret",
     )
     p.add_argument(
         "--dev", action="store_true", help="allow the dev keys on a non-loopback address"
@@ -73,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fmt: LogFormat = args.log_format or ("pretty" if sys.stderr.isatty() else "json")
     setup_logging(fmt, args.log_level.upper())
+    # The public dev secret is short by design; pyjwt would warn on every token.
+    warnings.filterwarnings("ignore", message="The HMAC key is")
     try:
         if args.command == "server":
             config = ServerConfig.from_env(

@@ -15,13 +15,13 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from google.protobuf.message import DecodeError
 from livekit.protocol import agent, models
 
-from callboard.version import __version__
 from callboard.log import get_logger
 from callboard.server.auth import AuthError, Grants, KeyStore
 from callboard.server.config import MAX_AGENT_FRAME_BYTES, ServerConfig
 from callboard.server.dispatch import DispatchEngine
 from callboard.server.ids import WORKER_PREFIX, new_id
 from callboard.server.workers import WorkerSession
+from callboard.version import __version__
 
 log = get_logger("server.agents")
 

@@ -60,7 +60,7 @@ class KeyStore:
             raise AuthError(f"invalid authorization token: {e}") from None
         api_key = unverified.get("iss")
         secret = self._keys.get(api_key) if isinstance(api_key, str) else None
-        if secret is None:
+        if secret is None or not isinstance(api_key, str):
             raise AuthError(f"invalid API key: {api_key!r} is not known to this server")
         try:
             claims = jwt.decode(

@@ -187,9 +187,7 @@ class DispatchEngine:
         self, rec: JobRecord, worker: WorkerSession
     ) -> agent.AvailabilityResponse | None:
         """Send an AvailabilityRequest; the answer, or None on timeout or a lost worker."""
-        fut: asyncio.Future[agent.AvailabilityResponse] = (
-            asyncio.get_running_loop().create_future()
-        )
+        fut: asyncio.Future[agent.AvailabilityResponse] = asyncio.get_running_loop().create_future()
         worker.pending[rec.id] = fut
         rec.job.state.worker_id = worker.id
         log.info("job offered", extra={**rec.log_fields, "worker_id": worker.id})
@@ -263,9 +261,7 @@ class DispatchEngine:
             rec.worker = None
             state.status = agent.JS_PENDING
             return False
-        log.info(
-            "job assigned", extra={**rec.log_fields, "participant_identity": identity}
-        )
+        log.info("job assigned", extra={**rec.log_fields, "participant_identity": identity})
         return True
 
     # -- messages from workers ----------------------------------------------------------------
@@ -387,7 +383,9 @@ class DispatchEngine:
 
     async def aclose(self) -> None:
         """Stop placing jobs (server shutdown); running jobs stay with their workers."""
-        tasks = [r.place_task for r in self._jobs.values() if r.place_task and not r.place_task.done()]
+        tasks = [
+            r.place_task for r in self._jobs.values() if r.place_task and not r.place_task.done()
+        ]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

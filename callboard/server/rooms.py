@@ -25,6 +25,19 @@ ROOM_SERVICE = "livekit.RoomService"
 DISPATCH_SERVICE = "livekit.AgentDispatchService"
 MAX_ROOM_NAME = 256
 MAX_METADATA = 64 * 1024
+# What livekit-server lists in Room.enabled_codecs by default.
+ENABLED_CODECS = (
+    "audio/PCMU",
+    "audio/PCMA",
+    "audio/opus",
+    "audio/red",
+    "video/VP8",
+    "video/H264",
+    "video/VP9",
+    "video/AV1",
+    "video/H265",
+    "video/rtx",
+)
 
 
 @dataclass(eq=False)
@@ -87,7 +100,12 @@ class RoomRegistry:
         existing = self._rooms.get(req.name)
         if existing is not None:
             return existing.info
-        state = self._open_room(req)
+        self._open_room(req)
+        return self._rooms[req.name].info
+
+    def _open_room(self, req: room.CreateRoomRequest) -> RoomState:
+        """Create the room and its dispatches: its config's agents, or the automatic one."""
+        state = self._new_room(req)
         agents = list(req.agents) or [agent_dispatch.RoomAgentDispatch()]
         for spec in agents:
             self._add_dispatch(
@@ -102,9 +120,9 @@ class RoomRegistry:
                     attributes=spec.attributes,
                 ),
             )
-        return state.info
+        return state
 
-    def _open_room(self, req: room.CreateRoomRequest) -> RoomState:
+    def _new_room(self, req: room.CreateRoomRequest) -> RoomState:
         now = time.time()
         info = models.Room(
             sid=new_id(ROOM_PREFIX),
@@ -115,6 +133,7 @@ class RoomRegistry:
             creation_time=int(now),
             creation_time_ms=int(now * 1000),
             metadata=req.metadata,
+            enabled_codecs=[models.Codec(mime=m) for m in ENABLED_CODECS],
         )
         state = RoomState(info)
         self._rooms[req.name] = state
@@ -198,9 +217,7 @@ class RoomRegistry:
             raise TwirpError("not_found", f"dispatch {req.dispatch_id!r} not found in {req.room!r}")
         dispatch.state.deleted_at = time.time_ns()
         await self._terminate_jobs(dispatch, "dispatch deleted", agent.JSR_DISPATCH_DELETED)
-        log.info(
-            "dispatch deleted", extra={"room": req.room, "dispatch_id": req.dispatch_id}
-        )
+        log.info("dispatch deleted", extra={"room": req.room, "dispatch_id": req.dispatch_id})
         return dispatch
 
     async def list_dispatch(

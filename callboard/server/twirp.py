@@ -64,9 +64,7 @@ class TwirpError(Exception):
         body: dict[str, Any] = {"code": self.code, "msg": self.msg}
         if self.meta:
             body["meta"] = self.meta
-        return web.Response(
-            status=HTTP_STATUS[self.code], text=json.dumps(body), content_type=JSON
-        )
+        return web.Response(status=HTTP_STATUS[self.code], text=json.dumps(body), content_type=JSON)
 
 
 Handler = Callable[[Grants | None, Any], Awaitable[Message]]
@@ -168,11 +166,12 @@ def require(grants: Grants | None, *needed: str, room: str | None = None) -> Gra
         raise TwirpError("unauthenticated", "permissions denied: no access token was presented")
     for grant in needed:
         if not grants.has(grant):
-            raise TwirpError("unauthenticated", f"permissions denied: token lacks the {grant} grant")
+            raise TwirpError(
+                "unauthenticated", f"permissions denied: token lacks the {grant} grant"
+            )
     if room is not None and grants.room != room:
         raise TwirpError(
-            "unauthenticated", f"permissions denied: token is for room {grants.room!r}, not {room!r}"
+            "unauthenticated",
+            f"permissions denied: token is for room {grants.room!r}, not {room!r}",
         )
     return grants
-
-
