@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class WorkerSession:
             self.status_seq = update.seq
         if update.HasField("status"):
             self.status = update.status
-        self.load = update.load
+        self.load = clamp_load(update.load)
         self.job_count = update.job_count
         self.draining = update.draining
         return True
@@ -62,6 +63,15 @@ class WorkerSession:
     @property
     def available(self) -> bool:
         return not self.closed and not self.draining and self.status == agent.WS_AVAILABLE
+
+
+def clamp_load(load: float) -> float:
+    """A reported load as a fraction in [0, 1]; NaN or infinity counts as fully loaded.
+
+    The load comes off the wire: a negative or infinite value must not turn into an infinite
+    selection weight (which made `random.choices` raise and stranded every job placed after it).
+    """
+    return min(max(load, 0.0), 1.0) if math.isfinite(load) else 1.0
 
 
 def pick_weighted(
