@@ -1,13 +1,16 @@
-"""The `callboard` command: `server` (the embedded LiveKit-compatible server) and `demo`.
+"""Command lines: `callboard server|demo`, and `cli.run_app(opts)` for agent scripts
+(`python agent.py start|dev|connect --room NAME`).
 
-Only this module installs signal handlers and maps errors to exit codes:
-0 ok, 1 runtime failure, 2 invalid options.
+Only this module installs signal handlers and maps errors to exit codes: 0 ok (including a
+drain after SIGTERM/SIGINT), 1 runtime failure (server unreachable past max_retry, or the
+`connect` job failed), 2 invalid options.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -18,6 +21,9 @@ from typing import Final
 from callboard.log import LogFormat, get_logger, setup_logging
 from callboard.server.app import EmbeddedServer
 from callboard.server.config import DEFAULT_PORT, ConfigError, ServerConfig, parse_keys
+from callboard.worker.connection import ConnectionGiveUp
+from callboard.worker.options import OptionsError, WorkerOptions
+from callboard.worker.worker import Worker
 
 log = get_logger("cli")
 
@@ -102,6 +108,105 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("callboard").exception("callboard failed")
         return EXIT_FAILURE
     return EXIT_OK
+
+
+# -- cli.run_app: `python agent.py start | dev | connect --room NAME` ---------------------------
+
+
+def _app_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Run a callboard agent worker.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("start", "production: JSON logs, production defaults"),
+        ("dev", "development: readable debug logs, dev defaults"),
+        ("connect", "dispatch this agent to one room, run that job, exit"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--url", help="LiveKit server URL (default: LIVEKIT_URL)")
+        p.add_argument("--api-key", help="API key (default: LIVEKIT_API_KEY)")
+        p.add_argument("--api-secret", help="API secret (default: LIVEKIT_API_SECRET)")
+        p.add_argument("--log-level", default=None)
+        if name == "connect":
+            p.add_argument("--room", required=True, help="room to dispatch the agent to")
+    return parser
+
+
+def run_app(opts: WorkerOptions, argv: Sequence[str] | None = None) -> None:
+    """Entry point of an agent script; exits with the worker's exit code."""
+    sys.exit(app_main(opts, argv))
+
+
+def app_main(opts: WorkerOptions, argv: Sequence[str] | None = None) -> int:
+    args = _app_parser().parse_args(argv)
+    devmode = args.command in ("dev", "connect")
+    setup_logging(
+        "pretty" if devmode else "json",
+        (args.log_level or ("DEBUG" if devmode else "INFO")).upper(),
+    )
+    warnings.filterwarnings("ignore", message="The HMAC key is")
+    overrides = {
+        k: v
+        for k, v in (
+            ("ws_url", args.url),
+            ("api_key", args.api_key),
+            ("api_secret", args.api_secret),
+        )
+        if v
+    }
+    try:
+        worker = Worker(dataclasses.replace(opts, **overrides), devmode=devmode)
+    except OptionsError as e:
+        print(f"callboard: error: invalid worker options: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command == "connect":
+            return asyncio.run(_connect_one(worker, args.room))
+        asyncio.run(_run_worker(worker))
+    except ConnectionGiveUp as e:
+        print(f"callboard: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _install_worker_signals(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        log.info("signal received", extra={"signal": sig.name, "count": signals_seen})
+        worker.request_shutdown(fast=signals_seen > 1)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def _run_worker(worker: Worker) -> None:
+    _install_worker_signals(worker)
+    await worker.run()
+
+
+async def _connect_one(worker: Worker, room: str) -> int:
+    """Run the worker, dispatch it to `room`, return when that job has ended."""
+    from livekit import api
+
+    _install_worker_signals(worker)
+    run = asyncio.create_task(worker.run())
+    r = worker.options
+    async with api.LiveKitAPI(r.ws_url, r.api_key, r.api_secret) as lk:
+        while not worker.registered:
+            if run.done():
+                await run
+                return EXIT_FAILURE
+            await asyncio.sleep(0.05)
+        await lk.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(agent_name=r.agent_name, room=room)
+        )
+    outcome = await worker.wait_first_job_end()
+    worker.request_shutdown()
+    await run
+    return EXIT_OK if outcome.ok else EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -30,9 +30,14 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"{ROOT_LOGGER}.{name}" if name else ROOT_LOGGER)
 
 
+MIN_REDACTED_SECRET: Final = 8
+"""Shorter secrets (the public dev pair's "secret") are words, not secrets: redacting them
+would mangle ordinary text."""
+
+
 def redact_secret(secret: str) -> None:
     """Register a secret that must never appear in any log line."""
-    if secret:
+    if len(secret) >= MIN_REDACTED_SECRET:
         _secrets.add(secret)
 
 

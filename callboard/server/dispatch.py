@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -144,7 +145,8 @@ class DispatchEngine:
         job.state.updated_at = _now_ns()
         rec = JobRecord(job)
         self._jobs[job.id] = rec
-        log.info("job created", extra=rec.log_fields)
+        if log.isEnabledFor(logging.INFO):
+            log.info("job created", extra=rec.log_fields)
         rec.place_task = asyncio.get_running_loop().create_task(
             self._place(rec), name=f"place-{job.id}"
         )
@@ -190,7 +192,8 @@ class DispatchEngine:
         fut: asyncio.Future[agent.AvailabilityResponse] = asyncio.get_running_loop().create_future()
         worker.pending[rec.id] = fut
         rec.job.state.worker_id = worker.id
-        log.info("job offered", extra={**rec.log_fields, "worker_id": worker.id})
+        if log.isEnabledFor(logging.INFO):
+            log.info("job offered", extra={**rec.log_fields, "worker_id": worker.id})
         try:
             await worker.send(
                 agent.ServerMessage(availability=agent.AvailabilityRequest(job=rec.job))
@@ -261,7 +264,8 @@ class DispatchEngine:
             rec.worker = None
             state.status = agent.JS_PENDING
             return False
-        log.info("job assigned", extra={**rec.log_fields, "participant_identity": identity})
+        if log.isEnabledFor(logging.INFO):
+            log.info("job assigned", extra={**rec.log_fields, "participant_identity": identity})
         return True
 
     # -- messages from workers ----------------------------------------------------------------
@@ -300,7 +304,7 @@ class DispatchEngine:
             state.started_at = state.updated_at
         state.status = update.status
         state.error = update.error
-        if update.status == agent.JS_RUNNING:
+        if update.status == agent.JS_RUNNING and log.isEnabledFor(logging.INFO):
             log.info("job running", extra=rec.log_fields)
 
     def on_migrate(self, worker: WorkerSession, req: agent.MigrateJobRequest) -> None:
@@ -370,16 +374,15 @@ class DispatchEngine:
         if rec.worker is not None:
             rec.worker.jobs.discard(rec.id)
         self._jobs.pop(rec.id, None)
-        fields = {
-            **rec.log_fields,
-            "status": agent.JobStatus.Name(status),
-            "error": error,
-            "reason": reason_text or agent.JobStateReason.Name(reason),
-        }
-        if status == agent.JS_FAILED:
-            log.warning("job ended", extra=fields)
-        else:
-            log.info("job ended", extra=fields)
+        level = logging.WARNING if status == agent.JS_FAILED else logging.INFO
+        if log.isEnabledFor(level):
+            fields = {
+                **rec.log_fields,
+                "status": agent.JobStatus.Name(status),
+                "error": error,
+                "reason": reason_text or agent.JobStateReason.Name(reason),
+            }
+            log.log(level, "job ended", extra=fields)
 
     async def aclose(self) -> None:
         """Stop placing jobs (server shutdown); running jobs stay with their workers."""

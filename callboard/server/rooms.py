@@ -7,6 +7,7 @@ a room dispatches the agents of its config, or, with none, the automatic dispatc
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -196,14 +197,15 @@ class RoomRegistry:
     ) -> agent_dispatch.AgentDispatch:
         dispatch.state.created_at = time.time_ns()
         state.dispatches[dispatch.id] = dispatch
-        log.info(
-            "dispatch created",
-            extra={
-                "room": dispatch.room,
-                "dispatch_id": dispatch.id,
-                "agent_name": dispatch.agent_name,
-            },
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "dispatch created",
+                extra={
+                    "room": dispatch.room,
+                    "dispatch_id": dispatch.id,
+                    "agent_name": dispatch.agent_name,
+                },
+            )
         self._engine.launch(state.info, dispatch)
         return dispatch
 

@@ -25,6 +25,7 @@ log = get_logger("server.twirp")
 TWIRP_PREFIX: Final = "/twirp"
 JSON: Final = "application/json"
 PROTOBUF: Final = "application/protobuf"
+JSON_WHITESPACE: Final = " \t\n\r"
 
 # Twirp error codes and their HTTP statuses (twirp spec v7).
 HTTP_STATUS: Final[Mapping[str, int]] = {
@@ -104,20 +105,32 @@ class TwirpRouter:
             return TwirpError("internal", "internal server error").response()
 
     async def _serve(self, request: web.Request, route: str) -> web.Response:
+        # Like Go's twirp, a bad_route error names the refused route in its meta.
+        bad_route = {"twirp_invalid_route": f"{request.method} {request.path}"}
         if request.method != "POST":
-            raise TwirpError("bad_route", f"unsupported method {request.method} (only POST)")
+            raise TwirpError(
+                "bad_route", f"unsupported method {request.method} (only POST)", bad_route
+            )
         method = self._methods.get(route)
         if method is None:
-            raise TwirpError("bad_route", f"no handler for path /twirp/{route}")
+            raise TwirpError("bad_route", f"no handler for path /twirp/{route}", bad_route)
         content_type = request.content_type
         if content_type not in (JSON, PROTOBUF):
             raise TwirpError(
-                "bad_route", f"unexpected Content-Type {content_type!r}: use {JSON} or {PROTOBUF}"
+                "bad_route",
+                f"unexpected Content-Type {content_type!r}: use {JSON} or {PROTOBUF}",
+                bad_route,
             )
         grants = self._grants(request)
         if request.content_length is not None and request.content_length > MAX_TWIRP_BODY_BYTES:
             raise TwirpError("malformed", f"body larger than {MAX_TWIRP_BODY_BYTES} bytes")
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            # A chunked body has no Content-Length to check up front; aiohttp stops it here.
+            raise TwirpError(
+                "malformed", f"body larger than {MAX_TWIRP_BODY_BYTES} bytes"
+            ) from None
         if len(body) > MAX_TWIRP_BODY_BYTES:
             raise TwirpError("malformed", f"body larger than {MAX_TWIRP_BODY_BYTES} bytes")
         req = _decode(method.request_type, body, content_type)
@@ -146,7 +159,11 @@ def _decode(request_type: type[Message], body: bytes, content_type: str) -> Mess
     req = request_type()
     try:
         if content_type == JSON:
-            json_format.Parse(body.decode("utf-8") or "{}", req, ignore_unknown_fields=True)
+            text = body.decode("utf-8") or "{}"
+            # json_format.Parse takes a top-level list or string as an empty message.
+            if not text.lstrip(JSON_WHITESPACE).startswith("{"):
+                raise json_format.ParseError("the body must be a JSON object")
+            json_format.Parse(text, req, ignore_unknown_fields=True)
         else:
             req.ParseFromString(body)
     except (json_format.ParseError, DecodeError, UnicodeDecodeError, RecursionError) as e:

@@ -1,0 +1,187 @@
+"""Code that runs inside a job process, right after the zygote forked it.
+
+Re-initialise (fresh loop, reseeded RNG, ignore SIGINT/SIGTERM: the worker decides), run
+`prewarm_fnc`, report Initialized, then serve the worker's messages: one StartJob, pings,
+a shutdown. Logs travel to the worker over the same socket. The process exits after its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from callboard.job import ipc
+from callboard.job.context import JobContext, JobExecutorType, JobProcess
+from callboard.job.runner import Entrypoint, run_job
+from callboard.log import extra_fields
+
+EXIT_OK: Final = 0
+EXIT_PREWARM_FAILED: Final = 3
+EXIT_CRASHED: Final = 4
+STACK_DUMP_SIGNAL: Final = signal.SIGUSR1
+
+
+def stack_dump_path(pid: int) -> Path:
+    """Where a job process writes its thread stacks on STACK_DUMP_SIGNAL."""
+    return Path(tempfile.gettempdir()) / f"callboard-stacks-{pid}.txt"
+
+
+def after_fork(keep_fds: set[int]) -> None:
+    """Make the forked child its own process: signals, randomness, descriptors."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    random.seed()
+    with contextlib.suppress(Exception):
+        import ssl
+
+        ssl.RAND_add(os.urandom(32), 32.0)
+    keep = keep_fds | {0, 1, 2}
+    for fd in _open_fds():
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _die_with_parent()
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return []
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the zygote dies, so no job outlives its worker."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def child_main(
+    sock: socket.socket,
+    entrypoint: Entrypoint,
+    prewarm: Callable[[JobProcess], Any] | None,
+    log_level: int,
+    shutdown_timeout: float = 10.0,
+) -> int:
+    """Body of a job process; returns its exit code."""
+    dump = stack_dump_path(os.getpid()).open("w")
+    faulthandler.register(STACK_DUMP_SIGNAL, file=dump, all_threads=True)
+    asyncio.set_event_loop_policy(None)
+    try:
+        return asyncio.run(_serve(sock, entrypoint, prewarm, log_level, shutdown_timeout))
+    except BaseException:
+        traceback.print_exc()
+        return EXIT_CRASHED
+
+
+class IpcLogHandler(logging.Handler):
+    """Forwards records to the worker as LogRecordMsg frames."""
+
+    def __init__(self, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._writer = writer
+        self._loop = loop
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            exc_text = ""
+            if record.exc_info:
+                exc_text = "".join(traceback.format_exception(*record.exc_info))
+            extra = {k: _plain(v) for k, v in extra_fields(record).items()}
+            frame = ipc.encode(
+                ipc.LogRecordMsg(record.levelno, record.name, record.getMessage(), extra, exc_text)
+            )
+            if self._loop.is_closed():
+                return
+            self._loop.call_soon_threadsafe(self._write, frame)
+        except Exception:
+            self.handleError(record)
+
+    def _write(self, frame: bytes) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(frame)
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+async def _serve(
+    sock: socket.socket,
+    entrypoint: Entrypoint,
+    prewarm: Callable[[JobProcess], Any] | None,
+    log_level: int,
+    shutdown_timeout: float,
+) -> int:
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(IpcLogHandler(writer, loop))
+    root.setLevel(log_level)
+
+    proc = JobProcess(executor_type=JobExecutorType.PROCESS)
+    error = ""
+    if prewarm is not None:
+        try:
+            prewarm(proc)
+        except Exception as e:
+            error = f"prewarm_fnc raised {type(e).__name__}: {e}\n{traceback.format_exc()}"
+    writer.write(ipc.encode(ipc.Initialized(os.getpid(), error)))
+    await writer.drain()
+    if error:
+        return EXIT_PREWARM_FAILED
+
+    ctx: JobContext | None = None
+    job: asyncio.Task[Any] | None = None
+    while True:
+        reader_task = asyncio.ensure_future(ipc.read_message(reader))
+        waits: set[asyncio.Future[Any]] = {reader_task}
+        if job is not None:
+            waits.add(job)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if job is not None and job.done():
+            reader_task.cancel()
+            outcome = job.result()
+            writer.write(ipc.encode(ipc.JobDone(outcome.status, outcome.error)))
+            await writer.drain()
+            writer.close()
+            return EXIT_OK
+        msg = reader_task.result()
+        if msg is None:
+            # the worker is gone: stop the job, nobody is left to report to
+            if ctx is not None and job is not None:
+                ctx.shutdown("worker connection lost")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(job, shutdown_timeout)
+            return EXIT_OK
+        if isinstance(msg, ipc.Ping):
+            writer.write(ipc.encode(ipc.Pong(msg.timestamp, time.time())))
+        elif isinstance(msg, ipc.StartJob) and job is None:
+            ctx = JobContext(proc=proc, info=msg.running_info())
+            job = asyncio.ensure_future(run_job(ctx, entrypoint, shutdown_timeout))
+        elif isinstance(msg, ipc.Shutdown):
+            if ctx is None:
+                return EXIT_OK
+            ctx.shutdown(msg.reason)
+        else:
+            print(f"callboard job process: unexpected {type(msg).__name__}", file=sys.stderr)

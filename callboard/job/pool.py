@@ -1,0 +1,295 @@
+"""PROCESS executor: a zygote that forks job processes, and a warm pool of prewarmed ones.
+
+`launch` hands a job to an idle prewarmed process in O(1) when there is one, else forks a new
+process from the zygote (milliseconds plus prewarm); the pool refills in the background. Every
+process is single-use: it exits after its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from callboard.job import ipc
+from callboard.job.context import RunningJobInfo
+from callboard.job.process import JobProcessHandle, ProcessInitError, SupervisionLimits
+from callboard.log import get_logger
+
+if TYPE_CHECKING:
+    from callboard.worker.options import ResolvedOptions
+
+log = get_logger("job.pool")
+
+MAX_CONSECUTIVE_INIT_FAILURES: Final = 5
+"""After this many prewarm failures in a row the pool stops prefilling (no crash loop)."""
+ZYGOTE_BOOT_TIMEOUT_S: Final = 60.0
+
+
+class ZygoteError(Exception):
+    """The zygote could not start: the agent module failed to import, or it died at boot."""
+
+
+def function_ref(fn: Callable[..., Any]) -> tuple[str, str, str]:
+    """(module, file for __main__, qualname): how the zygote finds `fn` again."""
+    module = fn.__module__
+    path = ""
+    if module == "__main__":
+        path = getattr(sys.modules["__main__"], "__file__", "") or ""
+    return module, path, fn.__qualname__
+
+
+class ZygoteClient:
+    """Starts the zygote, asks it for processes, hears about their exits."""
+
+    def __init__(self, config: ipc.ZygoteConfig, on_exit: Callable[[int, int], None]) -> None:
+        self._config = config
+        self._on_exit = on_exit
+        self._proc: asyncio.subprocess.Process | None = None
+        self._control: socket.socket | None = None
+        self._token = 0
+        self._forks: dict[int, asyncio.Future[tuple[int, socket.socket]]] = {}
+        self._ready: asyncio.Future[ipc.ZygoteReady] | None = None
+        self.pid = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "callboard.job.zygote",
+            str(theirs.fileno()),
+            pass_fds=(theirs.fileno(),),
+        )
+        theirs.close()
+        self._control = ours
+        ipc.send_blocking(ours, self._config)
+        ours.setblocking(False)
+        self._ready = loop.create_future()
+        loop.add_reader(ours.fileno(), self._on_readable)
+        try:
+            ready = await asyncio.wait_for(asyncio.shield(self._ready), ZYGOTE_BOOT_TIMEOUT_S)
+        except TimeoutError:
+            raise ZygoteError(f"zygote did not start within {ZYGOTE_BOOT_TIMEOUT_S:g}s") from None
+        if ready.error:
+            raise ZygoteError(ready.error)
+        self.pid = ready.pid
+        log.info("zygote ready", extra={"pid": ready.pid})
+
+    def _on_readable(self) -> None:
+        assert self._control is not None
+        while True:
+            try:
+                msg, fds = ipc.recv_packet(self._control)
+            except BlockingIOError:
+                return
+            except (OSError, ipc.IpcError) as e:
+                log.error("zygote channel broken", extra={"error": str(e)})
+                msg, fds = None, []
+            if msg is None:
+                self._lost()
+                return
+            self._dispatch(msg, fds)
+
+    def _dispatch(self, msg: ipc.Message, fds: list[int]) -> None:
+        if isinstance(msg, ipc.Forked):
+            fut = self._forks.pop(msg.token, None)
+            sock = socket.socket(fileno=fds[0]) if fds else None
+            if fut is not None and not fut.done() and sock is not None:
+                fut.set_result((msg.pid, sock))
+            elif sock is not None:
+                sock.close()
+        elif isinstance(msg, ipc.ChildExited):
+            self._on_exit(msg.pid, msg.returncode)
+        elif (
+            isinstance(msg, ipc.ZygoteReady) and self._ready is not None and not self._ready.done()
+        ):
+            self._ready.set_result(msg)
+
+    def _lost(self) -> None:
+        if self._control is not None:
+            asyncio.get_running_loop().remove_reader(self._control.fileno())
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(ipc.ZygoteReady(0, "zygote exited during boot"))
+        for fut in self._forks.values():
+            if not fut.done():
+                fut.set_exception(ZygoteError("zygote exited"))
+        self._forks.clear()
+
+    async def fork(self) -> tuple[int, socket.socket]:
+        if self._control is None:
+            raise ZygoteError("zygote is not running")
+        self._token += 1
+        fut: asyncio.Future[tuple[int, socket.socket]] = asyncio.get_running_loop().create_future()
+        self._forks[self._token] = fut
+        try:
+            self._control.send(ipc.encode(ipc.ForkRequest(self._token)))
+        except OSError as e:
+            self._forks.pop(self._token, None)
+            raise ZygoteError(f"zygote unreachable: {e}") from None
+        return await fut
+
+    async def aclose(self) -> None:
+        if self._control is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._control.fileno())
+            self._control.close()
+            self._control = None
+        if self._proc is not None:
+            try:
+                await asyncio.wait_for(self._proc.wait(), 5.0)
+            except TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
+
+
+class ProcessExecutor:
+    """JobExecutor over zygote-forked, supervised, single-use processes."""
+
+    def __init__(
+        self, zygote_config: ipc.ZygoteConfig, limits: SupervisionLimits, num_idle: int
+    ) -> None:
+        self._zygote = ZygoteClient(zygote_config, self._on_exit)
+        self._limits = limits
+        self._target_idle = num_idle
+        self._procs: dict[int, JobProcessHandle] = {}
+        self._idle: deque[JobProcessHandle] = deque()
+        self._starting = 0
+        self._init_failures = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._filler: asyncio.Task[None] | None = None
+        self._pending_exits: dict[int, int] = {}
+
+    @classmethod
+    def from_options(cls, r: ResolvedOptions) -> ProcessExecutor:
+        o = r.opts
+        config = ipc.ZygoteConfig(
+            entrypoint=function_ref(o.entrypoint_fnc),
+            prewarm=function_ref(o.prewarm_fnc),
+            preload=(),
+            sys_path=tuple(sys.path),
+            log_level=logging.getLogger().getEffectiveLevel(),
+            shutdown_timeout=o.shutdown_process_timeout,
+        )
+        limits = SupervisionLimits(
+            memory_warn_mb=o.job_memory_warn_mb,
+            memory_limit_mb=o.job_memory_limit_mb,
+            initialize_timeout=o.initialize_process_timeout,
+            shutdown_timeout=o.shutdown_process_timeout,
+            unresponsive_timeout=o.unresponsive_timeout,
+        )
+        return cls(config, limits, r.num_idle_processes)
+
+    # -- JobExecutor ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._zygote.start()
+        self._filler = asyncio.get_running_loop().create_task(self._fill_task(), name="pool-fill")
+        self._wake.set()
+
+    async def launch(self, info: RunningJobInfo) -> JobProcessHandle:
+        proc = self._take_idle()
+        if proc is None:
+            proc = await self._new_process()
+        proc.launch(info)
+        self._wake.set()
+        return proc
+
+    def process_pids(self) -> list[int]:
+        return [self._zygote.pid, *self._procs] if self._zygote.pid else list(self._procs)
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._filler is not None:
+            self._filler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filler
+        running = [p for p in self._procs.values() if p.alive]
+        for p in running:
+            p.terminate("worker closing")
+        if running:
+            await asyncio.wait(
+                [asyncio.ensure_future(p.wait_exit()) for p in running],
+                timeout=self._limits.shutdown_timeout + 2,
+            )
+        await self._zygote.aclose()
+        for p in list(self._procs.values()):
+            p.exited(-9)
+            await p.aclose()
+        self._procs.clear()
+        self._idle.clear()
+
+    # -- pool -----------------------------------------------------------------------------------
+
+    def _take_idle(self) -> JobProcessHandle | None:
+        while self._idle:
+            proc = self._idle.popleft()
+            if proc.idle:
+                return proc
+        return None
+
+    async def _new_process(self) -> JobProcessHandle:
+        self._starting += 1
+        try:
+            pid, sock = await self._zygote.fork()
+            proc = JobProcessHandle(pid, sock, self._limits)
+            self._procs[pid] = proc
+            if pid in self._pending_exits:
+                proc.exited(self._pending_exits.pop(pid))
+            log.info("initializing process", extra={"pid": pid})
+            try:
+                await proc.start()
+            except ProcessInitError as e:
+                self._init_failures += 1
+                log.error(
+                    "job process failed to initialize; it will be replaced",
+                    extra={
+                        "pid": pid,
+                        "error": str(e),
+                        "consecutive_failures": self._init_failures,
+                    },
+                )
+                proc.kill(str(e))
+                raise
+            self._init_failures = 0
+            return proc
+        finally:
+            self._starting -= 1
+
+    async def _fill_task(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            while (
+                len(self._idle) + self._starting < self._target_idle
+                and self._init_failures < MAX_CONSECUTIVE_INIT_FAILURES
+                and not self._closing
+            ):
+                with contextlib.suppress(ProcessInitError):
+                    self._idle.append(await self._new_process())
+            if self._init_failures >= MAX_CONSECUTIVE_INIT_FAILURES:
+                log.error(
+                    "prewarm keeps failing: the pool stops prefilling; jobs still get fresh "
+                    "processes. Fix prewarm_fnc.",
+                    extra={"failures": self._init_failures},
+                )
+
+    def _on_exit(self, pid: int, code: int) -> None:
+        proc = self._procs.pop(pid, None)
+        if proc is None:
+            self._pending_exits[pid] = code
+            return
+        proc.exited(code)
+        asyncio.get_running_loop().create_task(proc.aclose())
+        self._wake.set()

@@ -1,0 +1,309 @@
+"""One supervised job process, seen from the worker: handshake, ping, memory, the stop ladder,
+and exactly one outcome.
+
+Liveness is a dead-man timer: every pong resets it, a late pong logs "unresponsive", a missed
+deadline dumps the process's stacks to the log and kills it. Memory is sampled off the loop:
+a warning above job_memory_warn_mb, a kill above job_memory_limit_mb. Stopping is a ladder:
+Shutdown over IPC → exit within shutdown_process_timeout → stack dump → SIGKILL → reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import psutil
+
+from callboard.job import ipc
+from callboard.job.child import EXIT_PREWARM_FAILED, STACK_DUMP_SIGNAL, stack_dump_path
+from callboard.job.context import RunningJobInfo
+from callboard.job.runner import JobOutcome, failed
+from callboard.log import get_logger
+
+log = get_logger("job.process")
+
+PING_INTERVAL_S: Final = 2.5
+MEMORY_SAMPLE_INTERVAL_S: Final = 1.0
+STACK_DUMP_WAIT_S: Final = 0.2
+MB: Final = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SupervisionLimits:
+    ping_interval: float = PING_INTERVAL_S
+    unresponsive_timeout: float = 10.0
+    """A process whose loop has not answered a ping for this long is killed."""
+    memory_interval: float = MEMORY_SAMPLE_INTERVAL_S
+    memory_warn_mb: float = 500.0
+    memory_limit_mb: float = 0.0
+    initialize_timeout: float = 10.0
+    shutdown_timeout: float = 10.0
+
+
+def describe_exit(code: int) -> str:
+    """A readable exit status with a hint for the usual suspects."""
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else -code
+        hint = " (out of memory, or killed from outside?)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+class JobProcessHandle:
+    """A forked job process: idle after its handshake, then one job, then gone."""
+
+    def __init__(self, pid: int, sock: socket.socket, limits: SupervisionLimits) -> None:
+        self.pid = pid
+        self._sock = sock
+        self._limits = limits
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        loop = asyncio.get_running_loop()
+        self._initialized: asyncio.Future[str] = loop.create_future()
+        self._exit_code: asyncio.Future[int] = loop.create_future()
+        self._done: asyncio.Future[JobOutcome] = loop.create_future()
+        self._reported: JobOutcome | None = None
+        self._kill_reason: str | None = None
+        self._last_pong = time.monotonic()
+        self._warned_memory = False
+        self._info: RunningJobInfo | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
+
+    # -- RunningJob protocol ------------------------------------------------------------------
+
+    @property
+    def info(self) -> RunningJobInfo:
+        assert self._info is not None
+        return self._info
+
+    async def wait(self) -> JobOutcome:
+        return await asyncio.shield(self._done)
+
+    def terminate(self, reason: str) -> None:
+        if self._stopping or self._exit_code.done():
+            return
+        self._stopping = True
+        self._send(ipc.Shutdown(reason))
+        self._spawn(self._stop_ladder(), "stop-ladder")
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pid": self.pid}
+        if self._info is not None:
+            out.update(job_id=self._info.job.id, room=self._info.job.room.name)
+        return out
+
+    @property
+    def alive(self) -> bool:
+        return not self._exit_code.done()
+
+    @property
+    def idle(self) -> bool:
+        return self._info is None and self._initialized.done() and self.alive
+
+    async def start(self) -> None:
+        """Open the channel and wait for the handshake (prewarm) within initialize_timeout."""
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
+        self._spawn(self._read_task(), "ipc-read")
+        try:
+            error = await asyncio.wait_for(
+                asyncio.shield(self._initialized), self._limits.initialize_timeout
+            )
+        except TimeoutError:
+            error = f"not initialized within {self._limits.initialize_timeout:g}s"
+            self.kill(error)
+        if error:
+            raise ProcessInitError(error)
+        self._spawn(self._ping_task(), "ping")
+        if self._limits.memory_warn_mb or self._limits.memory_limit_mb:
+            self._spawn(self._memory_task(), "memory")
+
+    def launch(self, info: RunningJobInfo) -> None:
+        self._info = info
+        self._send(ipc.StartJob.of(info))
+
+    def exited(self, code: int) -> None:
+        """The zygote reaped this process."""
+        if not self._exit_code.done():
+            self._exit_code.set_result(code)
+        if not self._initialized.done():
+            self._initialized.set_result(describe_exit(code))
+        self._resolve(code)
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL now; the outcome says `reason`."""
+        if self._kill_reason is None:
+            self._kill_reason = reason
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    async def aclose(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.close()
+        with contextlib.suppress(OSError):
+            stack_dump_path(self.pid).unlink()
+
+    async def wait_exit(self) -> int:
+        return await asyncio.shield(self._exit_code)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro, name=f"{name}-{self.pid}"))
+
+    def _send(self, msg: ipc.Message) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(ipc.encode(msg))
+
+    def _resolve(self, code: int) -> None:
+        if self._done.done():
+            return
+        if self._kill_reason is not None:
+            outcome = failed(self._kill_reason)
+        elif self._reported is not None:
+            outcome = self._reported
+        elif self._info is None:
+            why = "prewarm_fnc failed" if code == EXIT_PREWARM_FAILED else describe_exit(code)
+            outcome = failed(f"job process {why} before starting the job")
+        else:
+            outcome = failed(f"job process {describe_exit(code)}")
+        self._done.set_result(outcome)
+
+    async def _read_task(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                msg = await ipc.read_message(self._reader)
+                if msg is None:
+                    return
+                self._on_message(msg)
+        except ipc.IpcError as e:
+            log.error(
+                "bad frame from a job process, killing it", extra={**self.fields, "error": str(e)}
+            )
+            self.kill(f"protocol error: {e}")
+        except (ConnectionError, OSError):
+            return
+
+    def _on_message(self, msg: ipc.Message) -> None:
+        if isinstance(msg, ipc.Pong):
+            self._last_pong = time.monotonic()
+        elif isinstance(msg, ipc.LogRecordMsg):
+            self._relay_log(msg)
+        elif isinstance(msg, ipc.Initialized):
+            if not self._initialized.done():
+                self._initialized.set_result(msg.error)
+        elif isinstance(msg, ipc.JobDone):
+            self._reported = JobOutcome(msg.status, msg.error)
+
+    def _relay_log(self, msg: ipc.LogRecordMsg) -> None:
+        extra = {**msg.extra, **self.fields}
+        if msg.exc_text:
+            extra["exc_text"] = msg.exc_text
+        logging.getLogger(msg.logger).log(msg.level, msg.message, extra=_safe_extra(extra))
+
+    async def _ping_task(self) -> None:
+        limits = self._limits
+        while self.alive:
+            self._send(ipc.Ping(time.time()))
+            await asyncio.sleep(limits.ping_interval)
+            silent = time.monotonic() - self._last_pong
+            if silent > limits.unresponsive_timeout:
+                await self._kill_unresponsive(silent)
+                return
+            if silent > 2 * limits.ping_interval:
+                log.warning(
+                    "job process is unresponsive",
+                    extra={**self.fields, "silent_s": round(silent, 2)},
+                )
+
+    async def _kill_unresponsive(self, silent: float) -> None:
+        reason = f"killed: unresponsive for {silent:.1f}s (event loop blocked?)"
+        await self._dump_stacks(reason)
+        self.kill(reason)
+
+    async def _dump_stacks(self, why: str) -> None:
+        path = stack_dump_path(self.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, STACK_DUMP_SIGNAL)
+            await asyncio.sleep(STACK_DUMP_WAIT_S)
+        try:
+            stacks = path.read_text()
+        except OSError:
+            stacks = "(no stack dump available)"
+        log.error(
+            "job process stacks before kill", extra={**self.fields, "why": why, "stacks": stacks}
+        )
+
+    async def _memory_task(self) -> None:
+        loop = asyncio.get_running_loop()
+        limits = self._limits
+        while self.alive:
+            await asyncio.sleep(limits.memory_interval)
+            mb = await loop.run_in_executor(None, _uss_mb, self.pid)
+            if mb is None:
+                continue
+            if limits.memory_limit_mb and mb > limits.memory_limit_mb:
+                limit = limits.memory_limit_mb
+                reason = f"killed: memory {mb:.0f} MB over job_memory_limit_mb {limit:g}"
+                log.error(
+                    "job process over its memory limit",
+                    extra={**self.fields, "memory_mb": round(mb, 1)},
+                )
+                self.kill(reason)
+                return
+            if limits.memory_warn_mb and mb > limits.memory_warn_mb and not self._warned_memory:
+                self._warned_memory = True
+                log.warning(
+                    "job process memory above job_memory_warn_mb",
+                    extra={
+                        **self.fields,
+                        "memory_mb": round(mb, 1),
+                        "warn_mb": limits.memory_warn_mb,
+                    },
+                )
+
+    async def _stop_ladder(self) -> None:
+        try:
+            await asyncio.wait_for(self.wait_exit(), self._limits.shutdown_timeout)
+            return
+        except TimeoutError:
+            pass
+        reason = f"killed: did not stop within {self._limits.shutdown_timeout:g}s of shutdown"
+        await self._dump_stacks(reason)
+        if self._reported is None:
+            self.kill(reason)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+class ProcessInitError(Exception):
+    """A job process failed its handshake (prewarm raised, crashed, or timed out)."""
+
+
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+
+
+def _safe_extra(extra: dict[str, Any]) -> dict[str, Any]:
+    return {(f"x_{k}" if k in _RESERVED else k): v for k, v in extra.items()}
+
+
+def _uss_mb(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).memory_full_info().uss) / MB
+    except (psutil.Error, OSError):
+        return None

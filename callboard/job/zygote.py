@@ -1,0 +1,162 @@
+"""The zygote: a single-threaded, loop-free process that imports the agent once and forks job
+processes from itself in milliseconds (`python -m callboard.job.zygote <fd>`).
+
+It talks to the worker over a SOCK_SEQPACKET socket: ZygoteConfig in, ZygoteReady out, then
+ForkRequest → Forked (with the worker's end of the child's socket attached) and ChildExited for
+every child it reaps. When the worker goes away it kills its children and exits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, Final
+
+from callboard.job import ipc
+from callboard.job.child import after_fork, child_main
+
+EXIT_BOOT_FAILED: Final = 5
+"""The agent module (or a preload) failed to import: respawning would fail the same way."""
+AGENT_MODULE_ALIAS: Final = "__callboard_agent__"
+
+
+def resolve(ref: tuple[str, str, str]) -> Callable[..., Any]:
+    """Import `module` (or the script at `path` when the module is __main__) and get `qualname`."""
+    module_name, path, qualname = ref
+    if module_name == "__main__":
+        if not path:
+            raise ImportError("the entrypoint lives in __main__ but its file is unknown")
+        module = sys.modules.get(AGENT_MODULE_ALIAS)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(AGENT_MODULE_ALIAS, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load the agent script {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[AGENT_MODULE_ALIAS] = module
+            spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{module_name}.{qualname} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+class Zygote:
+    def __init__(self, control: socket.socket) -> None:
+        self._control = control
+        self._children: set[int] = set()
+        self._entry: Callable[..., Any] | None = None
+        self._prewarm: Callable[..., Any] | None = None
+        self._config: ipc.ZygoteConfig | None = None
+        self._wake_r, self._wake_w = os.pipe()
+
+    def boot(self) -> int:
+        msg, _ = ipc.recv_packet(self._control)
+        if not isinstance(msg, ipc.ZygoteConfig):
+            return EXIT_BOOT_FAILED
+        self._config = msg
+        try:
+            for p in reversed(msg.sys_path):
+                if p not in sys.path:
+                    sys.path.insert(0, p)
+            for name in msg.preload:
+                importlib.import_module(name)
+            self._entry = resolve(msg.entrypoint)
+            self._prewarm = resolve(msg.prewarm) if msg.prewarm else None
+        except BaseException as e:
+            error = f"agent import failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+            ipc.send_blocking(self._control, ipc.ZygoteReady(os.getpid(), error))
+            return EXIT_BOOT_FAILED
+        ipc.send_blocking(self._control, ipc.ZygoteReady(os.getpid()))
+        return 0
+
+    def serve(self) -> int:
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            control = self._control.fileno()
+            readable, _, _ = select.select([control, self._wake_r], [], [])
+            if self._wake_r in readable:
+                os.read(self._wake_r, 4096)
+            self._reap()
+            if control in readable:
+                msg, _ = ipc.recv_packet(self._control)
+                if msg is None:
+                    self._kill_children()
+                    return 0
+                if isinstance(msg, ipc.ForkRequest):
+                    self._fork(msg.token)
+
+    def _fork(self, token: int) -> None:
+        assert self._config is not None and self._entry is not None
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                parent_end.close()
+                after_fork({child_end.fileno()})
+                code = child_main(
+                    child_end,
+                    self._entry,
+                    self._prewarm,
+                    self._config.log_level,
+                    self._config.shutdown_timeout,
+                )
+            finally:
+                os._exit(code)
+        child_end.close()
+        self._children.add(pid)
+        ipc.send_blocking(self._control, ipc.Forked(token, pid), [parent_end.fileno()])
+        parent_end.close()
+
+    def _reap(self) -> None:
+        while self._children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._children.discard(pid)
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            ipc.send_blocking(self._control, ipc.ChildExited(pid, code))
+
+    def _kill_children(self) -> None:
+        for pid in list(self._children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
+def main(argv: list[str]) -> int:
+    control = socket.socket(fileno=int(argv[1]))
+    zygote = Zygote(control)
+    code = zygote.boot()
+    if code:
+        return code
+    try:
+        return zygote.serve()
+    except (BrokenPipeError, ConnectionResetError):
+        zygote._kill_children()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,140 @@
+"""One offer from the server, from AvailabilityRequest to a launched job (or a refusal).
+
+`request_fnc` decides within `availability_timeout`; a slow, silent or raising request_fnc is
+answered with a rejection, logged with the job id. After an accept, the server's assignment is
+awaited for `assignment_timeout` ("assignment for job timed out" otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from livekit.protocol import agent
+
+from callboard.job.context import JobAcceptArguments, JobRequest
+from callboard.log import get_logger
+
+if TYPE_CHECKING:
+    from callboard.worker.worker import Worker
+
+log = get_logger("worker.availability")
+
+
+class Offer:
+    """Answers one AvailabilityRequest exactly once and follows it to the job's launch."""
+
+    def __init__(self, worker: Worker, job: agent.Job) -> None:
+        self._worker = worker
+        self._job = job
+        self._answered = False
+        self._accepted: JobAcceptArguments | None = None
+        self._accepted_at = 0.0
+        self._received_at = time.time()
+        self._assignment: asyncio.Future[agent.JobAssignment] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def _fields(self) -> dict[str, object]:
+        return {
+            "job_id": self._job.id,
+            "room": self._job.room.name,
+            "worker_id": self._worker.id,
+        }
+
+    async def run(self) -> None:
+        try:
+            await self._decide()
+            if self._accepted is not None:
+                await self._await_assignment()
+        finally:
+            self._worker.offer_finished(self._job.id)
+
+    async def _decide(self) -> None:
+        opts = self._worker.options.opts
+        request = JobRequest(job=self._job, on_reject=self._reject, on_accept=self._accept)
+        try:
+            await asyncio.wait_for(opts.request_fnc(request), opts.availability_timeout)
+        except TimeoutError:
+            if not self._answered:
+                log.warning(
+                    "request_fnc did not answer in time, rejecting the job",
+                    extra={**self._fields, "timeout_s": opts.availability_timeout},
+                )
+        except Exception:
+            log.exception("request_fnc failed, rejecting the job", extra=self._fields)
+        if not self._answered:
+            log.warning("no answer given, automatically rejecting", extra=self._fields)
+            await self._reject(False)
+
+    async def _reject(self, terminate: bool) -> None:
+        if self._answered:
+            log.warning("job request answered twice; keeping the first answer", extra=self._fields)
+            return
+        self._answered = True
+        self._worker.send_answer(
+            agent.AvailabilityResponse(job_id=self._job.id, available=False, terminate=terminate)
+        )
+
+    async def _accept(self, args: JobAcceptArguments) -> None:
+        if self._answered:
+            log.warning("job request answered twice; keeping the first answer", extra=self._fields)
+            return
+        self._answered = True
+        problem = self._worker.capacity_problem_for_accept()
+        if problem is not None:
+            log.info("cannot accept: " + problem, extra=self._fields)
+            self._worker.send_answer(
+                agent.AvailabilityResponse(job_id=self._job.id, available=False)
+            )
+            return
+        self._accepted = args
+        self._accepted_at = time.time()
+        resp = agent.AvailabilityResponse(
+            job_id=self._job.id,
+            available=True,
+            participant_identity=args.identity,
+            participant_name=args.name,
+            participant_metadata=args.metadata,
+            participant_attributes=args.attributes or {},
+        )
+        self._worker.send_answer(resp)
+
+    async def _await_assignment(self) -> None:
+        assert self._accepted is not None
+        timeout = self._worker.options.opts.assignment_timeout
+        try:
+            assignment = await asyncio.wait_for(asyncio.shield(self._assignment), timeout)
+        except TimeoutError:
+            log.warning(
+                "assignment for job timed out", extra={**self._fields, "timeout_s": timeout}
+            )
+            return
+        except asyncio.CancelledError:
+            if self._assignment.cancelled():
+                log.info("offer withdrawn before assignment", extra=self._fields)
+                return
+            raise
+        await self._worker.launch(self._accepted, assignment, self._received_at, self._accepted_at)
+
+    def assign(self, assignment: agent.JobAssignment) -> bool:
+        """Deliver the server's assignment; False if this offer was not accepted or is over."""
+        if self._accepted is None or self._assignment.done():
+            return False
+        self._assignment.set_result(assignment)
+        return True
+
+    def cancel(self) -> None:
+        """Withdraw (termination before assignment, or worker closing)."""
+        if not self._assignment.done():
+            self._assignment.cancel()
+        if self.task is not None and not self._answered:
+            self.task.cancel()
+
+    def server_lost(self) -> None:
+        """The connection dropped: an unassigned accept cannot be assigned any more."""
+        if not self._assignment.done():
+            self._assignment.cancel()

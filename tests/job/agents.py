@@ -1,0 +1,54 @@
+"""Agents used by the job-engine tests; importable so the zygote can find them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from callboard import JobContext, JobProcess
+
+
+def prewarm(proc: JobProcess) -> None:
+    proc.userdata["prewarmed_pid"] = os.getpid()
+
+
+def failing_prewarm(proc: JobProcess) -> None:
+    raise RuntimeError("model file missing")
+
+
+async def quick(ctx: JobContext) -> None:
+    assert ctx.proc.userdata.get("prewarmed_pid") == os.getpid()
+    await asyncio.sleep(0.05)
+
+
+async def raises(ctx: JobContext) -> None:
+    raise ValueError("agent bug")
+
+
+async def exits(ctx: JobContext) -> None:
+    os._exit(3)
+
+
+async def forever(ctx: JobContext) -> None:
+    await asyncio.Event().wait()
+
+
+async def blocks_loop(ctx: JobContext) -> None:
+    while True:
+        time.sleep(1)  # noqa: ASYNC251 (blocking the loop is the point)
+
+
+async def hogs_memory(ctx: JobContext) -> None:
+    hog = []
+    while True:
+        hog.append(bytearray(16 * 1024 * 1024))
+        await asyncio.sleep(0.02)
+
+
+async def slow_shutdown_callback(ctx: JobContext) -> None:
+    async def cb(reason: str) -> None:
+        await asyncio.sleep(0.01)
+
+    ctx.add_shutdown_callback(cb)
+    await asyncio.Event().wait()
