@@ -34,16 +34,15 @@ class ConfigError(ValueError):
 def parse_keys(text: str) -> dict[str, str]:
     """Parse `"key: secret"` pairs separated by commas or newlines (LIVEKIT_KEYS format)."""
     keys: dict[str, str] = {}
-    for raw in text.replace(",", "\n").splitlines():
-        item = raw.strip()
-        if not item:
-            continue
+    items = [raw.strip() for raw in text.replace(",", "\n").splitlines() if raw.strip()]
+    for number, item in enumerate(items, start=1):
         key, sep, secret = item.partition(":")
         key, secret = key.strip(), secret.strip()
         if not sep or not key or not secret:
+            # Name the entry by its key only when it was told apart: never echo a secret.
+            which = f"for key {key!r}" if sep and key else f"#{number}"
             raise ConfigError(
-                f"invalid API key entry {key or item[:20]!r}: expected 'key: secret' "
-                f"(--keys or {KEYS_ENV})"
+                f"invalid API key entry {which}: expected 'key: secret' (--keys or {KEYS_ENV})"
             )
         keys[key] = secret
     return keys
