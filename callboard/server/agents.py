@@ -28,6 +28,7 @@ log = get_logger("server.agents")
 AGENT_PROTOCOL: Final = 1
 MAX_CLOSE_REASON: Final = 120
 NO_AGENT_GRANT: Final = "no permissions to access the room: the token lacks the agent grant"
+SHUTDOWN_REASON: Final = "server shutting down"
 DEFAULT_PERMISSIONS: Final = models.ParticipantPermission(
     can_subscribe=True, can_publish=True, can_publish_data=True, can_update_metadata=True
 )
@@ -62,6 +63,17 @@ class AgentEndpoint:
         self._engine = engine
         self._config = config
         self._info = info
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        """Close every worker connection (1001 going away) so shutdown does not wait on them."""
+        await asyncio.gather(
+            *(
+                ws.close(code=WSCloseCode.GOING_AWAY, message=SHUTDOWN_REASON.encode())
+                for ws in list(self._sockets)
+            ),
+            return_exceptions=True,
+        )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         peer = request.remote or "?"
@@ -80,7 +92,11 @@ class AgentEndpoint:
         if not ws.can_prepare(request).ok:
             return web.Response(status=404, text="/agent expects a WebSocket upgrade")
         await ws.prepare(request)
-        await self._serve(ws, grants, peer)
+        self._sockets.add(ws)
+        try:
+            await self._serve(ws, grants, peer)
+        finally:
+            self._sockets.discard(ws)
         return ws
 
     async def _serve(self, ws: web.WebSocketResponse, grants: Grants, peer: str) -> None:

@@ -55,6 +55,7 @@ class EmbeddedServer:
             self.keys, self.engine, self.config, server_info(self.config, self.node_id)
         )
         app.router.add_get("/agent", agents.handle)
+        app.on_shutdown.append(agents.on_shutdown)
         app.router.add_get("/", self._health)
         router = TwirpRouter(self.keys)
         self.rooms.install(router)

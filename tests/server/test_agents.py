@@ -466,3 +466,23 @@ async def test_assignment_identity_defaults_to_agent_job_id(server: EmbeddedServ
     claims = api.TokenVerifier(API_KEY, API_SECRET).verify(assignment.token)
     assert claims.identity == f"agent-{assignment.job.id}"
     await client.aclose()
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+
+
+async def test_shutdown_closes_worker_connections_with_going_away() -> None:
+    """Regression: shutdown waited out aiohttp's shutdown timeout (10 s) per open /agent
+    connection; now every worker is told 1001 "server shutting down" and it stops at once."""
+    server = EmbeddedServer(ServerConfig(port=0))
+    await server.start()
+    registered, unregistered = await connect(server), await connect(server)
+    await registered.register()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    closing = asyncio.create_task(server.aclose())
+    for client in (registered, unregistered):
+        assert await client.expect_closed() == (WSCloseCode.GOING_AWAY, "server shutting down")
+    await asyncio.wait_for(closing, timeout=2.0)
+    assert loop.time() - started < 2.0
+    assert server.engine.workers == []
