@@ -29,6 +29,7 @@ log = get_logger("job.pool")
 MAX_CONSECUTIVE_INIT_FAILURES: Final = 5
 """After this many prewarm failures in a row the pool stops prefilling (no crash loop)."""
 ZYGOTE_BOOT_TIMEOUT_S: Final = 60.0
+LAUNCH_ATTEMPTS: Final = 3
 
 
 class ZygoteError(Exception):
@@ -195,9 +196,17 @@ class ProcessExecutor:
         self._wake.set()
 
     async def launch(self, info: RunningJobInfo) -> JobProcessHandle:
+        """Hand the job to an idle process, else a fresh one; a process that fails its
+        prewarm is replaced (up to LAUNCH_ATTEMPTS) so the job is not lost to it."""
         proc = self._take_idle()
-        if proc is None:
-            proc = await self._new_process()
+        attempt = 1
+        while proc is None:
+            try:
+                proc = await self._new_process()
+            except ProcessInitError:
+                if attempt >= LAUNCH_ATTEMPTS:
+                    raise
+                attempt += 1
         proc.launch(info)
         self._wake.set()
         return proc
@@ -291,5 +300,11 @@ class ProcessExecutor:
             self._pending_exits[pid] = code
             return
         proc.exited(code)
-        asyncio.get_running_loop().create_task(proc.aclose())
+        asyncio.get_running_loop().create_task(self._retire(proc))
         self._wake.set()
+
+    @staticmethod
+    async def _retire(proc: JobProcessHandle) -> None:
+        """Release a process's resources once its outcome is settled."""
+        await proc.wait()
+        await proc.aclose()

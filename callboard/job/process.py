@@ -32,6 +32,8 @@ log = get_logger("job.process")
 PING_INTERVAL_S: Final = 2.5
 MEMORY_SAMPLE_INTERVAL_S: Final = 1.0
 STACK_DUMP_WAIT_S: Final = 0.2
+DRAIN_AFTER_EXIT_S: Final = 1.0
+"""After a process exits, how long its last frames (JobDone, logs) may take to be read."""
 MB: Final = 1024 * 1024
 
 
@@ -76,6 +78,7 @@ class JobProcessHandle:
         self._info: RunningJobInfo | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
+        self._reader_task: asyncio.Task[None] | None = None
 
     # -- RunningJob protocol ------------------------------------------------------------------
 
@@ -114,7 +117,10 @@ class JobProcessHandle:
     async def start(self) -> None:
         """Open the channel and wait for the handshake (prewarm) within initialize_timeout."""
         self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
-        self._spawn(self._read_task(), "ipc-read")
+        self._reader_task = asyncio.get_running_loop().create_task(
+            self._read_task(), name=f"ipc-read-{self.pid}"
+        )
+        self._tasks.append(self._reader_task)
         try:
             error = await asyncio.wait_for(
                 asyncio.shield(self._initialized), self._limits.initialize_timeout
@@ -133,11 +139,20 @@ class JobProcessHandle:
         self._send(ipc.StartJob.of(info))
 
     def exited(self, code: int) -> None:
-        """The zygote reaped this process."""
+        """The zygote reaped this process; resolve once its last frames are read."""
         if not self._exit_code.done():
             self._exit_code.set_result(code)
         if not self._initialized.done():
             self._initialized.set_result(describe_exit(code))
+        if self._reader_task is None or self._reader_task.done():
+            self._resolve(code)
+        else:
+            self._spawn(self._resolve_after_drain(code), "resolve")
+
+    async def _resolve_after_drain(self, code: int) -> None:
+        assert self._reader_task is not None
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._reader_task), DRAIN_AFTER_EXIT_S)
         self._resolve(code)
 
     def kill(self, reason: str) -> None:

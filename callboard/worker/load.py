@@ -13,8 +13,9 @@ from typing import Final
 import psutil
 
 CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
-DEFAULT_JOB_LOAD: Final = 0.1
-"""Load reserved for each just-accepted job until the CPU average can see it."""
+DEFAULT_JOB_LOAD: Final = 0.01
+"""Load reserved for each just-accepted job while no running job has shown what a job costs.
+Small on purpose: a first burst on an idle worker is bounded by max_jobs, not by a guess."""
 
 
 class CpuSource:

@@ -52,3 +52,15 @@ async def slow_shutdown_callback(ctx: JobContext) -> None:
 
     ctx.add_shutdown_callback(cb)
     await asyncio.Event().wait()
+
+
+def flaky_prewarm(proc: JobProcess) -> None:
+    """Fails in every other process (a counter file shared through the environment)."""
+    path = os.environ["CALLBOARD_TEST_PREWARM_COUNTER"]
+    with open(path, "a+") as f:
+        f.seek(0)
+        count = len(f.read())
+        f.write("x")
+    if count % 2 == 0:
+        raise RuntimeError(f"prewarm attempt {count} fails on purpose")
+    proc.userdata["prewarmed_pid"] = os.getpid()

@@ -1,0 +1,126 @@
+"""The PROCESS executor end to end: zygote-forked job processes, supervised, one outcome each,
+nothing leaked (child processes and descriptors are checked after every test)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from livekit import api
+from livekit.protocol import agent
+
+from callboard.server.app import EmbeddedServer
+from tests.job import agents
+from tests.job.support import (
+    api_client,
+    dispatch_and_wait,
+    process_worker,
+    terminal_state,
+    until,
+)
+
+
+async def test_normal_job_succeeds_in_a_prewarmed_process(server: EmbeddedServer) -> None:
+    async with process_worker(server, agents.quick), api_client(server) as lk:
+        state = await dispatch_and_wait(lk, "call-normal")
+    assert state.status == agent.JS_SUCCESS, state.error
+
+
+async def test_entrypoint_exception_fails_the_job_with_its_traceback(
+    server: EmbeddedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with process_worker(server, agents.raises), api_client(server) as lk:
+        state = await dispatch_and_wait(lk, "call-raises")
+    assert state.status == agent.JS_FAILED
+    assert state.error == "entrypoint raised ValueError: agent bug"
+    logged = [r for r in caplog.records if r.getMessage().startswith("entrypoint raised")]
+    assert logged and "agent bug" in str(getattr(logged[0], "traceback", ""))
+    assert getattr(logged[0], "job_id", "").startswith("AJ_")
+
+
+async def test_process_exit_is_reported_with_its_code(server: EmbeddedServer) -> None:
+    async with process_worker(server, agents.exits), api_client(server) as lk:
+        state = await dispatch_and_wait(lk, "call-exit")
+    assert (state.status, state.error) == (agent.JS_FAILED, "job process exited with code 3")
+
+
+async def test_sigkill_from_outside_is_reported(server: EmbeddedServer) -> None:
+    async with process_worker(server, agents.forever) as worker, api_client(server) as lk:
+        await lk.room.create_room(api.CreateRoomRequest(name="call-sigkill"))
+        await until(lambda: bool(worker.active_jobs), "the job to run")
+        pid = worker.active_jobs[0].handle.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        state = await terminal_state(lk, "call-sigkill")
+    assert state.status == agent.JS_FAILED
+    assert "killed by SIGKILL" in state.error
+
+
+async def test_blocked_event_loop_is_dumped_killed_and_reported(
+    server: EmbeddedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        process_worker(server, agents.blocks_loop, unresponsive_timeout=1.0),
+        api_client(server) as lk,
+    ):
+        state = await dispatch_and_wait(lk, "call-blocked")
+    assert state.status == agent.JS_FAILED
+    assert "unresponsive" in state.error
+    dumps = [r for r in caplog.records if r.getMessage() == "job process stacks before kill"]
+    assert dumps and "blocks_loop" in str(getattr(dumps[0], "stacks", ""))
+
+
+async def test_memory_hog_over_the_limit_is_killed_and_reported(server: EmbeddedServer) -> None:
+    async with (
+        process_worker(server, agents.hogs_memory, job_memory_limit_mb=150),
+        api_client(server) as lk,
+    ):
+        state = await dispatch_and_wait(lk, "call-hog")
+    assert state.status == agent.JS_FAILED
+    assert "over job_memory_limit_mb 150" in state.error
+
+
+async def test_prewarm_failure_replaces_the_process_and_loses_no_job(
+    server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CALLBOARD_TEST_PREWARM_COUNTER", str(tmp_path / "count"))
+    async with (
+        process_worker(
+            server, agents.quick, prewarm_fnc=agents.flaky_prewarm, num_idle_processes=0
+        ),
+        api_client(server) as lk,
+    ):
+        states = [await dispatch_and_wait(lk, f"call-flaky-{i}") for i in range(3)]
+    assert [s.status for s in states] == [agent.JS_SUCCESS] * 3
+    assert len((tmp_path / "count").read_text()) >= 6  # every job needed a replacement
+
+
+async def test_burst_of_50_jobs_all_run(server: EmbeddedServer) -> None:
+    async with process_worker(server, agents.quick, num_idle_processes=4), api_client(server) as lk:
+        rooms = [f"call-burst-{i}" for i in range(50)]
+        await asyncio.gather(*(lk.room.create_room(api.CreateRoomRequest(name=r)) for r in rooms))
+        states = await asyncio.gather(*(terminal_state(lk, r, 60) for r in rooms))
+    assert [s.status for s in states] == [agent.JS_SUCCESS] * 50
+
+
+async def test_termination_mid_job_reports_promptly(server: EmbeddedServer) -> None:
+    async with (
+        process_worker(server, agents.slow_shutdown_callback) as worker,
+        api_client(server) as lk,
+    ):
+        await lk.room.create_room(api.CreateRoomRequest(name="call-terminate"))
+        await until(lambda: bool(worker.active_jobs), "the job to run")
+        (d,) = await lk.agent_dispatch.list_dispatch("call-terminate")
+        job = worker.active_jobs[0]
+        started = time.perf_counter()
+        await lk.agent_dispatch.delete_dispatch(d.id, "call-terminate")
+        outcome = await job.handle.wait()
+        elapsed = time.perf_counter() - started
+        remaining = await lk.agent_dispatch.list_dispatch("call-terminate")
+    assert outcome.ok, outcome.error
+    assert elapsed < 1.0, f"final status took {elapsed:.3f}s (livekit-agents waits 15 s)"
+    assert remaining == []
