@@ -208,6 +208,6 @@ async def assert_bystander_works(
     dispatcher = Dispatcher(server, api_key, api_secret)
     done_before = len(sim.finished)
     await dispatcher.create(room, BYSTANDER)
-    await wait_until(lambda: len(sim.finished) == done_before + 1, "the bystander to finish a job")
+    await wait_until(lambda: len(sim.finished) > done_before, "the bystander to finish a job")
     state = await dispatcher.wait_job_status(room, BYSTANDER, agent.JS_SUCCESS)
     assert state.worker_id == sim.worker_id
