@@ -115,7 +115,11 @@ class AgentEndpoint:
                 "closing agent connection", extra={**fields, "peer": peer, "reason": reason}
             )
             await ws.close(code=e.code, message=reason[:MAX_CLOSE_REASON].encode())
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
+            # The worker went away while we wrote to it: an ordinary disconnect, not an error
+            # for aiohttp to log with a traceback.
+            reason = "connection lost"
+        except asyncio.CancelledError:
             reason = "connection lost"
             raise
         finally:

@@ -127,6 +127,14 @@ class AgentClient:
             if frame.type == aiohttp.WSMsgType.ERROR:
                 raise AssertionError(f"connection error instead of a close: {frame.data!r}")
 
+    async def abort(self) -> None:
+        """Drop the TCP connection with no close frame, like a worker that crashed."""
+        connection = self.ws._response.connection
+        assert connection is not None and connection.transport is not None
+        connection.transport.abort()
+        if self._owns_session:
+            await self._session.close()
+
     async def aclose(self) -> None:
         await self.ws.close()
         if self._owns_session:

@@ -220,6 +220,23 @@ async def test_no_register_within_the_timeout_closes_the_connection(
     await sim.aclose()
 
 
+async def test_worker_vanishing_mid_reply_is_an_ordinary_disconnect(
+    server: EmbeddedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a worker dropping its TCP connection while the server answered it made
+    the handler raise ConnectionResetError, which aiohttp logged as "Error handling request"
+    with a traceback, for every such disconnect."""
+    for _ in range(3):
+        client = await connect(server)
+        await client.register()
+        for _ in range(500):
+            await client.send(agent.WorkerMessage(ping=agent.WorkerPing(timestamp=1)))
+        await client.abort()
+        await wait_until(lambda: not server.engine.workers, "the worker to be removed")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+
+
 # -- worker status -------------------------------------------------------------------------------
 
 
