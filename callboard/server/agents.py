@@ -157,6 +157,12 @@ class AgentEndpoint:
         perms.CopyFrom(
             req.allowed_permissions if req.HasField("allowed_permissions") else DEFAULT_PERMISSIONS
         )
+        # Agent tokens name the sources; an unknown one would fail every assignment later.
+        unknown = [s for s in perms.can_publish_sources if s not in models.TrackSource.values()]
+        if unknown:
+            raise ProtocolViolation(
+                f"unknown track source {unknown[0]} in register allowed_permissions"
+            )
         worker_id = new_id(WORKER_PREFIX)
 
         async def send(msg: agent.ServerMessage) -> None:

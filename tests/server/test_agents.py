@@ -163,6 +163,14 @@ async def register_unknown_job_type(client: AgentClient) -> None:
     await client.send(agent.WorkerMessage(register=agent.RegisterWorkerRequest(type=42)))  # type: ignore[arg-type]
 
 
+async def register_unknown_track_source(client: AgentClient) -> None:
+    perms = models.ParticipantPermission(can_publish=True)
+    perms.can_publish_sources.extend([models.MICROPHONE, 99])  # type: ignore[list-item]
+    await client.send(
+        agent.WorkerMessage(register=agent.RegisterWorkerRequest(allowed_permissions=perms))
+    )
+
+
 VIOLATIONS: Final[dict[str, tuple[Callable[[AgentClient], Awaitable[None]], int, str]]] = {
     "first frame not register": (
         send_non_register_first,
@@ -187,6 +195,13 @@ VIOLATIONS: Final[dict[str, tuple[Callable[[AgentClient], Awaitable[None]], int,
         register_unknown_job_type,
         WSCloseCode.POLICY_VIOLATION,
         "unknown job type 42",
+    ),
+    # Regression: accepted, then every assignment to it raised in the placement task and
+    # the job stayed JS_PENDING forever.
+    "unknown track source": (
+        register_unknown_track_source,
+        WSCloseCode.POLICY_VIOLATION,
+        "unknown track source 99 in register allowed_permissions",
     ),
 }
 
@@ -503,3 +518,29 @@ async def test_shutdown_closes_worker_connections_with_going_away() -> None:
     await asyncio.wait_for(closing, timeout=2.0)
     assert loop.time() - started < 2.0
     assert server.engine.workers == []
+
+
+async def test_registered_permissions_shape_the_assignment_token(server: EmbeddedServer) -> None:
+    client = await connect(server)
+    perms = models.ParticipantPermission(
+        can_subscribe=True,
+        can_publish=True,
+        can_publish_data=False,
+        hidden=True,
+        can_publish_sources=[models.MICROPHONE, models.SCREEN_SHARE_AUDIO],
+    )
+    req = agent.RegisterWorkerRequest(agent_name="perms", allowed_permissions=perms)
+    await client.send(agent.WorkerMessage(register=req))
+    await client.recv_kind("register")
+    await dispatcher(server).create("r-perms", "perms")
+    assignment = await take_job(client)
+    video = api.TokenVerifier(API_KEY, API_SECRET).verify(assignment.token).video
+    assert video is not None
+    assert (video.can_subscribe, video.can_publish, video.can_publish_data, video.hidden) == (
+        True,
+        True,
+        False,
+        True,
+    )
+    assert video.can_publish_sources == ["microphone", "screen_share_audio"]
+    await client.aclose()
