@@ -150,7 +150,16 @@ class DispatchEngine:
         rec.place_task = asyncio.get_running_loop().create_task(
             self._place(rec), name=f"place-{job.id}"
         )
+        rec.place_task.add_done_callback(lambda task: self._placement_done(rec, task))
         return rec
+
+    def _placement_done(self, rec: JobRecord, task: asyncio.Task[None]) -> None:
+        """A placement that crashed still ends its job (JS_FAILED), never leaves it pending."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.error("job placement failed", exc_info=error, extra=rec.log_fields)
+        self._end(rec, agent.JS_FAILED, f"internal error while placing the job: {error!r}")
 
     async def _place(self, rec: JobRecord) -> None:
         tried: set[str] = set()

@@ -448,6 +448,31 @@ async def test_unanswered_offer_moves_to_the_next_worker(fast_server: EmbeddedSe
     await responsive.aclose()
 
 
+async def test_a_crash_while_placing_fails_the_job_instead_of_stranding_it(
+    server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong inside placement, the job still ends in one terminal status."""
+
+    def explode(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("minting exploded")
+
+    monkeypatch.setattr("callboard.server.dispatch.mint_agent_token", explode)
+    client = await connect(server)
+    await client.register("crash")
+    await dispatcher(server).create("r-crash", "crash")
+    offer = (await client.recv_kind("availability")).availability
+    answer = agent.AvailabilityResponse(job_id=offer.job.id, available=True)
+    await client.send(agent.WorkerMessage(availability=answer))
+    state = await dispatcher(server).wait_job_status("r-crash", "crash", agent.JS_FAILED)
+    assert "internal error while placing the job" in state.error
+    assert "minting exploded" in state.error
+    await client.ping()  # no assignment came, and the worker's connection is fine
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "job placement failed"
+    ]
+    await client.aclose()
+
+
 async def test_terminate_answer_ends_the_job_without_assignment(server: EmbeddedServer) -> None:
     client = await connect(server)
     await client.register("term")
