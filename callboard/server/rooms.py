@@ -166,8 +166,7 @@ class RoomRegistry:
         self, grants: Grants | None, req: room.ListParticipantsRequest
     ) -> room.ListParticipantsResponse:
         require(grants, "roomAdmin", room=req.room)
-        if req.room not in self._rooms:
-            raise TwirpError("not_found", f"room {req.room!r} does not exist")
+        # livekit-server answers an empty list for a room that does not exist, not not_found.
         return room.ListParticipantsResponse()
 
     # -- AgentDispatchService -----------------------------------------------------------------
