@@ -215,6 +215,57 @@ async def read_message(reader: asyncio.StreamReader) -> Message | None:
     return decode_body(msg_id, body)
 
 
+class FrameProtocol(asyncio.Protocol):
+    """Delivers each complete frame as it arrives, then EOF once.
+
+    Unlike StreamReader, frames already received are never lost to a connection reset (a peer
+    that exits with unread pings in its socket resets the connection right after its last frame).
+    """
+
+    def __init__(
+        self, on_message: Callable[[Message], None], on_close: Callable[[Exception | None], None]
+    ) -> None:
+        self._on_message = on_message
+        self._on_close = on_close
+        self._buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        while len(self._buf) >= HEADER.size:
+            length, msg_id = HEADER.unpack_from(self._buf)
+            if not 1 <= length <= MAX_FRAME:
+                self._fail(IpcError(f"IPC frame of {length} bytes is out of bounds"))
+                return
+            end = HEADER.size + length - 1
+            if len(self._buf) < end:
+                return
+            body = bytes(self._buf[HEADER.size : end])
+            del self._buf[:end]
+            try:
+                msg = decode_body(msg_id, body)
+            except IpcError as e:
+                self._fail(e)
+                return
+            self._on_message(msg)
+
+    def _fail(self, error: IpcError) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self._on_close(error)
+        self._on_close = lambda _e: None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_close(None)
+
+    def send(self, msg: Message) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode(msg))
+
+
 def send_blocking(sock: socket.socket, msg: Message, fds: list[int] | None = None) -> None:
     """Send one message on a blocking socket, optionally with file descriptors attached."""
     data = encode(msg)

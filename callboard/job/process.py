@@ -32,7 +32,7 @@ log = get_logger("job.process")
 PING_INTERVAL_S: Final = 2.5
 MEMORY_SAMPLE_INTERVAL_S: Final = 1.0
 STACK_DUMP_WAIT_S: Final = 0.2
-DRAIN_AFTER_EXIT_S: Final = 1.0
+DRAIN_AFTER_EXIT_S: Final = 5.0
 """After a process exits, how long its last frames (JobDone, logs) may take to be read."""
 MB: Final = 1024 * 1024
 
@@ -65,9 +65,9 @@ class JobProcessHandle:
         self.pid = pid
         self._sock = sock
         self._limits = limits
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
         loop = asyncio.get_running_loop()
+        self._channel: ipc.FrameProtocol | None = None
+        self._channel_closed: asyncio.Future[None] = loop.create_future()
         self._initialized: asyncio.Future[str] = loop.create_future()
         self._exit_code: asyncio.Future[int] = loop.create_future()
         self._done: asyncio.Future[JobOutcome] = loop.create_future()
@@ -78,7 +78,6 @@ class JobProcessHandle:
         self._info: RunningJobInfo | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
-        self._reader_task: asyncio.Task[None] | None = None
 
     # -- RunningJob protocol ------------------------------------------------------------------
 
@@ -116,11 +115,9 @@ class JobProcessHandle:
 
     async def start(self) -> None:
         """Open the channel and wait for the handshake (prewarm) within initialize_timeout."""
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
-        self._reader_task = asyncio.get_running_loop().create_task(
-            self._read_task(), name=f"ipc-read-{self.pid}"
+        _, self._channel = await asyncio.get_running_loop().create_unix_connection(
+            lambda: ipc.FrameProtocol(self._on_message, self._on_channel_closed), sock=self._sock
         )
-        self._tasks.append(self._reader_task)
         try:
             error = await asyncio.wait_for(
                 asyncio.shield(self._initialized), self._limits.initialize_timeout
@@ -144,16 +141,25 @@ class JobProcessHandle:
             self._exit_code.set_result(code)
         if not self._initialized.done():
             self._initialized.set_result(describe_exit(code))
-        if self._reader_task is None or self._reader_task.done():
+        if self._channel is None or self._channel_closed.done():
             self._resolve(code)
         else:
             self._spawn(self._resolve_after_drain(code), "resolve")
 
     async def _resolve_after_drain(self, code: int) -> None:
-        assert self._reader_task is not None
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._reader_task), DRAIN_AFTER_EXIT_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._channel_closed), DRAIN_AFTER_EXIT_S)
         self._resolve(code)
+
+    def _on_channel_closed(self, error: Exception | None) -> None:
+        if error is not None:
+            log.error(
+                "bad frame from a job process, killing it",
+                extra={**self.fields, "error": str(error)},
+            )
+            self.kill(f"protocol error: {error}")
+        if not self._channel_closed.done():
+            self._channel_closed.set_result(None)
 
     def kill(self, reason: str) -> None:
         """SIGKILL now; the outcome says `reason`."""
@@ -166,8 +172,8 @@ class JobProcessHandle:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._writer is not None:
-            self._writer.close()
+        if self._channel is not None and self._channel.transport is not None:
+            self._channel.transport.close()
         with contextlib.suppress(OSError):
             stack_dump_path(self.pid).unlink()
 
@@ -180,8 +186,8 @@ class JobProcessHandle:
         self._tasks.append(asyncio.get_running_loop().create_task(coro, name=f"{name}-{self.pid}"))
 
     def _send(self, msg: ipc.Message) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(ipc.encode(msg))
+        if self._channel is not None:
+            self._channel.send(msg)
 
     def _resolve(self, code: int) -> None:
         if self._done.done():
@@ -196,22 +202,6 @@ class JobProcessHandle:
         else:
             outcome = failed(f"job process {describe_exit(code)}")
         self._done.set_result(outcome)
-
-    async def _read_task(self) -> None:
-        assert self._reader is not None
-        try:
-            while True:
-                msg = await ipc.read_message(self._reader)
-                if msg is None:
-                    return
-                self._on_message(msg)
-        except ipc.IpcError as e:
-            log.error(
-                "bad frame from a job process, killing it", extra={**self.fields, "error": str(e)}
-            )
-            self.kill(f"protocol error: {e}")
-        except (ConnectionError, OSError):
-            return
 
     def _on_message(self, msg: ipc.Message) -> None:
         if isinstance(msg, ipc.Pong):
