@@ -145,6 +145,14 @@ def _message(kind: str, value: Message) -> agent.WorkerMessage:
     return msg
 
 
+def _register(job_type: int, name: str, namespace: str, sources: list[int] | None) -> Message:
+    req = agent.RegisterWorkerRequest(type=job_type, agent_name=name, namespace=namespace)  # type: ignore[arg-type]
+    if sources is not None:
+        req.allowed_permissions.can_publish = True
+        req.allowed_permissions.can_publish_sources.extend(sources)  # type: ignore[arg-type]
+    return req
+
+
 def _update_worker(status: int | None, load: float, jobs: int, draining: bool, seq: int) -> Message:
     upd = agent.UpdateWorkerStatus(load=load, job_count=jobs, draining=draining, seq=seq)
     if status is not None:
@@ -154,12 +162,11 @@ def _update_worker(status: int | None, load: float, jobs: int, draining: bool, s
 
 worker_messages: st.SearchStrategy[agent.WorkerMessage] = st.one_of(
     st.builds(
-        lambda t, name, ns: _message(
-            "register", agent.RegisterWorkerRequest(type=t, agent_name=name, namespace=ns)
-        ),
+        lambda *args: _message("register", _register(*args)),
         enums,
         fuzz_agent_names,
         texts,
+        st.none() | st.lists(enums, max_size=3),
     ),
     st.builds(
         lambda job, ok, term, ident, attrs: _message(
