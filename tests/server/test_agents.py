@@ -38,7 +38,7 @@ from tests.server.support import (
 )
 
 FAST_REGISTER_S: Final = 0.3
-FAST_AVAILABILITY_S: Final = 0.5
+FAST_AVAILABILITY_S: Final = 1.0
 FAST_MIGRATION_S: Final = 0.3
 GARBAGE: Final = b"\xff\xff\xff\xff not a protobuf"
 
