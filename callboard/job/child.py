@@ -133,6 +133,8 @@ async def _serve(
 ) -> int:
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=sock)
+    # drain() then waits until every byte is in the kernel: the last frames must not die with us
+    writer.transport.set_write_buffer_limits(high=0)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -165,6 +167,8 @@ async def _serve(
             writer.write(ipc.encode(ipc.JobDone(outcome.status, outcome.error)))
             await writer.drain()
             writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
             return EXIT_OK
         msg = reader_task.result()
         if msg is None:

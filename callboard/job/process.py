@@ -222,14 +222,15 @@ class JobProcessHandle:
 
     async def _ping_task(self) -> None:
         limits = self._limits
+        interval = min(limits.ping_interval, limits.unresponsive_timeout / 4)
         while self.alive:
             self._send(ipc.Ping(time.time()))
-            await asyncio.sleep(limits.ping_interval)
+            await asyncio.sleep(interval)
             silent = time.monotonic() - self._last_pong
             if silent > limits.unresponsive_timeout:
                 await self._kill_unresponsive(silent)
                 return
-            if silent > 2 * limits.ping_interval:
+            if silent > 2 * interval:
                 log.warning(
                     "job process is unresponsive",
                     extra={**self.fields, "silent_s": round(silent, 2)},
