@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from callboard.job import ipc
 from callboard.job.context import JobContext, JobExecutorType, JobProcess
+from callboard.job.inference import InferenceClient, InferenceRunner, socket_name
 from callboard.job.runner import Entrypoint, run_job
 from callboard.log import extra_fields
 
@@ -79,14 +80,17 @@ def child_main(
     entrypoint: Entrypoint,
     prewarm: Callable[[JobProcess], Any] | None,
     log_level: int,
-    shutdown_timeout: float = 10.0,
+    shutdown_timeout: float,
+    zygote_pid: int,
 ) -> int:
     """Body of a job process; returns its exit code."""
     dump = stack_dump_path(os.getpid()).open("w")
     faulthandler.register(STACK_DUMP_SIGNAL, file=dump, all_threads=True)
     asyncio.set_event_loop_policy(None)
     try:
-        return asyncio.run(_serve(sock, entrypoint, prewarm, log_level, shutdown_timeout))
+        return asyncio.run(
+            _serve(sock, entrypoint, prewarm, log_level, shutdown_timeout, zygote_pid)
+        )
     except BaseException:
         traceback.print_exc()
         return EXIT_CRASHED
@@ -130,6 +134,7 @@ async def _serve(
     prewarm: Callable[[JobProcess], Any] | None,
     log_level: int,
     shutdown_timeout: float,
+    zygote_pid: int,
 ) -> int:
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=sock)
@@ -153,6 +158,9 @@ async def _serve(
     if error:
         return EXIT_PREWARM_FAILED
 
+    inference = None
+    if InferenceRunner.registered_runners:
+        inference = InferenceClient(socket_name(zygote_pid))
     ctx: JobContext | None = None
     job: asyncio.Task[Any] | None = None
     while True:
@@ -181,7 +189,7 @@ async def _serve(
         if isinstance(msg, ipc.Ping):
             writer.write(ipc.encode(ipc.Pong(msg.timestamp, time.time())))
         elif isinstance(msg, ipc.StartJob) and job is None:
-            ctx = JobContext(proc=proc, info=msg.running_info())
+            ctx = JobContext(proc=proc, info=msg.running_info(), inference_executor=inference)
             job = asyncio.ensure_future(run_job(ctx, entrypoint, shutdown_timeout))
         elif isinstance(msg, ipc.Shutdown):
             if ctx is None:

@@ -138,12 +138,18 @@ class ZygoteConfig(Message):
 class ZygoteReady(Message):
     pid: int
     error: str = ""
+    inference_methods: tuple[str, ...] = ()
+
+
+FORK_JOB: Final = "job"
+FORK_INFERENCE: Final = "inference"
 
 
 @register(22)
 @dataclass(frozen=True)
 class ForkRequest(Message):
     token: int
+    kind: str = FORK_JOB
 
 
 @register(23)
@@ -161,6 +167,25 @@ class ChildExited(Message):
     pid: int
     returncode: int
     """Exit code, or minus the signal number (like subprocess)."""
+
+
+# -- job process <-> inference process --------------------------------------------------------
+
+
+@register(30)
+@dataclass(frozen=True)
+class InferenceRequest(Message):
+    request_id: int
+    method: str
+    data: bytes
+
+
+@register(31)
+@dataclass(frozen=True)
+class InferenceResponse(Message):
+    request_id: int
+    data: bytes | None
+    error: str = ""
 
 
 # -- encoding ----------------------------------------------------------------------------------

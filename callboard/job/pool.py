@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from callboard.job import ipc
 from callboard.job.context import RunningJobInfo
-from callboard.job.process import JobProcessHandle, ProcessInitError, SupervisionLimits
+from callboard.job.inference import socket_name
+from callboard.job.process import (
+    JobProcessHandle,
+    ProcessInitError,
+    SupervisionLimits,
+    describe_exit,
+)
 from callboard.log import get_logger
 
 if TYPE_CHECKING:
@@ -30,10 +36,20 @@ MAX_CONSECUTIVE_INIT_FAILURES: Final = 5
 """After this many prewarm failures in a row the pool stops prefilling (no crash loop)."""
 ZYGOTE_BOOT_TIMEOUT_S: Final = 60.0
 LAUNCH_ATTEMPTS: Final = 3
+INFERENCE_READY_POLL_S: Final = 0.02
 
 
 class ZygoteError(Exception):
     """The zygote could not start: the agent module failed to import, or it died at boot."""
+
+
+def _can_connect(address: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+    return True
 
 
 def function_ref(fn: Callable[..., Any]) -> tuple[str, str, str]:
@@ -54,9 +70,10 @@ class ZygoteClient:
         self._proc: asyncio.subprocess.Process | None = None
         self._control: socket.socket | None = None
         self._token = 0
-        self._forks: dict[int, asyncio.Future[tuple[int, socket.socket]]] = {}
+        self._forks: dict[int, asyncio.Future[tuple[int, socket.socket | None]]] = {}
         self._ready: asyncio.Future[ipc.ZygoteReady] | None = None
         self.pid = 0
+        self.inference_methods: tuple[str, ...] = ()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -81,6 +98,7 @@ class ZygoteClient:
         if ready.error:
             raise ZygoteError(ready.error)
         self.pid = ready.pid
+        self.inference_methods = ready.inference_methods
         log.info("zygote ready", extra={"pid": ready.pid})
 
     def _on_readable(self) -> None:
@@ -102,7 +120,7 @@ class ZygoteClient:
         if isinstance(msg, ipc.Forked):
             fut = self._forks.pop(msg.token, None)
             sock = socket.socket(fileno=fds[0]) if fds else None
-            if fut is not None and not fut.done() and sock is not None:
+            if fut is not None and not fut.done():
                 fut.set_result((msg.pid, sock))
             elif sock is not None:
                 sock.close()
@@ -123,14 +141,17 @@ class ZygoteClient:
                 fut.set_exception(ZygoteError("zygote exited"))
         self._forks.clear()
 
-    async def fork(self) -> tuple[int, socket.socket]:
+    async def fork(self, kind: str = ipc.FORK_JOB) -> tuple[int, socket.socket | None]:
+        """A new child of the zygote: its pid and, for a job process, the worker's socket."""
         if self._control is None:
             raise ZygoteError("zygote is not running")
         self._token += 1
-        fut: asyncio.Future[tuple[int, socket.socket]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[tuple[int, socket.socket | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._forks[self._token] = fut
         try:
-            self._control.send(ipc.encode(ipc.ForkRequest(self._token)))
+            self._control.send(ipc.encode(ipc.ForkRequest(self._token, kind)))
         except OSError as e:
             self._forks.pop(self._token, None)
             raise ZygoteError(f"zygote unreachable: {e}") from None
@@ -167,6 +188,7 @@ class ProcessExecutor:
         self._closing = False
         self._filler: asyncio.Task[None] | None = None
         self._pending_exits: dict[int, int] = {}
+        self._inference_pid = 0
 
     @classmethod
     def from_options(cls, r: ResolvedOptions) -> ProcessExecutor:
@@ -191,7 +213,11 @@ class ProcessExecutor:
     # -- JobExecutor ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Zygote first, then the inference process (if any runner is registered), then the
+        warm pool."""
         await self._zygote.start()
+        if self._zygote.inference_methods:
+            await self._start_inference()
         self._filler = asyncio.get_running_loop().create_task(self._fill_task(), name="pool-fill")
         self._wake.set()
 
@@ -252,6 +278,8 @@ class ProcessExecutor:
         self._starting += 1
         try:
             pid, sock = await self._zygote.fork()
+            if sock is None:
+                raise ZygoteError("zygote sent no channel for a job process")
             proc = JobProcessHandle(pid, sock, self._limits)
             self._procs[pid] = proc
             if pid in self._pending_exits:
@@ -294,7 +322,33 @@ class ProcessExecutor:
                     extra={"failures": self._init_failures},
                 )
 
+    async def _start_inference(self) -> None:
+        pid, _ = await self._zygote.fork(ipc.FORK_INFERENCE)
+        self._inference_pid = pid
+        address = socket_name(self._zygote.pid)
+        deadline = asyncio.get_running_loop().time() + self._limits.initialize_timeout
+        while not _can_connect(address):
+            if asyncio.get_running_loop().time() > deadline or pid != self._inference_pid:
+                raise ZygoteError(
+                    "the inference process did not start within "
+                    f"{self._limits.initialize_timeout:g}s (see its log above)"
+                )
+            await asyncio.sleep(INFERENCE_READY_POLL_S)
+        log.info(
+            "inference process started",
+            extra={"pid": pid, "methods": list(self._zygote.inference_methods)},
+        )
+
     def _on_exit(self, pid: int, code: int) -> None:
+        if pid == self._inference_pid:
+            self._inference_pid = 0
+            if not self._closing:
+                log.error(
+                    "inference process died, restarting it",
+                    extra={"pid": pid, "exit": describe_exit(code)},
+                )
+                asyncio.get_running_loop().create_task(self._start_inference())
+            return
         proc = self._procs.pop(pid, None)
         if proc is None:
             self._pending_exits[pid] = code

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from callboard.job.context import JobContext, JobExecutorType, JobProcess, RunningJobInfo
+from callboard.job.inference import InferenceRunner, LocalInference, initialize_runners
 from callboard.job.runner import Entrypoint, JobOutcome, failed, run_job
 from callboard.log import get_logger
 
@@ -27,8 +28,10 @@ class ThreadJob:
         entrypoint: Entrypoint,
         prewarm: Callable[[JobProcess], Any],
         shutdown_timeout: float,
+        inference: LocalInference | None,
     ) -> None:
         self._info = info
+        self._inference = inference
         self._entrypoint = entrypoint
         self._prewarm = prewarm
         self._shutdown_timeout = shutdown_timeout
@@ -70,7 +73,7 @@ class ThreadJob:
         except Exception as e:
             log.exception("prewarm failed", extra={"job_id": self._info.job.id})
             return failed(f"prewarm raised {type(e).__name__}: {e}")
-        ctx = JobContext(proc=proc, info=self._info)
+        ctx = JobContext(proc=proc, info=self._info, inference_executor=self._inference)
         with self._lock:
             self._ctx = ctx
             if self._pending_stop is not None:
@@ -106,12 +109,18 @@ class ThreadExecutor:
         self._prewarm = prewarm
         self._shutdown_timeout = shutdown_timeout
         self._jobs: set[ThreadJob] = set()
+        self._inference: LocalInference | None = None
 
     async def start(self) -> None:
-        return None
+        """Initialize the registered inference runners (in this process), if any."""
+        if InferenceRunner.registered_runners:
+            runners = await asyncio.get_running_loop().run_in_executor(None, initialize_runners)
+            self._inference = LocalInference(runners)
 
     async def launch(self, info: RunningJobInfo) -> ThreadJob:
-        job = ThreadJob(info, self._entrypoint, self._prewarm, self._shutdown_timeout)
+        job = ThreadJob(
+            info, self._entrypoint, self._prewarm, self._shutdown_timeout, self._inference
+        )
         self._jobs.add(job)
         job.start()
         asyncio.get_running_loop().create_task(self._forget(job))

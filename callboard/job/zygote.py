@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from callboard.job import ipc
 from callboard.job.child import after_fork, child_main
+from callboard.job.inference import InferenceRunner, inference_main
 
 EXIT_BOOT_FAILED: Final = 5
 """The agent module (or a preload) failed to import: respawning would fail the same way."""
@@ -77,7 +78,8 @@ class Zygote:
             error = f"agent import failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
             ipc.send_blocking(self._control, ipc.ZygoteReady(os.getpid(), error))
             return EXIT_BOOT_FAILED
-        ipc.send_blocking(self._control, ipc.ZygoteReady(os.getpid()))
+        methods = tuple(sorted(InferenceRunner.registered_runners))
+        ipc.send_blocking(self._control, ipc.ZygoteReady(os.getpid(), "", methods))
         return 0
 
     def serve(self) -> int:
@@ -97,12 +99,15 @@ class Zygote:
                 if msg is None:
                     self._kill_children()
                     return 0
-                if isinstance(msg, ipc.ForkRequest):
+                if isinstance(msg, ipc.ForkRequest) and msg.kind == ipc.FORK_INFERENCE:
+                    self._fork_inference(msg.token)
+                elif isinstance(msg, ipc.ForkRequest):
                     self._fork(msg.token)
 
     def _fork(self, token: int) -> None:
         assert self._config is not None and self._entry is not None
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        zygote_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -116,6 +121,7 @@ class Zygote:
                     self._prewarm,
                     self._config.log_level,
                     self._config.shutdown_timeout,
+                    zygote_pid,
                 )
             finally:
                 os._exit(code)
@@ -123,6 +129,20 @@ class Zygote:
         self._children.add(pid)
         ipc.send_blocking(self._control, ipc.Forked(token, pid), [parent_end.fileno()])
         parent_end.close()
+
+    def _fork_inference(self, token: int) -> None:
+        zygote_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                after_fork(set())
+                code = inference_main(zygote_pid)
+            finally:
+                os._exit(code)
+        self._children.add(pid)
+        ipc.send_blocking(self._control, ipc.Forked(token, pid))
 
     def _reap(self) -> None:
         while self._children:

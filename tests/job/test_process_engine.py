@@ -14,7 +14,7 @@ from livekit import api
 from livekit.protocol import agent
 
 from callboard.server.app import EmbeddedServer
-from tests.job import agents
+from tests.job import agents, inference_agents
 from tests.job.support import (
     api_client,
     dispatch_and_wait,
@@ -125,3 +125,19 @@ async def test_termination_mid_job_reports_promptly(server: EmbeddedServer) -> N
     assert outcome.ok, outcome.error
     assert elapsed < 1.0, f"final status took {elapsed:.3f}s (livekit-agents waits 15 s)"
     assert remaining == []
+
+
+async def test_jobs_share_one_inference_process(
+    server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "inference.txt"
+    monkeypatch.setenv(inference_agents.RESULTS_ENV, str(out))
+    async with process_worker(server, inference_agents.uses_inference), api_client(server) as lk:
+        states = [await dispatch_and_wait(lk, f"call-inference-{i}") for i in range(2)]
+    assert [(s.status, s.error) for s in states] == [(agent.JS_SUCCESS, "")] * 2
+    lines = [line.split() for line in out.read_text().splitlines()]
+    job_pids = {int(pid) for pid, _ in lines}
+    served_by = {result.split("|")[1] for _, result in lines}
+    assert {result.split("|")[0] for _, result in lines} == {"cba"}
+    assert len(job_pids) == 2 and len(served_by) == 1
+    assert int(served_by.pop()) not in job_pids
