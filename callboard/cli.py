@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -161,7 +162,7 @@ def app_main(opts: WorkerOptions, argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "connect":
             return asyncio.run(_connect_one(worker, args.room))
-        asyncio.run(_run_worker(worker))
+        asyncio.run(_run_worker(worker, watch=args.command == "dev"))
     except ConnectionGiveUp as e:
         print(f"callboard: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
@@ -182,9 +183,33 @@ def _install_worker_signals(worker: Worker) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
 
 
-async def _run_worker(worker: Worker) -> None:
+async def _run_worker(worker: Worker, watch: bool = False) -> None:
     _install_worker_signals(worker)
-    await worker.run()
+    reloader = asyncio.create_task(_reload_on_change(worker)) if watch else None
+    try:
+        await worker.run()
+    finally:
+        if reloader is not None:
+            reloader.cancel()
+
+
+def _agent_dir() -> str:
+    main_file = getattr(sys.modules["__main__"], "__file__", None)
+    return os.path.dirname(os.path.abspath(main_file)) if main_file else os.getcwd()
+
+
+async def _reload_on_change(worker: Worker) -> None:
+    """`dev`: when a .py file under the agent's directory changes, reload idle processes."""
+    import watchfiles
+
+    root = _agent_dir()
+    reload = getattr(worker.executor, "reload", None)
+    if reload is None:
+        return
+    log.info("watching for changes", extra={"path": root})
+    async for changes in watchfiles.awatch(root, watch_filter=watchfiles.PythonFilter()):
+        log.info("files changed, reloading", extra={"files": sorted(p for _, p in changes)})
+        await reload()
 
 
 async def _connect_one(worker: Worker, room: str) -> int:

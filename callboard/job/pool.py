@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import socket
 import sys
 from collections import deque
@@ -74,6 +76,8 @@ class ZygoteClient:
         self._ready: asyncio.Future[ipc.ZygoteReady] | None = None
         self.pid = 0
         self.inference_methods: tuple[str, ...] = ()
+        self.children: set[int] = set()
+        """Live processes forked by this zygote."""
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,11 +124,13 @@ class ZygoteClient:
         if isinstance(msg, ipc.Forked):
             fut = self._forks.pop(msg.token, None)
             sock = socket.socket(fileno=fds[0]) if fds else None
+            self.children.add(msg.pid)
             if fut is not None and not fut.done():
                 fut.set_result((msg.pid, sock))
             elif sock is not None:
                 sock.close()
         elif isinstance(msg, ipc.ChildExited):
+            self.children.discard(msg.pid)
             self._on_exit(msg.pid, msg.returncode)
         elif (
             isinstance(msg, ipc.ZygoteReady) and self._ready is not None and not self._ready.done()
@@ -177,7 +183,9 @@ class ProcessExecutor:
     def __init__(
         self, zygote_config: ipc.ZygoteConfig, limits: SupervisionLimits, num_idle: int
     ) -> None:
+        self._zygote_config = zygote_config
         self._zygote = ZygoteClient(zygote_config, self._on_exit)
+        self._retired: set[ZygoteClient] = set()
         self._limits = limits
         self._target_idle = num_idle
         self._procs: dict[int, JobProcessHandle] = {}
@@ -259,6 +267,9 @@ class ProcessExecutor:
                 timeout=self._limits.shutdown_timeout + 2,
             )
         await self._zygote.aclose()
+        for zygote in list(self._retired):
+            await zygote.aclose()
+        self._retired.clear()
         for p in list(self._procs.values()):
             p.exited(-9)
             await p.aclose()
@@ -339,7 +350,45 @@ class ProcessExecutor:
             extra={"pid": pid, "methods": list(self._zygote.inference_methods)},
         )
 
+    async def reload(self) -> None:
+        """Dev mode: re-import the agent in a new zygote and replace the idle processes.
+
+        Running jobs finish on the old code; the old zygote closes after its last child. A new
+        zygote that fails to import (a syntax error mid-edit) is logged and the old one kept.
+        """
+        fresh = ZygoteClient(self._zygote_config, self._on_exit)
+        try:
+            await fresh.start()
+        except ZygoteError as e:
+            log.error("reload failed, keeping the previous agent code", extra={"error": str(e)})
+            await fresh.aclose()
+            return
+        old, self._zygote = self._zygote, fresh
+        self._retired.add(old)
+        old_inference, self._inference_pid = self._inference_pid, 0
+        if fresh.inference_methods:
+            await self._start_inference()
+        if old_inference:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old_inference, signal.SIGTERM)
+        stale = list(self._idle)
+        self._idle.clear()
+        for proc in stale:
+            proc.terminate("agent code reloaded")
+        log.info(
+            "agent code reloaded", extra={"zygote_pid": fresh.pid, "replaced_idle": len(stale)}
+        )
+        self._wake.set()
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        for zygote in [z for z in self._retired if not z.children]:
+            self._retired.discard(zygote)
+            asyncio.get_running_loop().create_task(zygote.aclose())
+
     def _on_exit(self, pid: int, code: int) -> None:
+        if self._retired:
+            self._close_retired()
         if pid == self._inference_pid:
             self._inference_pid = 0
             if not self._closing:

@@ -141,3 +141,28 @@ async def test_jobs_share_one_inference_process(
     assert {result.split("|")[0] for _, result in lines} == {"cba"}
     assert len(job_pids) == 2 and len(served_by) == 1
     assert int(served_by.pop()) not in job_pids
+
+
+async def test_reload_runs_new_code_in_fresh_processes(
+    server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = tmp_path / "reloadable_agent.py"
+    out = tmp_path / "versions.txt"
+    source = (
+        "import os\n"
+        "async def entry(ctx):\n"
+        "    with open(os.environ['CALLBOARD_TEST_VERSIONS'], 'a') as f:\n"
+        "        f.write('CODE_VERSION\\n')\n"
+    )
+    module.write_text(source.replace("CODE_VERSION", "v1"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CALLBOARD_TEST_VERSIONS", str(out))
+    import reloadable_agent  # type: ignore[import-not-found]
+
+    async with process_worker(server, reloadable_agent.entry) as worker, api_client(server) as lk:
+        first = await dispatch_and_wait(lk, "call-v1")
+        assert first.status == agent.JS_SUCCESS, first.error
+        module.write_text(source.replace("CODE_VERSION", "v2"))
+        await worker.executor.reload()  # type: ignore[attr-defined]
+        await dispatch_and_wait(lk, "call-v2")
+    assert out.read_text().split() == ["v1", "v2"]
