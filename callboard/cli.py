@@ -2,8 +2,9 @@
 (`python agent.py start|dev|connect --room NAME`).
 
 Only this module installs signal handlers and maps errors to exit codes: 0 ok (including a
-drain after SIGTERM/SIGINT), 1 runtime failure (server unreachable past max_retry, or the
-`connect` job failed), 2 invalid options.
+drain after SIGTERM/SIGINT), 1 runtime failure (server unreachable past max_retry, the
+worker could not start — HTTP port taken, job executor failed — or the `connect` job failed),
+2 invalid options.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from callboard.log import LogFormat, get_logger, setup_logging
 from callboard.server.app import EmbeddedServer
 from callboard.server.config import DEFAULT_PORT, ConfigError, ServerConfig, parse_keys
 from callboard.worker.connection import ConnectionGiveUp
+from callboard.worker.errors import WorkerStartError
 from callboard.worker.options import OptionsError, WorkerOptions
 from callboard.worker.worker import Worker
 
@@ -53,7 +55,6 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "demo", help="run the whole flow on one machine: server, workers, a call, its job"
     )
     p.add_argument("--calls", type=int, default=3, help="how many calls to place (default 3)")
-    p.add_argument("--workers", type=int, default=2, help="simulated workers (default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,9 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from callboard.demo import run_demo
 
-            if args.calls < 1 or args.workers < 1:
-                raise ConfigError("--calls and --workers must be at least 1")
-            return asyncio.run(run_demo(calls=args.calls, workers=args.workers))
+            if args.calls < 1:
+                raise ConfigError("--calls must be at least 1")
+            return asyncio.run(run_demo(calls=args.calls))
     except ConfigError as e:
         print(f"callboard: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -163,7 +164,7 @@ def app_main(opts: WorkerOptions, argv: Sequence[str] | None = None) -> int:
         if args.command == "connect":
             return asyncio.run(_connect_one(worker, args.room))
         asyncio.run(_run_worker(worker, watch=args.command == "dev"))
-    except ConnectionGiveUp as e:
+    except (ConnectionGiveUp, WorkerStartError) as e:
         print(f"callboard: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
