@@ -28,6 +28,8 @@ class Offer:
     def __init__(self, worker: Worker, job: agent.Job) -> None:
         self._worker = worker
         self._job = job
+        self._session = worker.session
+        """The registration that made this offer; only that session may get the answer."""
         self._answered = False
         self._accepted: JobAcceptArguments | None = None
         self._accepted_at = 0.0
@@ -57,7 +59,8 @@ class Offer:
         opts = self._worker.options.opts
         request = JobRequest(job=self._job, on_reject=self._reject, on_accept=self._accept)
         try:
-            await asyncio.wait_for(opts.request_fnc(request), opts.availability_timeout)
+            async with asyncio.timeout(opts.availability_timeout):
+                await opts.request_fnc(request)
         except TimeoutError:
             if not self._answered:
                 log.warning(
@@ -70,20 +73,27 @@ class Offer:
             log.warning("no answer given, automatically rejecting", extra=self._fields)
             await self._reject(False)
 
-    async def _reject(self, terminate: bool) -> None:
+    def _first_answer(self) -> bool:
+        """Claim the one answer; False (logged) for a second one or a dead session."""
         if self._answered:
             log.warning("job request answered twice; keeping the first answer", extra=self._fields)
-            return
+            return False
         self._answered = True
+        if self._worker.session != self._session or not self._worker.registered:
+            log.info("offer from a previous connection, not answered", extra=self._fields)
+            return False
+        return True
+
+    async def _reject(self, terminate: bool) -> None:
+        if not self._first_answer():
+            return
         self._worker.send_answer(
             agent.AvailabilityResponse(job_id=self._job.id, available=False, terminate=terminate)
         )
 
     async def _accept(self, args: JobAcceptArguments) -> None:
-        if self._answered:
-            log.warning("job request answered twice; keeping the first answer", extra=self._fields)
+        if not self._first_answer():
             return
-        self._answered = True
         problem = self._worker.capacity_problem_for_accept()
         if problem is not None:
             log.info("cannot accept: " + problem, extra=self._fields)
@@ -107,7 +117,8 @@ class Offer:
         assert self._accepted is not None
         timeout = self._worker.options.opts.assignment_timeout
         try:
-            assignment = await asyncio.wait_for(asyncio.shield(self._assignment), timeout)
+            async with asyncio.timeout(timeout):
+                assignment = await asyncio.shield(self._assignment)
         except TimeoutError:
             log.warning(
                 "assignment for job timed out", extra={**self._fields, "timeout_s": timeout}
@@ -119,6 +130,11 @@ class Offer:
                 return
             raise
         await self._worker.launch(self._accepted, assignment, self._received_at, self._accepted_at)
+
+    @property
+    def assigned(self) -> bool:
+        """The server assigned this job to us: it is ours even while it is still launching."""
+        return self._assignment.done() and not self._assignment.cancelled()
 
     def assign(self, assignment: agent.JobAssignment) -> bool:
         """Deliver the server's assignment; False if this offer was not accepted or is over."""

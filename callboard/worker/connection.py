@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
+from google.protobuf.message import DecodeError
 from livekit import api
 from livekit.protocol import agent, models
 
@@ -71,15 +73,28 @@ class Connection:
         self._on_registered = on_registered
         self._on_message = on_message
         self._on_disconnected = on_disconnected
-        self._queue: asyncio.Queue[agent.WorkerMessage] = asyncio.Queue()
+        self._pending: deque[agent.WorkerMessage] = deque()
+        """Messages not yet handed to a socket, oldest first (kept across reconnections)."""
+        self._has_pending = asyncio.Event()
+        self._all_sent = asyncio.Event()
+        self._all_sent.set()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._session: aiohttp.ClientSession | None = None
         self.registered = asyncio.Event()
         self.worker_id = ""
+        self.session = 0
+        """How many registrations so far: tells one session from the next even if a server
+        hands out the same worker id again."""
 
     def send(self, msg: agent.WorkerMessage) -> None:
         """Queue a message; it goes out now, or after the next registration."""
-        self._queue.put_nowait(msg)
+        self._pending.append(msg)
+        self._has_pending.set()
+        self._all_sent.clear()
+
+    def pending(self) -> list[agent.WorkerMessage]:
+        """Messages queued and not yet handed to a socket."""
+        return list(self._pending)
 
     def cut(self) -> None:
         """Drop the current socket (tests and fault injection); reconnection follows."""
@@ -108,6 +123,7 @@ class Connection:
                     reason = f"handshake failed with HTTP {e.status}"
                 except (aiohttp.ClientError, OSError, TimeoutError, ProtocolError) as e:
                     reason = f"{type(e).__name__}: {e}"
+                await self._close_ws()
                 self._lost(reason)
                 if attempt >= self._opts.opts.max_retry:
                     raise ConnectionGiveUp(
@@ -128,9 +144,15 @@ class Connection:
                 await asyncio.sleep(delay)
         finally:
             self.registered.clear()
-            if self._ws is not None:
-                await self._ws.close()
+            await self._close_ws()
             await self._session.close()
+
+    async def _close_ws(self) -> None:
+        """Close the current socket, if any (a half-done handshake must not linger)."""
+        ws, self._ws = self._ws, None
+        if ws is not None and not ws.closed:
+            with contextlib.suppress(Exception):
+                await ws.close()
 
     def _lost(self, reason: str) -> None:
         was_registered = self.registered.is_set()
@@ -165,16 +187,34 @@ class Connection:
         first = await self._ws.receive(timeout=REGISTER_TIMEOUT_S)
         if first.type != aiohttp.WSMsgType.BINARY:
             raise ProtocolError(f"expected the register response, got a {first.type.name} frame")
-        msg = agent.ServerMessage.FromString(first.data)
+        msg = _decode(first.data)
+        if msg is None:
+            raise ProtocolError("malformed register response: not a valid ServerMessage")
         if msg.WhichOneof("message") != "register":
             raise ProtocolError("expected register response as first message")
         self.worker_id = msg.register.worker_id
+        self.session += 1
+        self._drop_stale_answers()
+        # Registered from here on: what on_registered computes (state, status) sees it, and
+        # what it queues goes out after its first messages (the send task starts later).
+        self.registered.set()
         first_out = self._on_registered(
             Registration(msg.register.worker_id, msg.register.server_info, reconnect)
         )
         for out in first_out:
             await self._ws.send_bytes(out.SerializeToString())
-        self.registered.set()
+
+    def _drop_stale_answers(self) -> None:
+        """AvailabilityResponses still queued answer offers of a previous session: the new
+        session never made them, so they are dropped rather than sent."""
+        stale = [m for m in self._pending if m.WhichOneof("message") == "availability"]
+        if not stale:
+            return
+        self._pending = deque(m for m in self._pending if m.WhichOneof("message") != "availability")
+        log.info(
+            "dropped answers to offers of the previous connection",
+            extra={"worker_id": self.worker_id, "jobs": [m.availability.job_id for m in stale]},
+        )
 
     async def _serve(self) -> None:
         assert self._ws is not None
@@ -183,7 +223,7 @@ class Connection:
         try:
             async for frame in ws:
                 if frame.type == aiohttp.WSMsgType.BINARY:
-                    self._on_message(agent.ServerMessage.FromString(frame.data))
+                    self._deliver(frame.data)
                 elif frame.type == aiohttp.WSMsgType.ERROR:
                     raise ProtocolError(f"websocket error: {ws.exception()}")
             if ws.close_code not in (None, aiohttp.WSCloseCode.OK):
@@ -193,30 +233,52 @@ class Connection:
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
 
+    def _deliver(self, data: bytes) -> None:
+        """Hand one frame to the worker; a bad frame or a failing handler is logged, and the
+        connection (with every job on it) carries on."""
+        msg = _decode(data)
+        if msg is None:
+            log.warning(
+                "malformed message from the server, ignored",
+                extra={"worker_id": self.worker_id, "size": len(data)},
+            )
+            return
+        try:
+            self._on_message(msg)
+        except Exception:
+            log.exception(
+                "failed to handle a server message",
+                extra={"worker_id": self.worker_id, "message": msg.WhichOneof("message")},
+            )
+
     async def _send_task(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Send queued messages in order. One leaves the queue only once the socket took it: a
+        failed send keeps it, first in line, for the next session."""
         while True:
-            msg = await self._queue.get()
+            if not self._pending:
+                self._all_sent.set()
+                self._has_pending.clear()
+                await self._has_pending.wait()
+                continue
+            msg = self._pending[0]
             try:
                 await ws.send_bytes(msg.SerializeToString())
             except (ConnectionError, aiohttp.ClientError):
-                # keep it for the next session, in order
-                self._requeue_front(msg)
                 await ws.close()
                 return
-            finally:
-                self._queue.task_done()
-
-    def _requeue_front(self, msg: agent.WorkerMessage) -> None:
-        rest = [msg]
-        while not self._queue.empty():
-            rest.append(self._queue.get_nowait())
-            self._queue.task_done()
-        for m in rest:
-            self._queue.put_nowait(m)
+            if self._pending and self._pending[0] is msg:
+                self._pending.popleft()
 
     async def wait_sent(self) -> None:
         """Until every queued message has been handed to the socket (bound it with a timeout)."""
-        await self._queue.join()
+        await self._all_sent.wait()
+
+
+def _decode(data: bytes) -> agent.ServerMessage | None:
+    try:
+        return agent.ServerMessage.FromString(data)
+    except DecodeError:
+        return None
 
 
 class ProtocolError(Exception):

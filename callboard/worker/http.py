@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from callboard.log import get_logger
+from callboard.worker.errors import WorkerStartError
 
 if TYPE_CHECKING:
     from callboard.worker.worker import Worker
@@ -34,7 +35,14 @@ class WorkerHttpServer:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host or None, self._port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            where = f"{self._host or '0.0.0.0'}:{self._port}"
+            raise WorkerStartError(
+                f"cannot serve the worker's HTTP endpoints on {where}: "
+                f"{e.strerror or e} (option port; 0 picks a free port)"
+            ) from None
         sockets = getattr(site._server, "sockets", None) or []
         self.bound_port = sockets[0].getsockname()[1] if sockets else self._port
         self._worker.http_port = self.bound_port

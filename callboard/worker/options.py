@@ -164,29 +164,26 @@ class WorkerOptions:
             raise OptionsError("load_fnc must be callable or None")
         for devmode in (True, False):
             threshold = env_value(self.load_threshold, devmode)
-            if not (math.isinf(threshold) or 0 < threshold <= 1):
-                raise OptionsError(f"load_threshold must be in (0, 1] or inf, got {threshold}")
+            if not _is_number(threshold) or not (threshold == math.inf or 0 < threshold <= 1):
+                raise OptionsError(f"load_threshold must be in (0, 1] or inf, got {threshold!r}")
             idle = env_value(self.num_idle_processes, devmode)
-            if not isinstance(idle, int) or idle < 0:
+            if not _is_int(idle) or idle < 0:
                 raise OptionsError(f"num_idle_processes must be an int >= 0, got {idle!r}")
             port = env_value(self.port, devmode)
-            if not isinstance(port, int) or not 0 <= port <= 65535:
+            if not _is_int(port) or not 0 <= port <= 65535:
                 raise OptionsError(f"port must be in 0..65535, got {port!r}")
-        positive = (
-            "drain_timeout",
-            "initialize_process_timeout",
-            "shutdown_process_timeout",
-            "assignment_timeout",
-            "status_interval",
-            "availability_timeout",
-            "unresponsive_timeout",
-        )
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise OptionsError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("job_memory_warn_mb", "job_memory_limit_mb", "max_jobs", "max_retry"):
-            if getattr(self, name) < 0:
-                raise OptionsError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in _POSITIVE_SECONDS:
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0:
+                raise OptionsError(f"{name} must be a number > 0, got {value!r}")
+        for name in ("job_memory_warn_mb", "job_memory_limit_mb"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value >= 0:
+                raise OptionsError(f"{name} must be a number >= 0 (0 disables), got {value!r}")
+        for name in ("max_jobs", "max_retry"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise OptionsError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.job_executor_type, JobExecutorType):
             raise OptionsError("job_executor_type must be a JobExecutorType")
         if not isinstance(self.worker_type, WorkerType):
@@ -250,6 +247,30 @@ class ResolvedOptions:
     @property
     def agent_name(self) -> str:
         return self.opts.agent_name or ""
+
+
+_POSITIVE_SECONDS: Final = (
+    "drain_timeout",
+    "initialize_process_timeout",
+    "shutdown_process_timeout",
+    "assignment_timeout",
+    "status_interval",
+    "availability_timeout",
+    "unresponsive_timeout",
+)
+
+
+def _is_number(value: object) -> bool:
+    """An int or float, not a bool (True is not a timeout) and not NaN."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not (isinstance(value, float) and math.isnan(value))
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_url(url: str) -> None:

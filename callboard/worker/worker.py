@@ -13,7 +13,6 @@ import inspect
 import math
 import os
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final
@@ -24,10 +23,11 @@ from callboard.job.context import JobAcceptArguments, JobExecutorType, RunningJo
 from callboard.job.executor import JobExecutor, RunningJob
 from callboard.job.runner import JobOutcome, failed
 from callboard.job.thread import ThreadExecutor
-from callboard.log import get_logger
+from callboard.log import get_logger, redact_secret
 from callboard.version import __version__
 from callboard.worker.availability import Offer
 from callboard.worker.connection import Connection, ConnectionGiveUp, Registration
+from callboard.worker.errors import WorkerStartError
 from callboard.worker.load import CpuLoadMonitor, effective_load
 from callboard.worker.metrics import WorkerMetrics
 from callboard.worker.options import (
@@ -40,6 +40,9 @@ from callboard.worker.options import (
 log = get_logger("worker")
 
 FINAL_STATUS_FLUSH_S: Final = 5.0
+TERMINAL: Final = frozenset({agent.JS_SUCCESS, agent.JS_FAILED})
+TASK_STOP_TIMEOUT_S: Final = 5.0
+"""How long aclose() waits for its cancelled tasks (connection, status, load, watchers)."""
 
 
 class WorkerState(Enum):
@@ -81,7 +84,12 @@ class Worker:
         self.metrics = WorkerMetrics()
         self._jobs: dict[str, ActiveJob] = {}
         self._offers: dict[str, Offer] = {}
-        self._recent_starts: deque[float] = deque()
+        self._stop_on_start: set[str] = set()
+        """Assigned jobs the server terminated while they were still launching."""
+        self._recent_starts: dict[str, float] = {}
+        """Jobs started within the load average's window, by id: their load is not visible yet."""
+        self._reported: tuple[int, int] | None = None
+        """(status, job_count) of the last UpdateWorkerStatus sent."""
         self._measured_load = 0.0
         self._cpu: CpuLoadMonitor | None = None
         self._state = WorkerState.STARTING
@@ -131,6 +139,11 @@ class Worker:
         return self._conn.registered.is_set()
 
     @property
+    def session(self) -> int:
+        """Which registration this is (1, 2, ... after each reconnect)."""
+        return self._conn.session
+
+    @property
     def active_jobs(self) -> list[ActiveJob]:
         return list(self._jobs.values())
 
@@ -152,8 +165,9 @@ class Worker:
 
     def _expire_reservations(self) -> None:
         horizon = time.monotonic() - LOAD_SAMPLE_INTERVAL_S * LOAD_SAMPLES
-        while self._recent_starts and self._recent_starts[0] < horizon:
-            self._recent_starts.popleft()
+        for job_id, started in list(self._recent_starts.items()):
+            if started < horizon:
+                del self._recent_starts[job_id]
 
     def capacity_problem_for_accept(self) -> str | None:
         """Why an offer that reserved its slot may no longer be accepted (only a drain)."""
@@ -180,12 +194,13 @@ class Worker:
 
     async def run(self) -> None:
         """Start everything, serve until shutdown is requested or the server is lost for good."""
+        redact_secret(self._r.api_secret)
         log.info("starting worker", extra={"version": __version__, "pid": os.getpid()})
         from callboard.worker.http import WorkerHttpServer
 
         http = WorkerHttpServer(self, self._opts.host, self._r.port)
         try:
-            await self._executor.start()
+            await self._start_executor()
             await http.start()
             self._start_load_sampling()
             self._spawn(self._status_task(), "worker-status")
@@ -199,6 +214,14 @@ class Worker:
             await http.aclose()
         if self._gave_up is not None:
             raise ConnectionGiveUp(self._gave_up)
+
+    async def _start_executor(self) -> None:
+        try:
+            await self._executor.start()
+        except Exception as e:
+            log.error("the job executor could not start", extra=self._fields(error=str(e)))
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise WorkerStartError(f"the job executor could not start: {first_line}") from e
 
     def request_shutdown(self, fast: bool = False) -> None:
         """Begin an orderly stop: drain (fast: terminate jobs now). Safe from signal handlers."""
@@ -219,19 +242,25 @@ class Worker:
             self._state = WorkerState.DRAINING
             log.info("draining worker", extra={**self._fields(), "timeout": timeout})
             self._send_status()
-        waits: list[asyncio.Task[None]] = [
-            j.watcher for j in self._jobs.values() if j.watcher is not None
-        ]
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        # Re-read what is in flight after each change: an accepted offer becomes a job.
+        while waits := self._in_flight():
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                log.warning(
+                    "drain timed out, terminating the jobs still running",
+                    extra={**self._fields(), "jobs": list(self._jobs), "timeout": timeout},
+                )
+                await self._terminate_all("drain timed out")
+                return
+            await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+
+    def _in_flight(self) -> list[asyncio.Task[None]]:
+        """Tasks that end when every running job and every pending offer is over."""
+        waits = [j.watcher for j in self._jobs.values() if j.watcher is not None]
         waits += [o.task for o in self._offers.values() if o.task is not None]
-        if not waits:
-            return
-        _, pending = await asyncio.wait(waits, timeout=timeout)
-        if pending:
-            log.warning(
-                "drain timed out, terminating the jobs still running",
-                extra={**self._fields(), "jobs": [j for j in self._jobs], "timeout": timeout},
-            )
-            await self._terminate_all("drain timed out")
+        return [t for t in waits if not t.done()]
 
     async def _terminate_all(self, reason: str) -> None:
         for offer in list(self._offers.values()):
@@ -252,19 +281,30 @@ class Worker:
         await self._terminate_all("worker closing")
         if self.registered:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._conn.wait_sent(), FINAL_STATUS_FLUSH_S)
-        for task in list(self._tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
-        await asyncio.gather(
-            *(t for t in self._tasks if t is not asyncio.current_task()), return_exceptions=True
-        )
+                async with asyncio.timeout(FINAL_STATUS_FLUSH_S):
+                    await self._conn.wait_sent()
+        await self._cancel_tasks()
         await self._executor.aclose()
         if self._cpu is not None:
             self._cpu.stop()
         self._state = WorkerState.STOPPED
         self._stop.set()
         log.info("worker stopped", extra=self._fields())
+
+    async def _cancel_tasks(self) -> None:
+        """Cancel every task of ours but the caller; a task that will not stop is logged and
+        left behind rather than holding the worker open."""
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=TASK_STOP_TIMEOUT_S)
+        if stuck:
+            log.error(
+                "tasks did not stop when cancelled; closing without them",
+                extra=self._fields(tasks=sorted(t.get_name() for t in stuck)),
+            )
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -280,7 +320,10 @@ class Worker:
     async def _connection_task(self) -> None:
         try:
             await self._conn.run()
-        except ConnectionGiveUp as e:
+        except Exception as e:
+            if not isinstance(e, ConnectionGiveUp):
+                log.exception("the server connection failed", extra=self._fields())
+                e = ConnectionGiveUp(f"the server connection failed: {e!r}")
             self._gave_up = str(e)
             log.error(
                 "giving up on the server: draining and exiting",
@@ -304,13 +347,26 @@ class Worker:
             },
         )
         first: list[agent.WorkerMessage] = []
-        if reg.reconnect and self._jobs:
-            migrate = agent.MigrateJobRequest(job_ids=list(self._jobs))
+        ours = self._owned_job_ids()
+        if reg.reconnect and ours:
+            migrate = agent.MigrateJobRequest(job_ids=ours)
             first.append(agent.WorkerMessage(migrate_job=migrate))
-            log.info("migrating running jobs", extra=self._fields(jobs=list(self._jobs)))
+            log.info("migrating running jobs", extra=self._fields(jobs=ours))
         first.append(self._status_message())
         self._update_state()
         return first
+
+    def _owned_job_ids(self) -> list[str]:
+        """Jobs the server must attach to this worker's new session: the running ones, the
+        assigned ones still launching, and the ended ones whose final status is still queued
+        (without the migration the server would ignore that status and fail the job)."""
+        launching = [i for i, o in self._offers.items() if o.assigned]
+        unreported = [
+            m.update_job.job_id
+            for m in self._conn.pending()
+            if m.WhichOneof("message") == "update_job" and m.update_job.status in TERMINAL
+        ]
+        return list(dict.fromkeys([*self._jobs, *launching, *unreported]))
 
     def _on_disconnected(self, reason: str) -> None:
         for offer in list(self._offers.values()):
@@ -373,6 +429,13 @@ class Worker:
             job.handle.terminate("terminated by the server")
             return
         offer = self._offers.get(job_id)
+        if offer is not None and offer.assigned:
+            log.info(
+                "termination for a job still launching: it stops as soon as it starts",
+                extra=self._fields(job_id=job_id),
+            )
+            self._stop_on_start.add(job_id)
+            return
         if offer is not None:
             offer.cancel()
             return
@@ -400,15 +463,19 @@ class Worker:
         try:
             handle = await self._executor.launch(info)
         except Exception as e:
+            self._stop_on_start.discard(job_id)
             log.exception("could not launch job", extra=self._fields(job_id=job_id))
             self._report(job_id, failed(f"launch failed: {e}"))
             return
         active = ActiveJob(info=info, handle=handle, started_at=time.time())
         self._jobs[job_id] = active
-        self._recent_starts.append(time.monotonic())
+        self._recent_starts[job_id] = time.monotonic()
         self.metrics.job_started(time.time() - received_at if received_at else 0.0)
         self._report_status(job_id, agent.JS_RUNNING)
         active.watcher = self._spawn(self._watch(active), f"job-{job_id}")
+        if job_id in self._stop_on_start:
+            self._stop_on_start.discard(job_id)
+            handle.terminate("terminated by the server")
         self._update_state()
 
     async def _watch(self, job: ActiveJob) -> None:
@@ -420,6 +487,7 @@ class Worker:
         if self._first_end is not None and not self._first_end.done():
             self._first_end.set_result(outcome)
         self._jobs.pop(job.info.job.id, None)
+        self._recent_starts.pop(job.info.job.id, None)
         self._report(job.info.job.id, outcome)
         self.metrics.job_ended(outcome)
         level_ok = outcome.ok
@@ -444,12 +512,19 @@ class Worker:
 
     # -- status and load ----------------------------------------------------------------------
 
-    def _status_message(self) -> agent.WorkerMessage:
+    def _status_now(self) -> tuple[int, int]:
+        """(status, job_count) as the server should see them now."""
         full = self.capacity_problem() is not None
+        return (agent.WS_FULL if full else agent.WS_AVAILABLE), len(self._jobs)
+
+    def _status_message(self) -> agent.WorkerMessage:
+        """The UpdateWorkerStatus to send now; remembered as the last one reported."""
+        status, job_count = self._status_now()
+        self._reported = (status, job_count)
         upd = agent.UpdateWorkerStatus(
-            status=agent.WS_FULL if full else agent.WS_AVAILABLE,
+            status=status,  # type: ignore[arg-type]
             load=self.load,
-            job_count=len(self._jobs),
+            job_count=job_count,
             draining=self._draining,
         )
         return agent.WorkerMessage(update_worker=upd)
@@ -459,7 +534,8 @@ class Worker:
             self._conn.send(self._status_message())
 
     def _update_state(self) -> None:
-        """Recompute AVAILABLE/FULL; on a change, log it and tell the server at once."""
+        """Recompute AVAILABLE/FULL and log a transition; when the status or the job count
+        differs from what the server last heard, tell it at once (not at the next tick)."""
         if self._draining:
             new = WorkerState.DRAINING
         elif not self.registered:
@@ -472,12 +548,16 @@ class Worker:
                 "worker state changed",
                 extra=self._fields(**{"from": old.value, "to": new.value, "jobs": len(self._jobs)}),
             )
+        if self.registered and self._reported != self._status_now():
             self._status_changed.set()
 
     async def _status_task(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands
+            # as the event is set, and this loop would then outlive aclose().
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_changed.wait(), self._opts.status_interval)
+                async with asyncio.timeout(self._opts.status_interval):
+                    await self._status_changed.wait()
             self._status_changed.clear()
             self._send_status()
 

@@ -1,0 +1,360 @@
+"""The worker's /agent link: its token, the register message, status updates, reconnection
+after a cut (with MigrateJobRequest for running jobs) and after a server restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from livekit import api
+from livekit.protocol import agent, models
+
+from callboard import JobExecutorType, WorkerPermissions, WorkerType
+from callboard.server.app import EmbeddedServer
+from callboard.server.config import ServerConfig
+from callboard.server.workers import WorkerSession
+from callboard.version import __version__
+from callboard.worker.connection import ConnectionGiveUp, backoff_s
+from callboard.worker.worker import Worker, WorkerState
+from tests.worker.agents.jobs import script
+from tests.worker.fake_server import FAKE_WORKER_ID, FakeAgentServer
+from tests.worker.support import (
+    GatedExecutor,
+    control,
+    fast_options,
+    no_leftover_children,
+    running_worker,
+    server_worker,
+    wait_until,
+)
+
+EXECUTORS = [
+    pytest.param(JobExecutorType.THREAD, id="thread"),
+    pytest.param(JobExecutorType.PROCESS, id="process"),
+]
+NAMED = "operator"
+RECONNECT_S = 1.0
+"""A cut is followed by an immediate reconnect (backoff 0 on the first attempt)."""
+STATUS_INTERVAL_S = 0.2
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeAgentServer]:
+    srv = FakeAgentServer()
+    await srv.start()
+    yield srv
+    await srv.aclose()
+
+
+# -- what goes on the wire -----------------------------------------------------------------
+
+
+async def test_token_is_accepted_by_livekit_and_has_the_agent_grant(
+    fake: FakeAgentServer,
+) -> None:
+    opts = fast_options(fake, key="key1", secret="s" * 40)
+    async with running_worker(opts):
+        (auth,) = fake.authorizations
+        assert auth.startswith("Bearer ")
+        assert fake.query_tokens == [""], "the token travels in the header only"
+        claims = api.TokenVerifier("key1", "s" * 40).verify(auth.removeprefix("Bearer "))
+        assert claims.video is not None and claims.video.agent is True
+        with pytest.raises(Exception):  # noqa: B017 (any verification error)
+            api.TokenVerifier("key1", "another secret, forty characters long...").verify(
+                auth.removeprefix("Bearer ")
+            )
+
+
+async def test_register_message_field_by_field(fake: FakeAgentServer) -> None:
+    perms = WorkerPermissions(
+        can_publish=False,
+        can_subscribe=True,
+        can_publish_data=False,
+        can_update_metadata=False,
+        can_publish_sources=[models.TrackSource.MICROPHONE],
+        hidden=True,
+    )
+    opts = fast_options(
+        fake,
+        agent_name="front-desk",
+        worker_type=WorkerType.PUBLISHER,
+        permissions=perms,
+        namespace="ns1",
+    )
+    async with running_worker(opts) as worker:
+        assert worker.id == FAKE_WORKER_ID
+        first = fake.received[0]
+        assert first.kind == "register"
+        reg = first.msg.register
+        assert reg.type == agent.JT_PUBLISHER
+        assert reg.agent_name == "front-desk"
+        assert reg.version == __version__
+        assert reg.namespace == "ns1"
+        assert reg.allowed_permissions == models.ParticipantPermission(
+            can_publish=False,
+            can_subscribe=True,
+            can_publish_data=False,
+            can_update_metadata=False,
+            can_publish_sources=[models.TrackSource.MICROPHONE],
+            hidden=True,
+            agent=True,
+        )
+        # the first status follows the registration at once
+        status = (await fake.next("update_worker")).msg.update_worker
+        assert status.status == agent.WS_AVAILABLE
+        assert status.load == 0.0 and status.job_count == 0
+
+
+async def test_status_is_sent_every_status_interval(fake: FakeAgentServer) -> None:
+    opts = fast_options(fake, status_interval=STATUS_INTERVAL_S)
+    async with running_worker(opts):
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await wait_until(lambda: len(fake.of_kind("update_worker")) >= 6, "six status updates")
+        updates = fake.of_kind("update_worker")
+        gaps = [b.at - a.at for a, b in itertools.pairwise(updates)]
+        assert max(gaps) < STATUS_INTERVAL_S * 2, gaps
+        assert loop.time() - start < 6 * STATUS_INTERVAL_S * 2
+        for u in updates:
+            s = u.msg.update_worker
+            assert s.status == agent.WS_AVAILABLE and s.load == 0.0 and s.job_count == 0
+
+
+async def test_status_is_sent_at_once_on_change(fake: FakeAgentServer) -> None:
+    """With a long status interval, FULL and AVAILABLE still reach the server at once."""
+    opts = fast_options(fake, status_interval=30.0, max_jobs=1)
+    async with running_worker(opts) as worker:
+        await fake.next("update_worker")
+        await wait_until(lambda: worker.state == WorkerState.AVAILABLE, "available")
+        job = agent.Job(id="AJ_fakejob0001", room=models.Room(name="r"), metadata=script())
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        await fake.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job)))
+        full = await fake.next("update_worker", lambda m: m.update_worker.status == agent.WS_FULL)
+        assert full.at - asked < 1.0
+        await fake.next("availability")
+        await fake.send(agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t")))
+        await fake.next("update_job", lambda m: m.update_job.status == agent.JS_RUNNING)
+        running = await fake.next("update_worker", lambda m: m.update_worker.job_count == 1)
+        assert running.msg.update_worker.status == agent.WS_FULL
+        ended = loop.time()
+        await fake.send(agent.ServerMessage(termination=agent.JobTermination(job_id=job.id)))
+        free = await fake.next(
+            "update_worker", lambda m: m.update_worker.status == agent.WS_AVAILABLE
+        )
+        assert free.at - ended < 1.0
+        assert free.msg.update_worker.job_count == 0
+
+
+async def test_wrong_secret_gives_up_at_once_with_a_hint(server: EmbeddedServer) -> None:
+    opts = fast_options(server, api_secret="not-the-secret")
+    worker = Worker(opts)
+    with pytest.raises(ConnectionGiveUp, match="api_key/api_secret"):
+        await asyncio.wait_for(worker.run(), 10.0)
+    assert worker.state == WorkerState.STOPPED
+
+
+# -- reconnection --------------------------------------------------------------------------
+
+
+def server_side_ws(session: WorkerSession) -> web.WebSocketResponse:
+    """The server's end of a worker's connection (held by the session's `send`)."""
+    for cell in getattr(session.send, "__closure__", None) or ():
+        if isinstance(cell.cell_contents, web.WebSocketResponse):
+            return cell.cell_contents
+    raise AssertionError("cannot find the server-side websocket of the session")
+
+
+CUTS = ["worker-cut", "server-close", "server-abort"]
+
+
+async def cut(how: str, server: EmbeddedServer, worker: Worker) -> None:
+    if how == "worker-cut":
+        worker._conn.cut()
+        return
+    ws = server_side_ws(server_worker(server, worker.id))
+    if how == "server-close":
+        await ws.close()
+    else:
+        transport = ws._req.transport if ws._req is not None else None
+        assert transport is not None
+        transport.abort()
+
+
+@pytest.mark.parametrize("how", CUTS)
+@pytest.mark.parametrize("executor", EXECUTORS)
+async def test_cut_connection_reconnects_and_migrates_the_running_job(
+    server: EmbeddedServer, executor: JobExecutorType, how: str, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    opts = fast_options(server, executor, agent_name=NAMED)
+    async with no_leftover_children(), control(server) as ctl, running_worker(opts) as worker:
+        await ctl.dispatch("call", NAMED, script(until=str(release)))
+        job = await ctl.wait_status("call", agent.JS_RUNNING, agent_name=NAMED)
+        await wait_until(lambda: len(worker.active_jobs) == 1, "the job to run on the worker")
+        old_id = worker.id
+        assert job.state.worker_id == old_id
+
+        await cut(how, server, worker)
+        await wait_until(
+            lambda: worker.registered and worker.id != old_id, "a new registration", RECONNECT_S
+        )
+        new_id = worker.id
+        assert old_id not in {s.id for s in server.engine.workers}
+
+        # the server re-attached the job to the new worker id (MigrateJobRequest)
+        def migrated() -> bool:
+            rec = server.engine.job(job.id)
+            return rec is not None and rec.worker is not None and rec.worker.id == new_id
+
+        await wait_until(migrated, "the job to be migrated to the new worker id", 2.0)
+        listed = await ctl.job("call", NAMED)
+        assert listed.state.status == agent.JS_RUNNING
+        assert listed.state.worker_id == new_id
+        assert len(worker.active_jobs) == 1
+
+        # the job survived the cut, and its final status reaches the server
+        release.touch()
+        done = await ctl.wait_status("call", agent.JS_SUCCESS, agent_name=NAMED)
+        assert done.state.worker_id == new_id and done.state.error == ""
+
+
+async def test_a_job_still_launching_during_a_cut_is_migrated_too(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """Assigned, not yet running (a process still being forked): the server counts it as
+    this worker's, so the MigrateJobRequest after the reconnect must name it."""
+    release = tmp_path / "release"
+    gated = GatedExecutor()
+    opts = fast_options(server, agent_name=NAMED)
+    async with control(server) as ctl, running_worker(opts, executor=gated) as worker:
+        await ctl.dispatch("slow-start", NAMED, script(until=str(release)))
+        await asyncio.wait_for(gated.launching.wait(), 5.0)
+        job = await ctl.job("slow-start", NAMED)
+        old_id = worker.id
+        worker._conn.cut()
+        await wait_until(
+            lambda: worker.registered and worker.id != old_id, "a new registration", RECONNECT_S
+        )
+
+        def migrated() -> bool:
+            rec = server.engine.job(job.id)
+            return rec is not None and rec.worker is not None and rec.worker.id == worker.id
+
+        await wait_until(migrated, "the launching job to be migrated", 2.0)
+        gated.gate.set()
+        await wait_until(lambda: len(worker.active_jobs) == 1, "the job to start")
+        release.touch()
+        done = await ctl.wait_status("slow-start", agent.JS_SUCCESS, agent_name=NAMED)
+        assert done.state.worker_id == worker.id
+
+
+async def test_migrate_job_request_names_the_running_jobs(fake: FakeAgentServer) -> None:
+    opts = fast_options(fake)
+    async with running_worker(opts) as worker:
+        job = agent.Job(id="AJ_migrating01", room=models.Room(name="r"), metadata=script())
+        await fake.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job)))
+        await fake.next("availability")
+        await fake.send(agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t")))
+        await fake.next("update_job", lambda m: m.update_job.status == agent.JS_RUNNING)
+        worker._conn.cut()
+        await wait_until(lambda: fake.connections == 2, "a second connection", RECONNECT_S)
+        await fake.next("register")
+        second = await fake.next("register")
+        migrate = await fake.next("migrate_job")
+        assert list(migrate.msg.migrate_job.job_ids) == [job.id]
+        assert second.at <= migrate.at
+        kinds = [r.kind for r in fake.received if r.at >= second.at]
+        assert kinds[:3] == ["register", "migrate_job", "update_worker"], kinds
+        status = (await fake.next("update_worker", lambda m: m.update_worker.job_count == 1)).msg
+        assert status.update_worker.job_count == 1
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+async def test_server_restart_on_the_same_port_worker_reregisters(
+    executor: JobExecutorType, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    first = EmbeddedServer(ServerConfig(port=0))
+    await first.start()
+    port = first.port
+    second: EmbeddedServer | None = None
+    try:
+        opts = fast_options(first, executor, agent_name=NAMED)
+        async with no_leftover_children(), running_worker(opts) as worker:
+            async with control(first) as ctl:
+                await ctl.dispatch("before", NAMED, script(until=str(release)))
+                await ctl.wait_status("before", agent.JS_RUNNING, agent_name=NAMED)
+            old_id = worker.id
+            await first.aclose()
+            await wait_until(lambda: not worker.registered, "the worker to notice", 2.0)
+            second = EmbeddedServer(ServerConfig(port=port))
+            await second.start()
+            restarted = asyncio.get_running_loop().time()
+            await wait_until(
+                lambda: worker.registered and worker.id != old_id,
+                "re-registration on the restarted server",
+                backoff_s(1) + 1.5,
+            )
+            session = server_worker(second, worker.id)
+            await wait_until(lambda: session.job_count == 1, "the job count to be reported", 2.0)
+            assert len(worker.active_jobs) == 1, "the running job survives the restart"
+            assert asyncio.get_running_loop().time() - restarted < backoff_s(1) + 1.5
+
+            # and the worker takes new jobs from the new server
+            async with control(second) as ctl:
+                await ctl.dispatch("after", NAMED, script(sleep=0.05))
+                done = await ctl.wait_status("after", agent.JS_SUCCESS, agent_name=NAMED)
+                assert done.state.worker_id == worker.id
+            release.touch()
+            await wait_until(lambda: not worker.active_jobs, "the old job to end")
+    finally:
+        await first.aclose()
+        if second is not None:
+            await second.aclose()
+
+
+async def test_a_job_that_ends_while_disconnected_still_reports_its_end(
+    server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its final status waits in the queue; the MigrateJobRequest after the reconnect names the
+    job, so the server takes that status from the new worker id instead of failing the job."""
+    monkeypatch.setattr("callboard.worker.connection.backoff_s", lambda attempt: 0.5)
+    release = tmp_path / "release"
+    opts = fast_options(server, agent_name=NAMED)
+    async with control(server) as ctl, running_worker(opts) as worker:
+        await ctl.dispatch("ends-offline", NAMED, script(until=str(release)))
+        await ctl.wait_status("ends-offline", agent.JS_RUNNING, agent_name=NAMED)
+        await wait_until(lambda: len(worker.active_jobs) == 1, "the job to run")
+        old_id = worker.id
+        worker._conn.cut()
+        await wait_until(lambda: not worker.registered, "the cut")
+        release.touch()
+        await wait_until(lambda: not worker.active_jobs, "the job to end while offline")
+        assert not worker.registered, "the job must end before the reconnect for this test"
+        await wait_until(
+            lambda: worker.registered and worker.id != old_id, "a new registration", 3.0
+        )
+        done = await ctl.wait_status("ends-offline", agent.JS_SUCCESS, agent_name=NAMED)
+        assert done.state.worker_id == worker.id and done.state.error == ""
+
+
+async def test_a_malformed_server_frame_does_not_kill_the_connection(
+    fake: FakeAgentServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_worker(fast_options(fake)) as worker:
+        assert fake._ws is not None
+        await fake._ws.send_bytes(b"\xff\xff\xff\xff not a protobuf")
+        job = agent.Job(id="AJ_afterbadframe", room=models.Room(name="r"), metadata=script())
+        await asyncio.sleep(0.1)
+        if not worker.registered or fake.connections > 1:
+            await wait_until(lambda: worker.registered, "the worker to reconnect", RECONNECT_S)
+        await fake.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job)))
+        answer = (await fake.next("availability")).msg.availability
+        assert answer.job_id == job.id and answer.available
+        assert any("malformed" in r.getMessage() for r in caplog.records)
