@@ -20,6 +20,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,6 +34,8 @@ EXIT_OK: Final = 0
 EXIT_PREWARM_FAILED: Final = 3
 EXIT_CRASHED: Final = 4
 STACK_DUMP_SIGNAL: Final = signal.SIGUSR1
+FINAL_ACK_TIMEOUT_S: Final = 5.0
+"""How long a finished job process waits for the worker to acknowledge its JobDone."""
 
 
 def stack_dump_path(pid: int) -> Path:
@@ -75,22 +78,24 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def child_main(
-    sock: socket.socket,
-    entrypoint: Entrypoint,
-    prewarm: Callable[[JobProcess], Any] | None,
-    log_level: int,
-    shutdown_timeout: float,
-    zygote_pid: int,
-) -> int:
+@dataclass(frozen=True)
+class ChildSpec:
+    """What a job process runs, as the zygote hands it over at fork."""
+
+    entrypoint: Entrypoint
+    prewarm: Callable[[JobProcess], Any] | None
+    log_level: int
+    shutdown_timeout: float
+    zygote_pid: int
+
+
+def child_main(sock: socket.socket, spec: ChildSpec) -> int:
     """Body of a job process; returns its exit code."""
     dump = stack_dump_path(os.getpid()).open("w")
     faulthandler.register(STACK_DUMP_SIGNAL, file=dump, all_threads=True)
     asyncio.set_event_loop_policy(None)
     try:
-        return asyncio.run(
-            _serve(sock, entrypoint, prewarm, log_level, shutdown_timeout, zygote_pid)
-        )
+        return asyncio.run(_serve(sock, spec))
     except BaseException:
         traceback.print_exc()
         return EXIT_CRASHED
@@ -124,18 +129,16 @@ class IpcLogHandler(logging.Handler):
             self._writer.write(frame)
 
 
+async def _until_eof(reader: asyncio.StreamReader) -> None:
+    while await ipc.read_message(reader) is not None:
+        pass
+
+
 def _plain(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
-async def _serve(
-    sock: socket.socket,
-    entrypoint: Entrypoint,
-    prewarm: Callable[[JobProcess], Any] | None,
-    log_level: int,
-    shutdown_timeout: float,
-    zygote_pid: int,
-) -> int:
+async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     # drain() then waits until every byte is in the kernel: the last frames must not die with us
@@ -144,13 +147,13 @@ async def _serve(
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(IpcLogHandler(writer, loop))
-    root.setLevel(log_level)
+    root.setLevel(spec.log_level)
 
     proc = JobProcess(executor_type=JobExecutorType.PROCESS)
     error = ""
-    if prewarm is not None:
+    if spec.prewarm is not None:
         try:
-            prewarm(proc)
+            spec.prewarm(proc)
         except Exception as e:
             error = f"prewarm_fnc raised {type(e).__name__}: {e}\n{traceback.format_exc()}"
     writer.write(ipc.encode(ipc.Initialized(os.getpid(), error)))
@@ -160,7 +163,7 @@ async def _serve(
 
     inference = None
     if InferenceRunner.registered_runners:
-        inference = InferenceClient(socket_name(zygote_pid))
+        inference = InferenceClient(socket_name(spec.zygote_pid))
     ctx: JobContext | None = None
     job: asyncio.Task[Any] | None = None
     while True:
@@ -174,9 +177,11 @@ async def _serve(
             outcome = job.result()
             writer.write(ipc.encode(ipc.JobDone(outcome.status, outcome.error)))
             await writer.drain()
+            # Exit only once the worker has read JobDone and hung up: exiting first could let
+            # a ping the worker is writing meet a closed socket and lose the unread report.
+            with contextlib.suppress(TimeoutError, ConnectionError, ipc.IpcError):
+                await asyncio.wait_for(_until_eof(reader), FINAL_ACK_TIMEOUT_S)
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
             return EXIT_OK
         msg = reader_task.result()
         if msg is None:
@@ -184,13 +189,13 @@ async def _serve(
             if ctx is not None and job is not None:
                 ctx.shutdown("worker connection lost")
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(job, shutdown_timeout)
+                    await asyncio.wait_for(job, spec.shutdown_timeout)
             return EXIT_OK
         if isinstance(msg, ipc.Ping):
             writer.write(ipc.encode(ipc.Pong(msg.timestamp, time.time())))
         elif isinstance(msg, ipc.StartJob) and job is None:
             ctx = JobContext(proc=proc, info=msg.running_info(), inference_executor=inference)
-            job = asyncio.ensure_future(run_job(ctx, entrypoint, shutdown_timeout))
+            job = asyncio.ensure_future(run_job(ctx, spec.entrypoint, spec.shutdown_timeout))
         elif isinstance(msg, ipc.Shutdown):
             if ctx is None:
                 return EXIT_OK

@@ -213,6 +213,9 @@ class JobProcessHandle:
                 self._initialized.set_result(msg.error)
         elif isinstance(msg, ipc.JobDone):
             self._reported = JobOutcome(msg.status, msg.error)
+            # hanging up is the acknowledgement the process waits for before it exits
+            if self._channel is not None and self._channel.transport is not None:
+                self._channel.transport.close()
 
     def _relay_log(self, msg: ipc.LogRecordMsg) -> None:
         extra = {**msg.extra, **self.fields}

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from callboard.job import ipc
-from callboard.job.child import after_fork, child_main
+from callboard.job.child import ChildSpec, after_fork, child_main
 from callboard.job.inference import InferenceRunner, inference_main
 
 EXIT_BOOT_FAILED: Final = 5
@@ -115,14 +115,14 @@ class Zygote:
                 signal.set_wakeup_fd(-1)
                 parent_end.close()
                 after_fork({child_end.fileno()})
-                code = child_main(
-                    child_end,
+                spec = ChildSpec(
                     self._entry,
                     self._prewarm,
                     self._config.log_level,
                     self._config.shutdown_timeout,
                     zygote_pid,
                 )
+                code = child_main(child_end, spec)
             finally:
                 os._exit(code)
         child_end.close()
