@@ -18,7 +18,9 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
+
+from livekit.protocol import agent
 
 from callboard.log import LogFormat, get_logger, setup_logging
 from callboard.server.app import EmbeddedServer
@@ -27,6 +29,11 @@ from callboard.worker.connection import ConnectionGiveUp
 from callboard.worker.errors import WorkerStartError
 from callboard.worker.options import OptionsError, WorkerOptions
 from callboard.worker.worker import Worker
+
+if TYPE_CHECKING:
+    from livekit import api
+
+    from callboard.job.runner import JobOutcome
 
 log = get_logger("cli")
 
@@ -213,26 +220,66 @@ async def _reload_on_change(worker: Worker) -> None:
         await reload()
 
 
+CONNECT_POLL_S: Final = 0.5
+"""How often `connect` asks the server whether its dispatch failed before reaching the worker."""
+
+
 async def _connect_one(worker: Worker, room: str) -> int:
-    """Run the worker, dispatch it to `room`, return when that job has ended."""
+    """Run the worker, dispatch it to `room`, return when that job has ended (or, with exit 1,
+    when the server says the job will never run here)."""
     from livekit import api
 
     _install_worker_signals(worker)
     run = asyncio.create_task(worker.run())
+    ended = asyncio.ensure_future(worker.wait_first_job_end())
     r = worker.options
-    async with api.LiveKitAPI(r.ws_url, r.api_key, r.api_secret) as lk:
-        while not worker.registered:
-            if run.done():
-                await run
-                return EXIT_FAILURE
-            await asyncio.sleep(0.05)
-        await lk.agent_dispatch.create_dispatch(
-            api.CreateAgentDispatchRequest(agent_name=r.agent_name, room=room)
-        )
-    outcome = await worker.wait_first_job_end()
+    try:
+        async with api.LiveKitAPI(r.ws_url, r.api_key, r.api_secret) as lk:
+            while not worker.registered:
+                if run.done():
+                    await run
+                    return EXIT_FAILURE
+                await asyncio.sleep(0.05)
+            dispatch = await lk.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(agent_name=r.agent_name, room=room)
+            )
+            problem = await _watch_dispatch(lk, worker, dispatch, ended, run)
+    finally:
+        if not ended.done():
+            ended.cancel()
+    if problem is not None:
+        print(f"callboard: error: {problem}", file=sys.stderr)
     worker.request_shutdown()
     await run
-    return EXIT_OK if outcome.ok else EXIT_FAILURE
+    if problem is not None:
+        return EXIT_FAILURE
+    return EXIT_OK if ended.result().ok else EXIT_FAILURE
+
+
+async def _watch_dispatch(
+    lk: api.LiveKitAPI,
+    worker: Worker,
+    dispatch: api.AgentDispatch,
+    ended: asyncio.Future[JobOutcome],
+    run: asyncio.Task[None],
+) -> str | None:
+    """None once the worker's first job has ended; otherwise why it never will."""
+    watched: set[asyncio.Future[Any]] = {ended, run}
+    while True:
+        done, _ = await asyncio.wait(
+            watched, timeout=CONNECT_POLL_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        if ended in done:
+            return None
+        if run in done:
+            await run  # a ConnectionGiveUp surfaces here
+            return "the worker stopped before the job ended"
+        if worker.active_jobs:
+            continue
+        listed = await lk.agent_dispatch.list_dispatch(dispatch.room)
+        for job in (j for d in listed if d.id == dispatch.id for j in d.state.jobs):
+            if job.state.status == agent.JS_FAILED and not ended.done():
+                return f"the job for room {dispatch.room!r} did not run: {job.state.error}"
 
 
 if __name__ == "__main__":

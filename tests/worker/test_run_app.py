@@ -25,6 +25,7 @@ from livekit.protocol import agent
 from callboard.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, app_main
 from callboard.server.app import EmbeddedServer, run_server
 from callboard.server.config import ServerConfig
+from callboard.simworker import SimWorker
 from callboard.worker.options import ENV_AGENT_NAME, ENV_API_KEY, ENV_API_SECRET, ENV_URL
 from tests.worker.agents import jobs
 from tests.worker.support import (
@@ -203,7 +204,9 @@ class AgentProcess:
 
 
 @contextlib.asynccontextmanager
-async def agent_process(server: EmbeddedServer) -> AsyncIterator[AgentProcess]:
+async def agent_process(
+    server: EmbeddedServer, *argv: str, **env_extra: str
+) -> AsyncIterator[AgentProcess]:
     port = free_port()
     env = {
         **os.environ,
@@ -212,11 +215,12 @@ async def agent_process(server: EmbeddedServer) -> AsyncIterator[AgentProcess]:
         ENV_API_SECRET: SECRET,
         ENV_AGENT_NAME: AGENT,
         "CALLBOARD_TEST_HTTP_PORT": str(port),
+        **env_extra,
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(SCRIPT),
-        "start",
+        *(argv or ("start",)),
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -300,6 +304,15 @@ async def test_sigterm_with_three_running_jobs_drains_them_and_exits_0() -> None
         late = await ctl.wait_status("too-late", agent.JS_FAILED, agent_name=AGENT)
         assert late.state.reason == agent.JSR_NO_CAPACITY and late.state.error
         assert worker.proc.returncode is None, "the worker waits for its jobs"
+        # ... or go to another worker when there is one
+        other = SimWorker(server.url, KEY, SECRET, agent_name=AGENT, job_seconds=0.0)
+        await other.start()
+        try:
+            await ctl.dispatch("elsewhere", AGENT, "0.1")
+            moved = await ctl.wait_status("elsewhere", agent.JS_SUCCESS, agent_name=AGENT)
+            assert moved.state.worker_id == other.worker_id
+        finally:
+            await other.aclose()
         for room in rooms:
             done = await ctl.wait_status(room, agent.JS_SUCCESS, agent_name=AGENT, timeout=10.0)
             assert done.state.error == ""
@@ -333,3 +346,27 @@ def test_http_port_in_use_exits_1_with_one_line(
         f"callboard: error: cannot serve the worker's HTTP endpoints on 127.0.0.1:{port}"
     )
     assert "address already in use" in line and "option port" in line
+
+
+# -- connect --room: one job, then exit -----------------------------------------------------
+
+
+@pytest.mark.parametrize("reject", [False, True], ids=["runs", "refused"])
+async def test_connect_runs_one_job_then_exits(reject: bool) -> None:
+    env = {"CALLBOARD_TEST_JOB_S": "0.2", "CALLBOARD_TEST_REJECT": "1" if reject else "0"}
+    async with (
+        run_server(ServerConfig(port=0, keys={KEY: SECRET})) as server,
+        control(server, KEY, SECRET) as ctl,
+        agent_process(server, "connect", "--room", "console", **env) as worker,
+    ):
+        code = await worker.wait_exit()
+        job = await ctl.job("console", AGENT)
+    errors = [line for line in worker.stderr if line.startswith("callboard: error:")]
+    if reject:
+        assert code == EXIT_FAILURE
+        assert job.state.status == agent.JS_FAILED
+        (line,) = errors
+        assert line.startswith("callboard: error: the job for room 'console' did not run: ")
+    else:
+        assert code == EXIT_OK and errors == []
+        assert job.state.status == agent.JS_SUCCESS

@@ -2,8 +2,9 @@
 
 Its entrypoint lives in `__main__`, as in a user's agent: each job runs for the number of
 seconds in the job's metadata (default 2), then returns. Configuration comes from the
-environment: LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET, LIVEKIT_AGENT_NAME, and
-CALLBOARD_TEST_HTTP_PORT for the worker's HTTP server.
+environment: LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET, LIVEKIT_AGENT_NAME,
+CALLBOARD_TEST_HTTP_PORT for the worker's HTTP server, CALLBOARD_TEST_JOB_S for the default
+job length, and CALLBOARD_TEST_REJECT=1 to refuse every job.
 """
 
 from __future__ import annotations
@@ -11,14 +12,22 @@ from __future__ import annotations
 import asyncio
 import os
 
-from callboard import JobContext, WorkerOptions, cli
+from callboard import JobContext, JobRequest, WorkerOptions, cli
 
 HTTP_PORT_ENV = "CALLBOARD_TEST_HTTP_PORT"
-DEFAULT_JOB_S = 2.0
+JOB_S_ENV = "CALLBOARD_TEST_JOB_S"
+REJECT_ENV = "CALLBOARD_TEST_REJECT"
 
 
 async def entrypoint(ctx: JobContext) -> None:
-    await asyncio.sleep(float(ctx.job.metadata or DEFAULT_JOB_S))
+    await asyncio.sleep(float(ctx.job.metadata or os.environ.get(JOB_S_ENV, "2")))
+
+
+async def request_fnc(req: JobRequest) -> None:
+    if os.environ.get(REJECT_ENV) == "1":
+        await req.reject()
+    else:
+        await req.accept()
 
 
 def no_load() -> float:
@@ -29,6 +38,7 @@ if __name__ == "__main__":
     cli.run_app(
         WorkerOptions(
             entrypoint_fnc=entrypoint,
+            request_fnc=request_fnc,
             load_fnc=no_load,
             host="127.0.0.1",
             port=int(os.environ.get(HTTP_PORT_ENV, "0")),
