@@ -569,7 +569,8 @@ class Worker:
     async def _load_task(self) -> None:
         loop = asyncio.get_running_loop()
         load_fnc = self._opts.load_fnc
-        takes_worker = load_fnc is not None and bool(inspect.signature(load_fnc).parameters)
+        takes_worker = load_fnc is not None and _takes_an_argument(load_fnc)
+        failing = False
         while True:
             await asyncio.sleep(LOAD_SAMPLE_INTERVAL_S)
             try:
@@ -581,7 +582,23 @@ class Worker:
                 else:
                     value = await loop.run_in_executor(None, load_fnc)  # type: ignore[arg-type]
                 self._measured_load = max(0.0, min(1.0, float(value)))
+                if failing:
+                    failing = False
+                    log.info("load_fnc works again", extra=self._fields(load=self._measured_load))
             except Exception:
-                log.exception("load_fnc failed; keeping the previous load", extra=self._fields())
+                if not failing:  # log the transition, not every tick
+                    failing = True
+                    log.exception(
+                        "load_fnc failed; keeping the previous load until it works again",
+                        extra=self._fields(),
+                    )
             self.metrics.load.set(self.load)
             self._update_state()
+
+
+def _takes_an_argument(fn: Any) -> bool:
+    """Whether a load_fnc wants the worker (livekit-agents' signature) or nothing."""
+    try:
+        return bool(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return False

@@ -20,7 +20,14 @@ from callboard.server.app import run_server
 from callboard.server.config import ServerConfig
 from callboard.version import __version__
 from tests.worker.agents.jobs import script
-from tests.worker.support import control, fast_options, records_with, running_worker, wait_until
+from tests.worker.support import (
+    control,
+    fast_options,
+    no_leftover_children,
+    records_with,
+    running_worker,
+    wait_until,
+)
 
 KEY: Final = "key1"
 SECRET: Final = "Vb7nQ2xL9pR4tK8wZ3mS6yH1cJ5dF0gA2eU7iO4q"
@@ -67,6 +74,7 @@ async def test_seed_messages_with_ids_and_no_secret_or_token_anywhere(
     release = tmp_path / "release"
     tokens: list[str] = []
     async with (
+        no_leftover_children(),
         run_server(ServerConfig(port=0, keys={KEY: SECRET})) as server,
         control(server, KEY, SECRET) as ctl,
     ):

@@ -370,3 +370,26 @@ async def test_connect_runs_one_job_then_exits(reject: bool) -> None:
     else:
         assert code == EXIT_OK and errors == []
         assert job.state.status == agent.JS_SUCCESS
+
+
+async def test_sigkill_of_the_worker_leaves_no_job_process_behind() -> None:
+    """SOFT CHECK (LeakedChildProcesses warning, see warn_if_alive): a worker killed outright
+    cannot clean up; the zygote and the job processes must notice and go by themselves."""
+    async with (
+        run_server(ServerConfig(port=0, keys={KEY: SECRET})) as server,
+        control(server, KEY, SECRET) as ctl,
+        aiohttp.ClientSession() as http,
+        agent_process(server) as worker,
+    ):
+        await wait_until(
+            lambda: any(s.agent_name == AGENT for s in server.engine.workers),
+            "the agent to register",
+            STARTUP_DEADLINE_S,
+        )
+        await ctl.dispatch("killed", AGENT, "30")
+        await worker.poll_info(http, lambda i: len(i["jobs"]) == 1, "the job to run")
+        spawned = descendants(worker.proc.pid)
+        assert spawned, "the zygote and the job process are the worker's descendants"
+        worker.proc.kill()
+        assert await worker.wait_exit() == -9
+        await warn_if_alive(spawned)
