@@ -143,11 +143,18 @@ class Offer:
         self._assignment.set_result(assignment)
         return True
 
-    def cancel(self) -> None:
-        """Withdraw (termination before assignment, or worker closing)."""
+    def cancel(self, *, refuse: bool = False) -> None:
+        """Withdraw (termination before assignment, or worker closing). With `refuse`, an offer
+        still unanswered is refused first, so the server need not wait out its timeout."""
+        unanswered = not self._answered
+        if refuse and unanswered and self._first_answer():
+            log.info("refusing an open offer: the worker is stopping", extra=self._fields)
+            self._worker.send_answer(
+                agent.AvailabilityResponse(job_id=self._job.id, available=False)
+            )
         if not self._assignment.done():
             self._assignment.cancel()
-        if self.task is not None and not self._answered:
+        if self.task is not None and unanswered:
             self.task.cancel()
 
     def server_lost(self) -> None:

@@ -79,6 +79,7 @@ class Connection:
         self._all_sent = asyncio.Event()
         self._all_sent.set()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._cutting: asyncio.Task[bool] | None = None
         self._session: aiohttp.ClientSession | None = None
         self.registered = asyncio.Event()
         self.worker_id = ""
@@ -99,7 +100,7 @@ class Connection:
     def cut(self) -> None:
         """Drop the current socket (tests and fault injection); reconnection follows."""
         if self._ws is not None:
-            asyncio.get_running_loop().create_task(self._ws.close())
+            self._cutting = asyncio.get_running_loop().create_task(self._ws.close())
 
     async def run(self) -> None:
         """Connect, serve, and reconnect until cancelled; ConnectionGiveUp past max_retry."""

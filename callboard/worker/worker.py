@@ -264,7 +264,7 @@ class Worker:
 
     async def _terminate_all(self, reason: str) -> None:
         for offer in list(self._offers.values()):
-            offer.cancel()
+            offer.cancel(refuse=True)
         jobs = list(self._jobs.values())
         for job in jobs:
             job.handle.terminate(reason)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from livekit.protocol import agent, models
 
-from callboard import JobRequest
+from callboard import JobRequest, Worker
 from callboard.server.app import EmbeddedServer
 from callboard.worker.worker import WorkerState
 from tests.worker.agents.jobs import script
@@ -212,3 +212,25 @@ async def test_an_answer_from_a_previous_connection_is_not_sent(
         await asyncio.sleep(0.1)
         assert fake.of_kind("availability") == []
         assert records_with(caplog.records, "offer from a previous connection")
+
+
+async def test_stopping_refuses_an_offer_still_being_decided(fake: FakeAgentServer) -> None:
+    """A worker that stops while request_fnc deliberates answers "not available" at once, so
+    the server can offer the job elsewhere instead of waiting out its timeout."""
+
+    async def request_fnc(req: JobRequest) -> None:
+        await asyncio.Event().wait()
+
+    opts = fast_options(fake, request_fnc=request_fnc, availability_timeout=30.0)
+    worker = Worker(opts)
+    run = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: worker.registered, "the worker to register")
+        await fake.send(offer(fake_job("AJ_openoffer001")))
+        await wait_until(lambda: len(worker._offers) == 1, "the offer to be open")
+        worker.request_shutdown(fast=True)
+        answer = (await fake.next("availability", timeout=2.0)).msg.availability
+        assert answer == agent.AvailabilityResponse(job_id="AJ_openoffer001", available=False)
+    finally:
+        worker.request_shutdown(fast=True)
+        await asyncio.wait_for(run, 10.0)
