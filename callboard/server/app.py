@@ -33,6 +33,7 @@ class EmbeddedServer:
         self.rooms = RoomRegistry(self.engine)
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -82,6 +83,9 @@ class EmbeddedServer:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self._port = sockets[0].getsockname()[1] if sockets else self.config.port
+        self._sweeper = asyncio.get_running_loop().create_task(
+            self.rooms.sweep_task(), name="room-sweeper"
+        )
         log.info(
             "server listening",
             extra={"url": self.url, "node_id": self.node_id, "region": self.config.region},
@@ -92,6 +96,8 @@ class EmbeddedServer:
         if self._runner is None:
             return
         runner, self._runner = self._runner, None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self.engine.aclose()
         await runner.cleanup()
         log.info("server stopped", extra={"node_id": self.node_id})

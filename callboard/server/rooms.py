@@ -7,6 +7,7 @@ a room dispatches the agents of its config, or, with none, the automatic dispatc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,10 +42,27 @@ ENABLED_CODECS = (
 )
 
 
+ENDED = (agent.JS_SUCCESS, agent.JS_FAILED, agent.JS_CANCELLED)
+ROOM_SWEEP_INTERVAL_S = 5.0
+
+
 @dataclass(eq=False)
 class RoomState:
     info: models.Room
     dispatches: dict[str, agent_dispatch.AgentDispatch] = field(default_factory=dict)
+
+    def idle_since(self) -> float | None:
+        """When the room's last job ended (or it was created); None while a job is live.
+
+        The embedded server has no media participants, so a room is empty once its jobs end.
+        """
+        last = self.info.creation_time_ms / 1000
+        for d in self.dispatches.values():
+            for job in d.state.jobs:
+                if job.state.status not in ENDED:
+                    return None
+                last = max(last, job.state.ended_at / 1e9)
+        return last
 
 
 def _check_room_name(name: str) -> None:
@@ -230,6 +248,26 @@ class RoomRegistry:
         if req.dispatch_id:
             dispatches = [d for d in dispatches if d.id == req.dispatch_id]
         return agent_dispatch.ListAgentDispatchResponse(agent_dispatches=dispatches)
+
+    def close_empty_rooms(self, now: float) -> list[str]:
+        """Drop rooms idle for longer than their empty_timeout (as livekit-server closes
+        empty rooms), so a long-running server does not keep every room it ever saw."""
+        closed = []
+        for name, state in list(self._rooms.items()):
+            since = state.idle_since()
+            if since is not None and now - since > state.info.empty_timeout:
+                del self._rooms[name]
+                closed.append(name)
+                log.info(
+                    "room closed: empty past its empty_timeout",
+                    extra={"room": name, "room_sid": state.info.sid},
+                )
+        return closed
+
+    async def sweep_task(self, interval: float = ROOM_SWEEP_INTERVAL_S) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.close_empty_rooms(time.time())
 
     async def _terminate_jobs(
         self, dispatch: agent_dispatch.AgentDispatch, why: str, reason: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from livekit import api
 from livekit.protocol import agent
@@ -78,4 +79,24 @@ async def test_delete_dispatch_terminates_running_job(server: EmbeddedServer) ->
         assert job.metadata == "hi" and job.agent_name == "named"
         await lk.agent_dispatch.delete_dispatch(d.id, "r-del")
         await wait_for(lambda: sim.terminated == [job.id])
+    await sim.aclose()
+
+
+async def test_rooms_whose_jobs_ended_close_after_their_empty_timeout(
+    server: EmbeddedServer,
+) -> None:
+    sim = SimWorker(server.url, API_KEY, API_SECRET, job_seconds=0.0)
+    await sim.start()
+    async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
+        await lk.room.create_room(api.CreateRoomRequest(name="r-done", empty_timeout=1))
+        await lk.room.create_room(api.CreateRoomRequest(name="r-live", empty_timeout=1))
+        await wait_for(lambda: len(sim.finished) == 2)
+        sim.job_seconds = None
+        await lk.room.create_room(api.CreateRoomRequest(name="r-running", empty_timeout=1))
+        await wait_for(lambda: len(sim.jobs) == 1)
+        closed = server.rooms.close_empty_rooms(time.time() + 5)
+        assert sorted(closed) == ["r-done", "r-live"]
+        assert [r.name for r in (await lk.room.list_rooms(api.ListRoomsRequest())).rooms] == [
+            "r-running"
+        ]
     await sim.aclose()
