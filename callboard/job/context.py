@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 log = get_logger("job")
 
 PARTICIPANT_DISCONNECT_MESSAGE: Final = "closing agent session due to participant disconnect"
+DEFAULT_PARTICIPANT_KINDS: Final = (5, 3, 0)
+"""rtc.ParticipantKind CONNECTOR, SIP, STANDARD (the rtc SDK's numbers: livekit.protocol's
+ParticipantInfo.Kind has CONNECTOR = 7): whom `wait_for_participant` waits for by default, as in
+livekit-agents; not other agents, egress or ingress."""
 
 
 class JobExecutorType(Enum):
@@ -250,23 +254,35 @@ class JobContext:
         )
         await room.connect(self._info.url, self._info.token, options=options)
         self._connected = True
+        _subscribe_by_kind(room, auto_subscribe)
         room.on("participant_disconnected", self._on_participant_disconnected)
         room.on("disconnected", self._on_room_disconnected)
         log.info("connected to room", extra=self.log_context_fields)
 
-    async def wait_for_participant(self, *, identity: str | None = None) -> rtc.RemoteParticipant:
-        """The first remote participant (or the one with `identity`), waiting if needed."""
+    async def wait_for_participant(
+        self,
+        *,
+        identity: str | None = None,
+        kind: Sequence[int] | int = DEFAULT_PARTICIPANT_KINDS,
+    ) -> rtc.RemoteParticipant:
+        """The first remote participant of `kind` (or the one with `identity`), waiting if
+        needed. `kind`: an rtc.ParticipantKind or a list of them (callers, not other agents)."""
         if not self._connected:
             await self.connect()
         room = self.room
+        kinds = [kind] if isinstance(kind, int) else list(kind)
+
+        def wanted(p: rtc.RemoteParticipant) -> bool:
+            return (identity is None or p.identity == identity) and p.kind in kinds
+
         for p in room.remote_participants.values():
-            if identity is None or p.identity == identity:
+            if wanted(p):
                 self._linked_participant = self._linked_participant or p.identity
                 return p
         fut: asyncio.Future[rtc.RemoteParticipant] = asyncio.get_running_loop().create_future()
 
         def on_join(p: rtc.RemoteParticipant) -> None:
-            if not fut.done() and (identity is None or p.identity == identity):
+            if not fut.done() and wanted(p):
                 fut.set_result(p)
 
         room.on("participant_connected", on_join)
@@ -342,6 +358,28 @@ class JobContext:
             self._connected = False
         if self._api is not None:
             await self._api.aclose()
+
+
+def _subscribe_by_kind(room: rtc.Room, auto_subscribe: AutoSubscribe) -> None:
+    """AUDIO_ONLY / VIDEO_ONLY: the room does not auto-subscribe; subscribe to the tracks of that
+    kind, those already published and those to come (as livekit-agents does)."""
+    from livekit import rtc
+
+    wanted = {
+        AutoSubscribe.AUDIO_ONLY: rtc.TrackKind.KIND_AUDIO,
+        AutoSubscribe.VIDEO_ONLY: rtc.TrackKind.KIND_VIDEO,
+    }.get(auto_subscribe)
+    if wanted is None:
+        return
+
+    def subscribe(pub: rtc.RemoteTrackPublication, *_: Any) -> None:
+        if pub.kind == wanted:
+            pub.set_subscribed(True)
+
+    for p in room.remote_participants.values():
+        for pub in p.track_publications.values():
+            subscribe(pub)
+    room.on("track_published", subscribe)
 
 
 def _disconnect_reason(p: Any) -> str:

@@ -49,10 +49,10 @@ class ServerUnavailable(Exception):
     """The real server cannot be had on this machine (no Go): tests using it skip."""
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port the kernel says is free on the loopback address right now."""
+def free_port(kind: int = socket.SOCK_STREAM, host: str = HOST) -> int:
+    """A port the kernel says is free on `host` (the loopback address) right now."""
     with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -126,21 +126,31 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("LIVEKIT_")}
 
 
-def livekit_server_config(port: int) -> str:
-    tcp, udp = free_port(), free_port(socket.SOCK_DGRAM)
+def livekit_server_config(port: int, media_ip: str | None = None) -> str:
+    """HTTP/WebSocket on the loopback address. With `media_ip` (an interface address of a network
+    namespace the test made, see tests/interop/netns.py) WebRTC media is advertised on that
+    address only, and the STUN server handed to clients is a dead port on it: without one,
+    livekit-server hands clients Google's and Twilio's public STUN servers (and with its own UDP
+    port as STUN server, UDP connectivity checks failed and ICE fell back to TCP)."""
+    ip = media_ip or HOST
+    tcp, udp = free_port(host=ip), free_port(socket.SOCK_DGRAM, ip)
+    rtc = f"tcp_port: {tcp}, udp_port: {udp}, use_external_ip: false, node_ip: {ip}"
+    if media_ip is not None:
+        stun = f"{media_ip}:{free_port(socket.SOCK_DGRAM, media_ip)}"
+        rtc += f', ips: {{includes: ["{media_ip}/32"]}}, stun_servers: ["{stun}"]'
     return (
         f"port: {port}\n"
         f'bind_addresses: ["{HOST}"]\n'
-        f"rtc: {{tcp_port: {tcp}, udp_port: {udp}, use_external_ip: false, node_ip: {HOST}}}\n"
+        f"rtc: {{{rtc}}}\n"
         f"keys: {{{API_KEY}: {API_SECRET}}}\n"
         "logging: {level: info, json: true}\n"
     )
 
 
-def _command(kind: str, port: int, binary: Path | None) -> list[str]:
+def _command(kind: str, port: int, binary: Path | None, media_ip: str | None) -> list[str]:
     if kind == "livekit-server":
         assert binary is not None
-        return [str(binary), "--config-body", livekit_server_config(port)]
+        return [str(binary), "--config-body", livekit_server_config(port, media_ip)]
     return [
         sys.executable,
         "-m",
@@ -161,10 +171,11 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_server(kind: str, log_dir: Path) -> ServerProcess:
+def start_server(kind: str, log_dir: Path, media_ip: str | None = None) -> ServerProcess:
     """Start `kind` ("callboard" or "livekit-server") and wait until `GET /` answers OK.
 
     Retries on a fresh port when the process dies early (a port taken between pick and bind).
+    `media_ip`: see `livekit_server_config`.
     """
     binary = livekit_server_binary() if kind == "livekit-server" else None
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +185,7 @@ def start_server(kind: str, log_dir: Path) -> ServerProcess:
         log_path = log_dir / f"{kind}-{attempt}.log"
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(
-                _command(kind, port, binary),
+                _command(kind, port, binary, media_ip),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

@@ -1,0 +1,192 @@
+"""Acceptance test of the job engine with media, against the real livekit-server: a SIP-style
+phone call answered by a callboard worker (PROCESS executor, zygote-forked job process).
+
+The call runs in a subprocess (tests/interop/media_call.py) that lives in a private network
+namespace: libwebrtc ignores loopback interfaces, and the namespace gives it a veth address
+(tests/interop/netns.py) while keeping every packet inside this machine. This test checks the
+subprocess's report, the agent's report lines and the worker's relayed job logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import psutil
+import pytest
+
+from callboard.job.context import PARTICIPANT_DISCONNECT_MESSAGE
+from tests.interop.agents import media_agent
+from tests.interop.livekit_server import ServerUnavailable, clean_env, livekit_server_binary
+from tests.interop.media_call import (
+    AGENT_REPORT_FILE,
+    CALLER_IDENTITY,
+    REPORT_FILE,
+    ROOM_PREFIX,
+    SKIP_EXIT,
+)
+from tests.interop.netns import unavailable_reason
+
+pytestmark = [pytest.mark.interop, pytest.mark.realserver, pytest.mark.timeout(150, func_only=True)]
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+CALL_PROCESS_TIMEOUT_S: Final = 100.0
+KILL_WAIT_S: Final = 10.0
+PITCH_TOLERANCE: Final = 0.05
+JOB_END_AFTER_HANG_UP_MAX_S: Final = 5.0
+
+
+@dataclass
+class CallRun:
+    """What the call subprocess left behind."""
+
+    workdir: Path
+    returncode: int
+    report: dict[str, Any]
+
+    def agent_events(self, event: str) -> list[dict[str, Any]]:
+        path = self.workdir / AGENT_REPORT_FILE
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [r for r in map(json.loads, lines) if r["event"] == event]
+
+    def log_records(self, message: str) -> list[dict[str, Any]]:
+        """The call process's JSON log records (worker, and job logs it relayed) with `message`."""
+        out = []
+        for line in (self.workdir / "call.log").read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    record = json.loads(line)
+                    if record.get("message") == message:
+                        out.append(record)
+        return out
+
+    def context(self) -> str:
+        """Shown when an assertion fails: the report and the logs' tails."""
+        parts = [json.dumps(self.report, indent=1, default=str)[-6000:]]
+        for name in ("call.log", AGENT_REPORT_FILE):
+            with contextlib.suppress(OSError):
+                parts.append(f"--- {name} ---\n{(self.workdir / name).read_text()[-4000:]}")
+        server_log = self.report.get("server_log")
+        if server_log:
+            with contextlib.suppress(OSError):
+                parts.append(f"--- livekit-server ---\n{Path(server_log).read_text()[-3000:]}")
+        return "\n".join(parts)
+
+
+def run_call(workdir: Path) -> CallRun:
+    """Run the call subprocess; past CALL_PROCESS_TIMEOUT_S kill it and what it started."""
+    with open(workdir / "call.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.interop.media_call", str(workdir)],
+            cwd=REPO_ROOT,
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        proc.wait(timeout=CALL_PROCESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        kill_family(proc)
+    path = workdir / REPORT_FILE
+    report = json.loads(path.read_text()) if path.exists() else {"error": "no report written"}
+    return CallRun(workdir, proc.returncode, report)
+
+
+def kill_family(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the call process and every process it started, one by one by PID."""
+    try:
+        family = [psutil.Process(proc.pid)]
+        family += family[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            if p.is_running():
+                os.kill(p.pid, signal.SIGKILL)
+    proc.wait(timeout=KILL_WAIT_S)
+
+
+def assert_pitch(measured: float, expected: float) -> None:
+    assert abs(measured - expected) <= expected * PITCH_TOLERANCE, (measured, expected)
+
+
+@pytest.fixture(scope="module")
+def livekit_server_built() -> Path:
+    """The real livekit-server binary, built here (outside the namespace, which has no network)
+    if it is not cached yet."""
+    try:
+        return livekit_server_binary()
+    except ServerUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.usefixtures("livekit_server_built")
+def test_phone_call_with_media_on_the_real_livekit_server(tmp_path: Path) -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+    run = run_call(tmp_path)
+    if run.returncode == SKIP_EXIT:
+        pytest.skip(f"no private network namespace for media: {run.report.get('skip')}")
+    report = run.report
+    assert run.returncode == 0 and report["error"] is None, run.context()
+
+    # the job: dispatched to our worker for the SIP-style room, in a zygote-forked process
+    room, job = report["room"], report["job"]
+    assert room.startswith(ROOM_PREFIX) and len(room) == len(ROOM_PREFIX) + 12, room
+    assert job["room"] == room and job["id"].startswith("AJ_"), job
+    assert job["url"].startswith("ws://127.0.0.1:"), job  # no url in the assignment: ws_url
+
+    # the agent connected and waited for the caller, who came as the SIP gateway makes them
+    (caller,) = run.agent_events("caller")
+    assert caller["pid"] == job["pid"] and caller["job_id"] == job["id"], caller
+    assert caller["agent_identity"] == f"agent-{job['id']}"
+    assert caller["identity"] == CALLER_IDENTITY
+    assert caller["kind"] == "PARTICIPANT_KIND_SIP"
+    assert caller["attributes"] == report["sip_attributes"]
+    assert caller["attributes"]["sip.callStatus"] == "active"
+
+    # media both ways: the agent heard the caller's 440 Hz, the caller the agent's 880 Hz
+    (heard,) = run.agent_events("heard")
+    (final,) = run.agent_events("shutdown")
+    assert final["tone_frames"] >= heard["tone_frames"] >= media_agent.HEARD_TONE_FRAMES
+    assert final["frames"] >= final["tone_frames"]
+    assert_pitch(final["pitch_hz"], media_agent.CALLER_TONE_HZ)
+    caller_heard = report["caller_heard"]
+    assert caller_heard["tone_frames"] >= media_agent.HEARD_TONE_FRAMES, caller_heard
+    assert_pitch(caller_heard["pitch_hz"], media_agent.AGENT_TONE_HZ)
+
+    # the hang-up closed the agent session, logged by the job and relayed with its fields
+    (closing,) = run.log_records(PARTICIPANT_DISCONNECT_MESSAGE)
+    assert closing["participant"] == CALLER_IDENTITY
+    assert closing["reason"] == "CLIENT_INITIATED"
+    assert (closing["job_id"], closing["room"], closing["pid"]) == (job["id"], room, job["pid"])
+    assert final["reason"] == f"participant {CALLER_IDENTITY} disconnected (CLIENT_INITIATED)"
+    (counts,) = run.log_records("agent heard the caller")
+    assert (counts["job_id"], counts["pid"], counts["tone_frames"]) == (
+        job["id"],
+        job["pid"],
+        final["tone_frames"],
+    )
+
+    # one outcome, JS_SUCCESS: in the worker, and reported to the server
+    worker_view = report["worker_view"]
+    assert worker_view["active_jobs"] == 0
+    assert worker_view["handle_outcome"] == worker_view["recorded_outcome"] == "JS_SUCCESS"
+    assert worker_view["handle_error"] == ""
+    assert worker_view["ended_after_hang_up_s"] < JOB_END_AFTER_HANG_UP_MAX_S
+    ended = report["server_view"]["ended_log"]
+    assert (ended["jobID"], ended["workerID"]) == (job["id"], report["worker_id"])
+    assert (ended["status"], ended["error"]) == ("JS_SUCCESS", "")
+
+    # nothing left behind: every job process was reaped
+    assert report["leftover_children"] == []
