@@ -61,6 +61,7 @@ async def run_demo(calls: int) -> int:
                 api_key=DEV_API_KEY,
                 api_secret=DEV_API_SECRET,
                 num_idle_processes=2,
+                host="127.0.0.1",
                 port=0,
             ),
             devmode=True,

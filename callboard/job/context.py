@@ -183,6 +183,7 @@ class JobContext:
         self._room: rtc.Room | None = None
         self._api: api.LiveKitAPI | None = None
         self._connected = False
+        self._connect_lock = asyncio.Lock()
         self._linked_participant: str | None = None
 
     # -- what the job is ----------------------------------------------------------------------
@@ -243,9 +244,12 @@ class JobContext:
         auto_subscribe: AutoSubscribe = AutoSubscribe.SUBSCRIBE_ALL,
         rtc_config: Any | None = None,
     ) -> None:
-        """Join the room with the assignment's url and token (once)."""
-        if self._connected:
-            return
+        """Join the room with the assignment's url and token (once, even if called concurrently)."""
+        async with self._connect_lock:
+            if not self._connected:
+                await self._connect(auto_subscribe, rtc_config)
+
+    async def _connect(self, auto_subscribe: AutoSubscribe, rtc_config: Any | None) -> None:
         from livekit import rtc
 
         room = self.room

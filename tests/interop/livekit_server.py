@@ -135,9 +135,11 @@ def livekit_server_config(port: int, media_ip: str | None = None) -> str:
     ip = media_ip or HOST
     tcp, udp = free_port(host=ip), free_port(socket.SOCK_DGRAM, ip)
     rtc = f"tcp_port: {tcp}, udp_port: {udp}, use_external_ip: false, node_ip: {ip}"
+    # a dead local port as STUN server: never hand clients the public defaults
+    stun = f"{ip}:{free_port(socket.SOCK_DGRAM, ip)}"
+    rtc += f', stun_servers: ["{stun}"]'
     if media_ip is not None:
-        stun = f"{media_ip}:{free_port(socket.SOCK_DGRAM, media_ip)}"
-        rtc += f', ips: {{includes: ["{media_ip}/32"]}}, stun_servers: ["{stun}"]'
+        rtc += f', ips: {{includes: ["{media_ip}/32"]}}'
     return (
         f"port: {port}\n"
         f'bind_addresses: ["{HOST}"]\n'

@@ -58,6 +58,7 @@ async def our_worker(
             ws_url=server.ws_url,
             api_key=API_KEY,
             api_secret=API_SECRET,
+            host="127.0.0.1",
             port=0,
             load_fnc=lambda: 0.0,
             num_idle_processes=1,

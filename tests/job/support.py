@@ -53,6 +53,7 @@ async def process_worker(
         ws_url=server.url,
         api_key=API_KEY,
         api_secret=API_SECRET,
+        host="127.0.0.1",
         port=0,
         load_fnc=lambda: 0.0,
         num_idle_processes=options.pop("num_idle_processes", 2),

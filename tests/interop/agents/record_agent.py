@@ -80,6 +80,7 @@ def main() -> None:
         load_threshold=math.inf,
         num_idle_processes=1,
         drain_timeout=DRAIN_TIMEOUT_S,
+        host="127.0.0.1",
         port=0,
     )
     server = AgentServer.from_server_options(options)
