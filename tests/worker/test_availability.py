@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 from livekit.protocol import agent, models
@@ -26,14 +25,6 @@ from tests.worker.support import (
 )
 
 ANSWER_TIMEOUT_S = 0.4
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeAgentServer]:
-    srv = FakeAgentServer()
-    await srv.start()
-    yield srv
-    await srv.aclose()
 
 
 def offer(job: agent.Job) -> agent.ServerMessage:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -38,17 +37,9 @@ EXECUTORS = [
     pytest.param(JobExecutorType.PROCESS, id="process"),
 ]
 NAMED = "operator"
-RECONNECT_S = 1.0
+RECONNECT_S = 2.0
 """A cut is followed by an immediate reconnect (backoff 0 on the first attempt)."""
 STATUS_INTERVAL_S = 0.2
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeAgentServer]:
-    srv = FakeAgentServer()
-    await srv.start()
-    yield srv
-    await srv.aclose()
 
 
 # -- what goes on the wire -----------------------------------------------------------------
