@@ -180,7 +180,8 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
             # Exit only once the worker has read JobDone and hung up: exiting first could let
             # a ping the worker is writing meet a closed socket and lose the unread report.
             with contextlib.suppress(TimeoutError, ConnectionError, ipc.IpcError):
-                await asyncio.wait_for(_until_eof(reader), FINAL_ACK_TIMEOUT_S)
+                async with asyncio.timeout(FINAL_ACK_TIMEOUT_S):
+                    await _until_eof(reader)
             writer.close()
             return EXIT_OK
         msg = reader_task.result()
@@ -188,8 +189,7 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
             # the worker is gone: stop the job, nobody is left to report to
             if ctx is not None and job is not None:
                 ctx.shutdown("worker connection lost")
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(job, spec.shutdown_timeout)
+                await asyncio.wait({job}, timeout=spec.shutdown_timeout)
             return EXIT_OK
         if isinstance(msg, ipc.Ping):
             writer.write(ipc.encode(ipc.Pong(msg.timestamp, time.time())))

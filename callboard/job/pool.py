@@ -37,6 +37,7 @@ log = get_logger("job.pool")
 MAX_CONSECUTIVE_INIT_FAILURES: Final = 5
 """After this many prewarm failures in a row the pool stops prefilling (no crash loop)."""
 ZYGOTE_BOOT_TIMEOUT_S: Final = 60.0
+ZYGOTE_EXIT_TIMEOUT_S: Final = 5.0
 LAUNCH_ATTEMPTS: Final = 3
 INFERENCE_READY_POLL_S: Final = 0.02
 
@@ -96,7 +97,8 @@ class ZygoteClient:
         self._ready = loop.create_future()
         loop.add_reader(ours.fileno(), self._on_readable)
         try:
-            ready = await asyncio.wait_for(asyncio.shield(self._ready), ZYGOTE_BOOT_TIMEOUT_S)
+            async with asyncio.timeout(ZYGOTE_BOOT_TIMEOUT_S):
+                ready = await asyncio.shield(self._ready)
         except TimeoutError:
             raise ZygoteError(f"zygote did not start within {ZYGOTE_BOOT_TIMEOUT_S:g}s") from None
         if ready.error:
@@ -171,7 +173,8 @@ class ZygoteClient:
             self._control = None
         if self._proc is not None:
             try:
-                await asyncio.wait_for(self._proc.wait(), 5.0)
+                async with asyncio.timeout(ZYGOTE_EXIT_TIMEOUT_S):
+                    await self._proc.wait()
             except TimeoutError:
                 self._proc.kill()
                 await self._proc.wait()
@@ -244,6 +247,15 @@ class ProcessExecutor:
         proc.launch(info)
         self._wake.set()
         return proc
+
+    def set_idle_target(self, count: int) -> None:
+        """Reconcile the warm pool toward `count` idle processes (extra ones are stopped)."""
+        if count == self._target_idle:
+            return
+        self._target_idle = count
+        while len(self._idle) > count:
+            self._idle.pop().terminate("warm pool shrinking")
+        self._wake.set()
 
     def process_pids(self) -> list[int]:
         return [self._zygote.pid, *self._procs] if self._zygote.pid else list(self._procs)

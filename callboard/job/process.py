@@ -119,9 +119,8 @@ class JobProcessHandle:
             lambda: ipc.FrameProtocol(self._on_message, self._on_channel_closed), sock=self._sock
         )
         try:
-            error = await asyncio.wait_for(
-                asyncio.shield(self._initialized), self._limits.initialize_timeout
-            )
+            async with asyncio.timeout(self._limits.initialize_timeout):
+                error = await asyncio.shield(self._initialized)
         except TimeoutError:
             error = f"not initialized within {self._limits.initialize_timeout:g}s"
             self.kill(error)
@@ -148,7 +147,8 @@ class JobProcessHandle:
 
     async def _resolve_after_drain(self, code: int) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._channel_closed), DRAIN_AFTER_EXIT_S)
+            async with asyncio.timeout(DRAIN_AFTER_EXIT_S):
+                await asyncio.shield(self._channel_closed)
         self._resolve(code)
 
     def _on_channel_closed(self, error: Exception | None) -> None:
@@ -287,7 +287,8 @@ class JobProcessHandle:
 
     async def _stop_ladder(self) -> None:
         try:
-            await asyncio.wait_for(self.wait_exit(), self._limits.shutdown_timeout)
+            async with asyncio.timeout(self._limits.shutdown_timeout):
+                await self.wait_exit()
             return
         except TimeoutError:
             pass

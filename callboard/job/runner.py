@@ -9,7 +9,6 @@ shutdown callbacks get a bounded time, so the final status goes out promptly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -63,14 +62,22 @@ async def run_job(ctx: JobContext, entrypoint: Entrypoint, shutdown_timeout: flo
                 await stop
         else:
             entry.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(entry, shutdown_timeout)
+            # asyncio.wait neither raises the entrypoint's error nor swallows our own cancel
+            _, still = await asyncio.wait({entry}, timeout=shutdown_timeout)
+            if still:
+                log.warning(
+                    "entrypoint ignored its cancellation; continuing the shutdown",
+                    extra={**fields, "timeout_s": shutdown_timeout},
+                )
     finally:
         stop.cancel()
     reason = ctx.shutdown_reason or ("entrypoint failed" if not outcome.ok else "job finished")
     await _run_shutdown_callbacks(ctx, reason, shutdown_timeout)
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(ctx.aclose(), shutdown_timeout)
+    try:
+        async with asyncio.timeout(shutdown_timeout):
+            await ctx.aclose()
+    except Exception as e:
+        log.warning("closing the job context failed", extra={**fields, "error": repr(e)})
     return outcome
 
 
@@ -93,9 +100,10 @@ async def _run_shutdown_callbacks(ctx: JobContext, reason: str, timeout: float) 
     if not callbacks:
         return
     try:
-        results = await asyncio.wait_for(
-            asyncio.gather(*(cb(reason) for cb in callbacks), return_exceptions=True), timeout
-        )
+        async with asyncio.timeout(timeout):
+            results = await asyncio.gather(
+                *(cb(reason) for cb in callbacks), return_exceptions=True
+            )
     except TimeoutError:
         log.warning(
             "shutdown callbacks did not finish in time, abandoning them",

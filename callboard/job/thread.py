@@ -130,6 +130,9 @@ class ThreadExecutor:
         await job.wait()
         self._jobs.discard(job)
 
+    def set_idle_target(self, count: int) -> None:
+        return None
+
     def process_pids(self) -> list[int]:
         return []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,8 @@ class WorkerHttpServer:
         return web.json_response(worker_info(self._worker))
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = self._worker.metrics.render()
+        # per-process memory is read from /proc: off the event loop
+        body = await asyncio.get_running_loop().run_in_executor(None, self._worker.metrics.render)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -7,6 +7,7 @@ built (`resolve`), so a missing credential names the option and its variable.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Awaitable, Callable
@@ -155,11 +156,11 @@ class WorkerOptions:
     namespace: str = ""
 
     def __post_init__(self) -> None:
-        if not callable(self.entrypoint_fnc):
-            raise OptionsError("entrypoint_fnc must be an async function taking a JobContext")
-        for name in ("request_fnc", "prewarm_fnc"):
-            if not callable(getattr(self, name)):
-                raise OptionsError(f"{name} must be callable")
+        for name, what in (("entrypoint_fnc", "JobContext"), ("request_fnc", "JobRequest")):
+            if not _is_async_callable(getattr(self, name)):
+                raise OptionsError(f"{name} must be an async function taking a {what}")
+        if not callable(self.prewarm_fnc):
+            raise OptionsError("prewarm_fnc must be callable")
         if self.load_fnc is not None and not callable(self.load_fnc):
             raise OptionsError("load_fnc must be callable or None")
         for devmode in (True, False):
@@ -271,6 +272,13 @@ def _is_number(value: object) -> bool:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_async_callable(fn: object) -> bool:
+    """An `async def` function, a partial of one, or an object with an async __call__."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 (callable() would accept sync functions)
+    )
 
 
 def _check_url(url: str) -> None:

@@ -45,6 +45,16 @@ TASK_STOP_TIMEOUT_S: Final = 5.0
 """How long aclose() waits for its cancelled tasks (connection, status, load, watchers)."""
 
 
+def idle_target(default_idle: int, draining: bool, max_jobs: int, busy: int) -> int:
+    """How many prewarmed processes to keep: none while draining, never more than the job cap
+    leaves room for, else the configured pool size."""
+    if draining:
+        return 0
+    if max_jobs:
+        return min(default_idle, max(0, max_jobs - busy))
+    return default_idle
+
+
 class WorkerState(Enum):
     STARTING = "starting"
     CONNECTING = "connecting"
@@ -550,6 +560,14 @@ class Worker:
             )
         if self.registered and self._reported != self._status_now():
             self._status_changed.set()
+        self._executor.set_idle_target(
+            idle_target(
+                self._r.num_idle_processes,
+                self._draining,
+                self._opts.max_jobs,
+                len(self._jobs) + len(self._offers),
+            )
+        )
 
     async def _status_task(self) -> None:
         while True:

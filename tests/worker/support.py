@@ -217,6 +217,9 @@ class GatedExecutor:
         self.launched.append(job)
         return job
 
+    def set_idle_target(self, count: int) -> None:
+        return None
+
     def process_pids(self) -> list[int]:
         return self.inner.process_pids()
 

@@ -112,3 +112,12 @@ def test_cpu_monitor_samples_off_the_loop() -> None:
         assert monitor.value() == pytest.approx(0.25)
     finally:
         monitor.stop()
+
+
+def test_idle_target_is_zero_while_draining_and_bounded_by_the_job_cap() -> None:
+    from callboard.worker.worker import idle_target
+
+    assert idle_target(4, draining=True, max_jobs=0, busy=0) == 0
+    assert idle_target(4, draining=False, max_jobs=0, busy=10) == 4
+    assert idle_target(4, draining=False, max_jobs=5, busy=3) == 2
+    assert idle_target(4, draining=False, max_jobs=2, busy=5) == 0

@@ -178,9 +178,16 @@ def test_entrypoint_must_be_callable(value: Any) -> None:
         options(entrypoint_fnc=value)
 
 
-@pytest.mark.parametrize("name", ["request_fnc", "prewarm_fnc", "load_fnc"])
-def test_hooks_must_be_callable(name: str) -> None:
-    with pytest.raises(OptionsError, match=f"{name} must be callable"):
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("request_fnc", "request_fnc must be an async function"),
+        ("prewarm_fnc", "prewarm_fnc must be callable"),
+        ("load_fnc", "load_fnc must be callable"),
+    ],
+)
+def test_hooks_must_be_callable(name: str, message: str) -> None:
+    with pytest.raises(OptionsError, match=message):
         options(**{name: "not callable"})
 
 
@@ -193,3 +200,24 @@ def test_executor_and_worker_type_must_be_their_enums() -> None:
 
 def test_options_error_is_a_value_error() -> None:
     assert issubclass(OptionsError, ValueError)
+
+
+def test_entrypoint_and_request_fnc_must_be_async() -> None:
+    import functools
+
+    from callboard import JobContext, WorkerOptions
+    from callboard.worker.options import OptionsError
+
+    def sync_entry(ctx: JobContext) -> None:
+        return None
+
+    async def async_entry(ctx: JobContext, extra: int) -> None:
+        return None
+
+    with pytest.raises(OptionsError, match="entrypoint_fnc must be an async function"):
+        WorkerOptions(entrypoint_fnc=sync_entry)  # type: ignore[arg-type]
+    with pytest.raises(OptionsError, match="request_fnc must be an async function"):
+        WorkerOptions(
+            entrypoint_fnc=functools.partial(async_entry, extra=1),
+            request_fnc=print,  # type: ignore[arg-type]
+        )
