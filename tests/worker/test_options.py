@@ -5,6 +5,7 @@ environment variable.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -203,15 +204,10 @@ def test_options_error_is_a_value_error() -> None:
 
 
 def test_entrypoint_and_request_fnc_must_be_async() -> None:
-    import functools
-
-    from callboard import JobContext, WorkerOptions
-    from callboard.worker.options import OptionsError
-
-    def sync_entry(ctx: JobContext) -> None:
+    def sync_entry(ctx: object) -> None:
         return None
 
-    async def async_entry(ctx: JobContext, extra: int) -> None:
+    async def async_entry(ctx: object, extra: int) -> None:
         return None
 
     with pytest.raises(OptionsError, match="entrypoint_fnc must be an async function"):
