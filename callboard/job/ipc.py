@@ -131,6 +131,8 @@ class ZygoteConfig(Message):
     sys_path: tuple[str, ...]
     log_level: int
     shutdown_timeout: float
+    start_method: str = "fork"
+    """"fork" (from the zygote, milliseconds) or "spawn" (a fresh interpreter per process)."""
 
 
 @register(21)
@@ -298,6 +300,30 @@ def send_blocking(sock: socket.socket, msg: Message, fds: list[int] | None = Non
         socket.send_fds(sock, [data], fds)
     else:
         sock.sendall(data)
+
+
+def recv_stream_blocking(sock: socket.socket) -> Message | None:
+    """One message from a blocking stream socket; None at EOF."""
+    header = _recv_exactly(sock, HEADER.size)
+    if header is None:
+        return None
+    length, msg_id = HEADER.unpack(header)
+    if not 1 <= length <= MAX_FRAME:
+        raise IpcError(f"IPC frame of {length} bytes is out of bounds")
+    body = _recv_exactly(sock, length - 1)
+    if body is None:
+        raise IpcError("truncated IPC frame body")
+    return decode_body(msg_id, body)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
 
 
 def recv_packet(sock: socket.socket, maxfds: int = 1) -> tuple[Message | None, list[int]]:

@@ -27,6 +27,7 @@ from callboard.job.process import (
     SupervisionLimits,
     describe_exit,
 )
+from callboard.job.zygote import START_FORK, START_SPAWN
 from callboard.log import get_logger
 
 if TYPE_CHECKING:
@@ -53,6 +54,19 @@ def _can_connect(address: str) -> bool:
         except OSError:
             return False
     return True
+
+
+SINGLE_THREAD_ENV: Final = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def zygote_env() -> dict[str, str]:
+    """The worker's environment, with numeric libraries held to one thread (unless the user
+    chose otherwise): the zygote must be single-threaded when it forks, and one job process
+    needs no BLAS thread pool of its own."""
+    env = dict(os.environ)
+    for name in SINGLE_THREAD_ENV:
+        env.setdefault(name, "1")
+    return env
 
 
 def function_ref(fn: Callable[..., Any]) -> tuple[str, str, str]:
@@ -89,6 +103,7 @@ class ZygoteClient:
             "callboard.job.zygote",
             str(theirs.fileno()),
             pass_fds=(theirs.fileno(),),
+            env=zygote_env(),
         )
         theirs.close()
         self._control = ours
@@ -211,6 +226,7 @@ class ProcessExecutor:
             sys_path=tuple(sys.path),
             log_level=logging.getLogger().getEffectiveLevel(),
             shutdown_timeout=o.shutdown_process_timeout,
+            start_method=START_SPAWN if o.multiprocessing_context == "spawn" else START_FORK,
         )
         limits = SupervisionLimits(
             memory_warn_mb=o.job_memory_warn_mb,

@@ -26,6 +26,9 @@ from callboard.job.inference import InferenceRunner, inference_main
 EXIT_BOOT_FAILED: Final = 5
 """The agent module (or a preload) failed to import: respawning would fail the same way."""
 AGENT_MODULE_ALIAS: Final = "__callboard_agent__"
+START_FORK: Final = "fork"
+START_SPAWN: Final = "spawn"
+SPAWNED_INFERENCE_FLAG: Final = "--inference"
 
 
 def resolve(ref: tuple[str, str, str]) -> Callable[..., Any]:
@@ -52,6 +55,16 @@ def resolve(ref: tuple[str, str, str]) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+def load_agent(config: ipc.ZygoteConfig) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+    """Put the worker's sys.path in place, import preloads and the agent: (entry, prewarm)."""
+    for p in reversed(config.sys_path):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    for name in config.preload:
+        importlib.import_module(name)
+    return resolve(config.entrypoint), resolve(config.prewarm) if config.prewarm else None
+
+
 class Zygote:
     def __init__(self, control: socket.socket) -> None:
         self._control = control
@@ -67,13 +80,7 @@ class Zygote:
             return EXIT_BOOT_FAILED
         self._config = msg
         try:
-            for p in reversed(msg.sys_path):
-                if p not in sys.path:
-                    sys.path.insert(0, p)
-            for name in msg.preload:
-                importlib.import_module(name)
-            self._entry = resolve(msg.entrypoint)
-            self._prewarm = resolve(msg.prewarm) if msg.prewarm else None
+            self._entry, self._prewarm = load_agent(msg)
         except BaseException as e:
             error = f"agent import failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
             ipc.send_blocking(self._control, ipc.ZygoteReady(os.getpid(), error))
@@ -106,6 +113,9 @@ class Zygote:
 
     def _fork(self, token: int) -> None:
         assert self._config is not None and self._entry is not None
+        if self._config.start_method == START_SPAWN:
+            self._spawn(token, inference=False)
+            return
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         zygote_pid = os.getpid()
         pid = os.fork()
@@ -130,7 +140,31 @@ class Zygote:
         ipc.send_blocking(self._control, ipc.Forked(token, pid), [parent_end.fileno()])
         parent_end.close()
 
+    def _spawn(self, token: int, inference: bool) -> None:
+        """`spawn` start method: a fresh interpreter (for libraries that cannot survive fork)
+        that reads the config from its socket first; the zygote stays its parent and reaper."""
+        assert self._config is not None
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ipc.send_blocking(parent_end, self._config)
+        child_end.set_inheritable(True)
+        argv = [sys.executable, "-m", "callboard.job.spawned", str(child_end.fileno())]
+        if inference:
+            argv.append(SPAWNED_INFERENCE_FLAG)
+        pid = os.posix_spawn(sys.executable, argv, os.environ)
+        child_end.close()
+        self._children.add(pid)
+        if inference:
+            parent_end.close()
+            ipc.send_blocking(self._control, ipc.Forked(token, pid))
+        else:
+            ipc.send_blocking(self._control, ipc.Forked(token, pid), [parent_end.fileno()])
+            parent_end.close()
+
     def _fork_inference(self, token: int) -> None:
+        assert self._config is not None
+        if self._config.start_method == START_SPAWN:
+            self._spawn(token, inference=True)
+            return
         zygote_pid = os.getpid()
         pid = os.fork()
         if pid == 0:

@@ -39,6 +39,9 @@ AVAILABILITY_ANSWER_TIMEOUT_S: Final = 5.0
 """How long request_fnc may take before the offer is rejected (the server waits 10 s)."""
 
 
+MULTIPROCESSING_CONTEXTS: Final = ("forkserver", "spawn")
+
+
 class OptionsError(ValueError):
     """An invalid worker option; the message names the option and how to fix it."""
 
@@ -154,6 +157,9 @@ class WorkerOptions:
     availability_timeout: float = AVAILABILITY_ANSWER_TIMEOUT_S
     """Seconds request_fnc may take before the offer is rejected automatically."""
     namespace: str = ""
+    multiprocessing_context: str = "forkserver"
+    """How job processes start: "forkserver" (forked from the zygote, milliseconds) or "spawn"
+    (a fresh interpreter each, for libraries that cannot survive a fork)."""
 
     def __post_init__(self) -> None:
         for name, what in (("entrypoint_fnc", "JobContext"), ("request_fnc", "JobRequest")):
@@ -185,6 +191,11 @@ class WorkerOptions:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise OptionsError(f"{name} must be an int >= 0, got {value!r}")
+        if self.multiprocessing_context not in MULTIPROCESSING_CONTEXTS:
+            raise OptionsError(
+                "multiprocessing_context must be one of "
+                f"{', '.join(MULTIPROCESSING_CONTEXTS)}, got {self.multiprocessing_context!r}"
+            )
         if not isinstance(self.job_executor_type, JobExecutorType):
             raise OptionsError("job_executor_type must be a JobExecutorType")
         if not isinstance(self.worker_type, WorkerType):

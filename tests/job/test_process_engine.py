@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from livekit import api
 from livekit.protocol import agent
@@ -166,3 +167,28 @@ async def test_reload_runs_new_code_in_fresh_processes(
         await worker.executor.reload()  # type: ignore[attr-defined]
         await dispatch_and_wait(lk, "call-v2")
     assert out.read_text().split() == ["v1", "v2"]
+
+
+async def test_spawn_start_method_runs_jobs_and_inference_in_fresh_interpreters(
+    server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "inference.txt"
+    monkeypatch.setenv(inference_agents.RESULTS_ENV, str(out))
+    async with (
+        process_worker(
+            server, inference_agents.uses_inference, multiprocessing_context="spawn"
+        ) as worker,
+        api_client(server) as lk,
+    ):
+        state = await dispatch_and_wait(lk, "call-spawned")
+        zygote = psutil.Process(worker.executor.process_pids()[0])
+        cmdlines = [" ".join(c.cmdline()) for c in zygote.children()]
+    assert (state.status, state.error) == (agent.JS_SUCCESS, "")
+    assert any("callboard.job.spawned" in c for c in cmdlines), cmdlines
+    assert out.read_text().split()[1].startswith("cba|")
+
+
+async def test_the_zygote_is_single_threaded(server: EmbeddedServer) -> None:
+    async with process_worker(server, agents.quick) as worker:
+        zygote = psutil.Process(worker.executor.process_pids()[0])
+        assert zygote.num_threads() == 1
