@@ -129,7 +129,12 @@ class IpcLogHandler(logging.Handler):
             self._writer.write(frame)
 
 
-async def _until_eof(reader: asyncio.StreamReader) -> None:
+async def _until_eof(reader: asyncio.StreamReader, pending: asyncio.Future[Any]) -> None:
+    """Read (and drop) frames until the worker hangs up. `pending` is the read already under
+    way: a stream has one reader at a time, so it is awaited, never cancelled and replaced
+    (a second readexactly() while the first still waits raises RuntimeError)."""
+    if await pending is None:
+        return
     while await ipc.read_message(reader) is not None:
         pass
 
@@ -173,7 +178,6 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
             waits.add(job)
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if job is not None and job.done():
-            reader_task.cancel()
             outcome = job.result()
             writer.write(ipc.encode(ipc.JobDone(outcome.status, outcome.error)))
             await writer.drain()
@@ -181,7 +185,7 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
             # a ping the worker is writing meet a closed socket and lose the unread report.
             with contextlib.suppress(TimeoutError, ConnectionError, ipc.IpcError):
                 async with asyncio.timeout(FINAL_ACK_TIMEOUT_S):
-                    await _until_eof(reader)
+                    await _until_eof(reader, reader_task)
             writer.close()
             return EXIT_OK
         msg = reader_task.result()

@@ -22,6 +22,10 @@ async def quick(ctx: JobContext) -> None:
     await asyncio.sleep(0.05)
 
 
+async def short(ctx: JobContext) -> None:
+    await asyncio.sleep(0.5)
+
+
 async def raises(ctx: JobContext) -> None:
     raise ValueError("agent bug")
 

@@ -31,6 +31,24 @@ async def test_normal_job_succeeds_in_a_prewarmed_process(server: EmbeddedServer
     assert state.status == agent.JS_SUCCESS, state.error
 
 
+async def test_a_finished_job_process_exits_0_once_the_worker_hangs_up(
+    server: EmbeddedServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Regression (found by the soak): after JobDone the process read on while its cancelled
+    read was still pending, so every job process died with "readexactly() called while another
+    coroutine is already waiting" (exit 4, a traceback on the worker's stderr) instead of
+    waiting for the worker's acknowledgement."""
+    async with process_worker(server, agents.short) as worker, api_client(server) as lk:
+        await lk.room.create_room(api.CreateRoomRequest(name="call-exit-0"))
+        await until(lambda: bool(worker.active_jobs), "the job to run")
+        handle = worker.active_jobs[0].handle
+        state = await terminal_state(lk, "call-exit-0")
+        code = await handle.wait_exit()  # type: ignore[attr-defined]
+    assert state.status == agent.JS_SUCCESS, state.error
+    assert code == 0
+    assert "readexactly" not in capfd.readouterr().err
+
+
 async def test_entrypoint_exception_fails_the_job_with_its_traceback(
     server: EmbeddedServer, caplog: pytest.LogCaptureFixture
 ) -> None:
