@@ -68,3 +68,20 @@ def flaky_prewarm(proc: JobProcess) -> None:
     if count % 2 == 0:
         raise RuntimeError(f"prewarm attempt {count} fails on purpose")
     proc.userdata["prewarmed_pid"] = os.getpid()
+
+
+async def reports_its_process(ctx: JobContext) -> None:
+    """Writes what a fresh job process looks like: its randomness, descriptors and threads."""
+    import json
+    import random
+    import threading
+
+    fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    line = {
+        "pid": os.getpid(),
+        "random": random.random(),
+        "fds": fds,
+        "threads": threading.active_count(),
+    }
+    with open(os.environ["CALLBOARD_TEST_PROCESS_OUT"], "a") as f:  # noqa: ASYNC230
+        f.write(json.dumps(line) + "\n")

@@ -4,6 +4,7 @@ nothing leaked (child processes and descriptors are checked after every test).""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -210,3 +211,23 @@ async def test_the_zygote_is_single_threaded(server: EmbeddedServer) -> None:
     async with process_worker(server, agents.quick) as worker:
         zygote = psutil.Process(worker.executor.process_pids()[0])
         assert zygote.num_threads() == 1
+
+
+async def test_forked_processes_reseed_randomness_and_keep_only_their_descriptors(
+    server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "processes.jsonl"
+    monkeypatch.setenv("CALLBOARD_TEST_PROCESS_OUT", str(out))
+    async with process_worker(server, agents.reports_its_process):
+        async with api_client(server) as lk:
+            for i in range(3):
+                await dispatch_and_wait(lk, f"call-fresh-{i}")
+        worker_fds = len(os.listdir("/proc/self/fd"))
+    seen = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len({s["pid"] for s in seen}) == 3
+    assert len({s["random"] for s in seen}) == 3, "each process must reseed its RNG"
+    for s in seen:
+        # stdio, the IPC socket, the stack-dump file, the event loop's selector and self-pipe
+        assert len(s["fds"]) <= 8, s["fds"]
+        assert s["threads"] == 1
+    assert worker_fds > 8  # the worker itself holds far more: none of them leaked into jobs
