@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from callboard.log import get_logger
 from callboard.server.agents import AgentEndpoint, server_info
@@ -18,8 +21,41 @@ from callboard.server.rooms import RoomRegistry
 from callboard.server.twirp import TwirpRouter
 
 log = get_logger("server")
+http_log = get_logger("server.http")
+"""What aiohttp's request handling logs (our runner's `logger`), filtered by BadRequestFilter."""
 
 SHUTDOWN_TIMEOUT_S = 5.0
+MAX_LOGGED_REASON: Final = 200
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs every request it cannot parse (a header line over its limit, a broken
+    chunked body, a bad request line) as "Error handling request" at ERROR, with a traceback.
+    That is the client's mistake, already answered with 400: it becomes one WARNING line with
+    the peer and the reason (never the request's bytes). Failures of our handlers keep their
+    ERROR and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.levelno = logging.WARNING
+            record.levelname = logging.getLevelName(logging.WARNING)
+            record.msg, record.args = "bad HTTP request refused", ()
+            record.exc_info, record.exc_text = None, None
+            # The reason without the bytes aiohttp quotes from the request (a header line
+            # over the limit is often the Authorization header: never log what was sent).
+            reason = str(exc.message).split("\n", 1)[0].split(": b'", 1)[0].rstrip(":")
+            record.__dict__.update(
+                peer=str(peer),
+                status=exc.code,
+                error=type(exc).__name__,
+                reason=reason[:MAX_LOGGED_REASON],
+            )
+        return True
+
+
+BAD_REQUESTS: Final = BadRequestFilter()
 
 
 class EmbeddedServer:
@@ -74,8 +110,13 @@ class EmbeddedServer:
                 "pass --keys or set LIVEKIT_KEYS for anything but local development",
                 extra={"api_key": DEV_API_KEY, "api_secret_hint": f"{DEV_API_SECRET[:1]}..."},
             )
+        if BAD_REQUESTS not in http_log.filters:
+            http_log.addFilter(BAD_REQUESTS)
         self._runner = web.AppRunner(
-            self.build_app(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+            self.build_app(),
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            logger=http_log,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)

@@ -131,6 +131,11 @@ class TwirpRouter:
             raise TwirpError(
                 "malformed", f"body larger than {MAX_TWIRP_BODY_BYTES} bytes"
             ) from None
+        except ConnectionError:
+            # The client hung up before its whole body arrived: nobody is left to answer.
+            raise TwirpError(
+                "canceled", "the client closed the connection before sending the whole body"
+            ) from None
         if len(body) > MAX_TWIRP_BODY_BYTES:
             raise TwirpError("malformed", f"body larger than {MAX_TWIRP_BODY_BYTES} bytes")
         req = _decode(method.request_type, body, content_type)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -14,7 +16,7 @@ from livekit.protocol import models, room
 from callboard.server.app import EmbeddedServer
 from callboard.server.config import MAX_TWIRP_BODY_BYTES
 from tests.conftest import API_KEY, API_SECRET
-from tests.server.support import grant_token
+from tests.server.support import grant_token, wait_until
 
 ROOM_SERVICE: Final = "/twirp/livekit.RoomService/"
 DISPATCH_SERVICE: Final = "/twirp/livekit.AgentDispatchService/"
@@ -266,3 +268,32 @@ async def test_protobuf_request_gets_a_protobuf_response(twirp: Twirp) -> None:
     created = models.Room.FromString(reply.body)
     assert (created.name, created.metadata) == ("r-pb", "m")
     assert created.sid.startswith("RM_")
+
+
+async def test_a_client_that_hangs_up_mid_body_is_not_an_internal_error(
+    server: EmbeddedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (found by the frame fuzzer): a body cut short by the client's hang-up was
+    logged as "twirp handler failed" at ERROR with a traceback."""
+    caplog.set_level(logging.INFO)
+    token = grant_token(API_KEY, API_SECRET, room_create=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        (
+            f"POST {ROOM_SERVICE}CreateRoom HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: {JSON}\r\n"
+            'Content-Length: 100\r\n\r\n{"name": "cut'
+        ).encode()
+    )
+    await writer.drain()
+    writer.write_eof()
+    async with asyncio.timeout(5.0):
+        await reader.read()
+    writer.close()
+
+    def refused() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == "twirp request refused"]
+
+    await wait_until(lambda: bool(refused()), "the refusal to be logged")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert refused()[0].__dict__["code"] == "canceled"
