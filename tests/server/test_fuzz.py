@@ -1,5 +1,9 @@
 """Property tests: no frame on /agent and no body on a Twirp route takes the server down.
 
+The last test runs the bounded random frame generator of tests/server/fuzz_frames.py against
+a `callboard server` process (short form in CI; CALLBOARD_FUZZ_INPUTS=100000 for the long
+form, which scripts/reliability_report.py runs).
+
 One server serves each whole property. Hypothesis drives plain functions that run coroutines
 on an event loop this module owns (`Arena.run`); after each property a well-behaved worker
 must still get and finish a job, and nothing may have been logged at ERROR level (aiohttp's
@@ -15,6 +19,7 @@ import json
 import logging
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import aiohttp
@@ -32,6 +37,8 @@ from callboard.server.config import ServerConfig
 from callboard.server.twirp import HTTP_STATUS, JSON, PROTOBUF
 from callboard.simworker import SimWorker
 from tests.conftest import API_KEY, API_SECRET
+from tests.reliability import env_int, record
+from tests.server.fuzz_frames import MAX_RSS_GROWTH_MB, run_fuzz
 from tests.server.support import (
     BYSTANDER,
     AgentClient,
@@ -423,3 +430,25 @@ def test_random_twirp_requests_get_twirp_errors_never_500(arena: Arena) -> None:
 
     example()
     arena.assert_healthy()
+
+
+# -- the frame generator against a server process -------------------------------------------
+
+FUZZ_INPUTS_ENV: Final = "CALLBOARD_FUZZ_INPUTS"
+FUZZ_INPUTS: Final = env_int(FUZZ_INPUTS_ENV, 20_000)
+BYSTANDER_EVERY: Final = 2_000
+
+
+@pytest.mark.timeout(120 + FUZZ_INPUTS // 200)
+async def test_frame_generator_against_a_server_process(tmp_path: Path) -> None:
+    """Malformed, truncated, huge and out-of-order /agent frames, bad Twirp bodies and raw
+    HTTP, with unicode and over-long names: no 5xx, no ERROR line, no traceback, a clean exit,
+    bounded memory, and the bystander finishes a job every BYSTANDER_EVERY inputs."""
+    report = await run_fuzz(FUZZ_INPUTS, seed=6, workdir=tmp_path, bystander_every=BYSTANDER_EVERY)
+    record("fuzz", {"inputs_env": FUZZ_INPUTS_ENV, **report.summary()})
+    assert report.problems == []
+    assert report.inputs == FUZZ_INPUTS
+    assert report.server_exit == 0
+    assert report.bystander_jobs >= FUZZ_INPUTS // BYSTANDER_EVERY
+    assert report.rss_growth_mb <= MAX_RSS_GROWTH_MB
+    assert min(report.agent_frames, report.twirp_requests, report.agent_handshakes) > 0
