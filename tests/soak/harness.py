@@ -263,6 +263,8 @@ class SoakReport:
     crashes: list[str] = field(default_factory=list)
     unexpected_log_lines: list[str] = field(default_factory=list)
     attacks_refused: int = 0
+    migrated: int = 0
+    """Jobs the server re-attached to a reconnected worker (MigrateJobRequest after a cut)."""
     attack_problems: list[str] = field(default_factory=list)
     issued_tokens: list[str] = field(default_factory=list)
     secret: str = ""
@@ -284,6 +286,7 @@ class SoakReport:
             "accounted_by_server": acc.by_server,
             "accounted_by_worker_log": acc.by_worker_log,
             "failed_with_their_killed_worker": acc.worker_gone,
+            "migrated_after_a_cut": self.migrated,
             "lost": len(acc.lost),
             "duplicates": len(acc.duplicates),
             "disagreements": len(acc.disagreements),
@@ -582,10 +585,12 @@ class Soak:
     # -- run-level faults ------------------------------------------------------------------
 
     async def cut(self) -> None:
-        cut = self.relay.cut()
-        if cut:
+        """Abort worker A's connection; A reconnects (new worker id) and migrates its jobs."""
+        worker = self.slots[0].current
+        before = str((await worker.info(self.worker_http) or {}).get("id"))
+        if self.relay.cut():
             self.report.faults["connection_cut"] += 1
-        await self.slots[0].current.wait_registered(self.worker_http)
+        await worker.wait_registered(self.worker_http, before)
 
     async def kill_worker(self) -> None:
         """SIGKILL worker B; jobs keep flowing (to A) for a while, then a new B starts (the
@@ -803,7 +808,9 @@ class Soak:
                 self.report.workers.append(figures)
                 self.check_log(proc.log_path, lines)
         for server in self.servers:
-            self.check_log(server.log_path, list(json_lines(server.log_path)))
+            lines = list(json_lines(server.log_path))
+            self.check_log(server.log_path, lines)
+            self.report.migrated += sum(1 for rec in lines if rec.get("message") == "job migrated")
         starts: Counter[str] = Counter()
         for line in json_lines(self.ledger):
             if line.get("event") == "start":
