@@ -4,13 +4,20 @@ keeps a burst of offers from over-accepting before the CPU average can see the n
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 import psutil
+
+from callboard.log import get_logger
+
+log = get_logger("worker.load")
 
 CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 DEFAULT_JOB_LOAD: Final = 0.01
@@ -98,3 +105,74 @@ def effective_load(measured: float, running: int, reserved: int) -> float:
     """
     per_job = measured / running if running > 0 and measured > 0 else DEFAULT_JOB_LOAD
     return min(1.0, max(0.0, measured) + reserved * max(per_job, DEFAULT_JOB_LOAD))
+
+
+class LoadTracker:
+    """The worker's load: a measured value (the CPU monitor, or a custom load_fnc called on a
+    thread) plus reservations for jobs the measure cannot see yet (just started)."""
+
+    def __init__(
+        self,
+        load_fnc: Callable[..., float] | None,
+        owner: object,
+        interval: float,
+        samples: int,
+    ) -> None:
+        self._load_fnc = load_fnc
+        self._owner = owner
+        self._window = interval * samples
+        self._cpu = CpuLoadMonitor(interval, samples) if load_fnc is None else None
+        self._takes_owner = load_fnc is not None and _takes_an_argument(load_fnc)
+        self._recent: dict[str, float] = {}
+        self._failing = False
+        self.measured = 0.0
+
+    def start(self) -> None:
+        if self._cpu is not None:
+            self._cpu.start()
+
+    def stop(self) -> None:
+        if self._cpu is not None:
+            self._cpu.stop()
+
+    async def sample(self) -> None:
+        """Take one measurement (off the loop); a failing load_fnc keeps the last value and is
+        logged once when it starts failing and once when it recovers."""
+        try:
+            if self._cpu is not None or self._load_fnc is None:
+                value = self._cpu.value() if self._cpu is not None else 0.0
+            elif self._takes_owner:
+                value = await asyncio.to_thread(self._load_fnc, self._owner)
+            else:
+                value = await asyncio.to_thread(self._load_fnc)
+            self.measured = max(0.0, min(1.0, float(value)))
+            if self._failing:
+                self._failing = False
+                log.info("load_fnc works again", extra={"load": self.measured})
+        except Exception:
+            if not self._failing:
+                self._failing = True
+                log.exception("load_fnc failed; keeping the previous load until it works again")
+
+    def job_started(self, job_id: str) -> None:
+        self._recent[job_id] = time.monotonic()
+
+    def job_ended(self, job_id: str) -> None:
+        self._recent.pop(job_id, None)
+
+    def effective(self, offers: int, jobs: int) -> float:
+        """Measured load plus reservations for pending offers and recently started jobs."""
+        horizon = time.monotonic() - self._window
+        for job_id, started in list(self._recent.items()):
+            if started < horizon:
+                del self._recent[job_id]
+        recent = len(self._recent)
+        return effective_load(self.measured, max(0, jobs - recent), offers + recent)
+
+
+def _takes_an_argument(fn: Callable[..., float]) -> bool:
+    """Whether a load_fnc wants the worker (livekit-agents' signature) or nothing."""
+    try:
+        return bool(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return False

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import inspect
 import math
 import os
 import time
@@ -29,7 +28,7 @@ from callboard.version import __version__
 from callboard.worker.availability import Offer
 from callboard.worker.connection import Connection, ConnectionGiveUp, Registration
 from callboard.worker.errors import WorkerStartError
-from callboard.worker.load import CpuLoadMonitor, effective_load
+from callboard.worker.load import LoadTracker
 from callboard.worker.metrics import WorkerMetrics
 from callboard.worker.options import (
     LOAD_SAMPLE_INTERVAL_S,
@@ -97,12 +96,10 @@ class Worker:
         self._offers: dict[str, Offer] = {}
         self._stop_on_start: set[str] = set()
         """Assigned jobs the server terminated while they were still launching."""
-        self._recent_starts: dict[str, float] = {}
         """Jobs started within the load average's window, by id: their load is not visible yet."""
         self._reported: tuple[int, int] | None = None
         """(status, job_count) of the last UpdateWorkerStatus sent."""
-        self._measured_load = 0.0
-        self._cpu: CpuLoadMonitor | None = None
+        self._load = LoadTracker(self._opts.load_fnc, self, LOAD_SAMPLE_INTERVAL_S, LOAD_SAMPLES)
         self._state = WorkerState.STARTING
         self._draining = False
         self._status_changed = asyncio.Event()
@@ -169,16 +166,7 @@ class Worker:
     @property
     def load(self) -> float:
         """Effective load: measured plus reservations for jobs the measure cannot see yet."""
-        self._expire_reservations()
-        reserved = len(self._offers) + len(self._recent_starts)
-        running = max(0, len(self._jobs) - len(self._recent_starts))
-        return effective_load(self._measured_load, running, reserved)
-
-    def _expire_reservations(self) -> None:
-        horizon = time.monotonic() - LOAD_SAMPLE_INTERVAL_S * LOAD_SAMPLES
-        for job_id, started in list(self._recent_starts.items()):
-            if started < horizon:
-                del self._recent_starts[job_id]
+        return self._load.effective(len(self._offers), len(self._jobs))
 
     def capacity_problem_for_accept(self) -> str | None:
         """Why an offer that reserved its slot may no longer be accepted (only a drain)."""
@@ -214,7 +202,7 @@ class Worker:
             await self._start_executor()
             await http.start()
             _collect_startup_garbage()
-            self._start_load_sampling()
+            self._load.start()
             self._spawn(self._status_task(), "worker-status")
             self._spawn(self._load_task(), "worker-load")
             if self._register:
@@ -297,8 +285,7 @@ class Worker:
                     await self._conn.wait_sent()
         await self._cancel_tasks()
         await self._executor.aclose()
-        if self._cpu is not None:
-            self._cpu.stop()
+        self._load.stop()
         self._state = WorkerState.STOPPED
         self._stop.set()
         log.info("worker stopped", extra=self._fields())
@@ -481,7 +468,7 @@ class Worker:
             return
         active = ActiveJob(info=info, handle=handle, started_at=time.time())
         self._jobs[job_id] = active
-        self._recent_starts[job_id] = time.monotonic()
+        self._load.job_started(job_id)
         self.metrics.job_started(time.time() - received_at if received_at else 0.0)
         self._report_status(job_id, agent.JS_RUNNING)
         active.watcher = self._spawn(self._watch(active), f"job-{job_id}")
@@ -499,7 +486,7 @@ class Worker:
         if self._first_end is not None and not self._first_end.done():
             self._first_end.set_result(outcome)
         self._jobs.pop(job.info.job.id, None)
-        self._recent_starts.pop(job.info.job.id, None)
+        self._load.job_ended(job.info.job.id)
         self._report(job.info.job.id, outcome)
         self.metrics.job_ended(outcome)
         level_ok = outcome.ok
@@ -581,47 +568,12 @@ class Worker:
             self._status_changed.clear()
             self._send_status()
 
-    def _start_load_sampling(self) -> None:
-        if self._opts.load_fnc is None:
-            self._cpu = CpuLoadMonitor(LOAD_SAMPLE_INTERVAL_S, LOAD_SAMPLES)
-            self._cpu.start()
-
     async def _load_task(self) -> None:
-        loop = asyncio.get_running_loop()
-        load_fnc = self._opts.load_fnc
-        takes_worker = load_fnc is not None and _takes_an_argument(load_fnc)
-        failing = False
         while True:
             await asyncio.sleep(LOAD_SAMPLE_INTERVAL_S)
-            try:
-                if load_fnc is None:
-                    assert self._cpu is not None
-                    value = self._cpu.value()
-                elif takes_worker:
-                    value = await loop.run_in_executor(None, load_fnc, self)  # type: ignore[arg-type]
-                else:
-                    value = await loop.run_in_executor(None, load_fnc)  # type: ignore[arg-type]
-                self._measured_load = max(0.0, min(1.0, float(value)))
-                if failing:
-                    failing = False
-                    log.info("load_fnc works again", extra=self._fields(load=self._measured_load))
-            except Exception:
-                if not failing:  # log the transition, not every tick
-                    failing = True
-                    log.exception(
-                        "load_fnc failed; keeping the previous load until it works again",
-                        extra=self._fields(),
-                    )
+            await self._load.sample()
             self.metrics.load.set(self.load)
             self._update_state()
-
-
-def _takes_an_argument(fn: Any) -> bool:
-    """Whether a load_fnc wants the worker (livekit-agents' signature) or nothing."""
-    try:
-        return bool(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):  # builtins without a signature
-        return False
 
 
 def _collect_startup_garbage() -> None:

@@ -76,7 +76,12 @@ async def reports_its_process(ctx: JobContext) -> None:
     import random
     import threading
 
-    fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the directory listing's own descriptor, already closed
+            continue
     line = {
         "pid": os.getpid(),
         "random": random.random(),

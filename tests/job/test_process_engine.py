@@ -228,6 +228,8 @@ async def test_forked_processes_reseed_randomness_and_keep_only_their_descriptor
     assert len({s["random"] for s in seen}) == 3, "each process must reseed its RNG"
     for s in seen:
         # stdio, the IPC socket, the stack-dump file, the event loop's selector and self-pipe
+        sockets = [fd for fd in s["fds"] if fd.startswith("socket:")]
         assert len(s["fds"]) <= 8, s["fds"]
+        assert len(sockets) <= 3, s["fds"]
         assert s["threads"] == 1
     assert worker_fds > 8  # the worker itself holds far more: none of them leaked into jobs
