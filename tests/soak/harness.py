@@ -357,6 +357,8 @@ class Soak:
         self.t_end = 0.0
         self.flowing = asyncio.Event()
         self.flowing.set()
+        self.dispatching: set[asyncio.Task[Any]] = set()
+        """CreateRoom calls in flight."""
         self.relay = CutRelay(self.port)
         self.slots: list[WorkerSlot] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -618,6 +620,8 @@ class Soak:
             self.flowing.set()
 
     async def _restart_server(self, crash: bool) -> None:
+        # CreateRoom calls still in flight belong to this epoch: have them answered first.
+        await asyncio.gather(*self.dispatching, return_exceptions=True)
         await self.quiesce()
         pending = [t for t in self.tracked if t.record.epoch == self.epoch and not t.terminal]
         await asyncio.gather(*(self.refresh(t) for t in pending))
@@ -697,7 +701,6 @@ class Soak:
             await self.measure_fds(slot, baseline=True)
         self.t_start = time.monotonic()
         next_at = loop.time()
-        dispatching: set[asyncio.Task[Any]] = set()
         event_task: asyncio.Task[Any] | None = None
         for spec in schedule[WARM_UP_JOBS:]:
             event = events.get(spec.seq)
@@ -714,10 +717,12 @@ class Soak:
                 paused = loop.time()
                 await self.flowing.wait()
                 next_at += loop.time() - paused
-            dispatching.add(self.spawn(self.dispatch(spec), f"dispatch-{spec.seq}"))
+            task = self.spawn(self.dispatch(spec), f"dispatch-{spec.seq}")
+            self.dispatching.add(task)
+            task.add_done_callback(self.dispatching.discard)
         if event_task is not None:
             await event_task
-        await asyncio.gather(*dispatching)
+        await asyncio.gather(*self.dispatching)
 
     async def wait_ended(self, which: Callable[[Tracked], bool], timeout: float) -> None:
         """Until the selected jobs have ended: in the server's records (current epoch), or on
