@@ -91,7 +91,8 @@ class ChildSpec:
 
 def child_main(sock: socket.socket, spec: ChildSpec) -> int:
     """Body of a job process; returns its exit code."""
-    dump = stack_dump_path(os.getpid()).open("w")
+    dump_path = stack_dump_path(os.getpid())
+    dump = dump_path.open("w")
     faulthandler.register(STACK_DUMP_SIGNAL, file=dump, all_threads=True)
     asyncio.set_event_loop_policy(None)
     try:
@@ -99,6 +100,13 @@ def child_main(sock: socket.socket, spec: ChildSpec) -> int:
     except BaseException:
         traceback.print_exc()
         return EXIT_CRASHED
+    finally:
+        # a process that ends on its own leaves no dump file (the worker removes the
+        # file of a process it killed, after reading it)
+        faulthandler.unregister(STACK_DUMP_SIGNAL)
+        dump.close()
+        with contextlib.suppress(OSError):
+            dump_path.unlink()
 
 
 class IpcLogHandler(logging.Handler):
