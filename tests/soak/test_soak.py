@@ -30,7 +30,9 @@ JOBS_ENV: Final = "CALLBOARD_SOAK_JOBS"
 CI_JOBS: Final = 200
 JOBS: Final = env_int(JOBS_ENV, CI_JOBS)
 TIMEOUT_S: Final = 300 + 2 * JOBS
-JWT_RE: Final = re.compile(r"eyJ[A-Za-z0-9_-]{5,}")
+JWT_RE: Final = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.eyJ")
+"""A JWT's header and the start of its payload (both base64url JSON objects): a random id that
+happens to contain "eyJ" (AW_XeyJxN6ckuNS) does not match."""
 B64URL_RUN: Final = re.compile(r"[A-Za-z0-9_-]{43,}")
 SIGNATURE_LEN: Final = 43
 """An HS256 signature, base64url without padding."""
