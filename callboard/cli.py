@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Final
 from livekit.protocol import agent
 
 from callboard.log import LogFormat, get_logger, setup_logging
-from callboard.server.app import EmbeddedServer
 from callboard.server.config import DEFAULT_PORT, ConfigError, ServerConfig, parse_keys
 from callboard.worker.connection import ConnectionGiveUp
 from callboard.worker.errors import WorkerStartError
@@ -83,6 +82,8 @@ def _install_stop(stop: asyncio.Event) -> None:
 async def _run_server(config: ServerConfig) -> None:
     stop = asyncio.Event()
     _install_stop(stop)
+    from callboard.server.app import EmbeddedServer
+
     await EmbeddedServer(config).serve_forever(stop)
 
 

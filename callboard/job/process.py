@@ -30,7 +30,7 @@ from callboard.log import get_logger
 log = get_logger("job.process")
 
 PING_INTERVAL_S: Final = 2.5
-MEMORY_SAMPLE_INTERVAL_S: Final = 1.0
+MEMORY_SAMPLE_INTERVAL_S: Final = 2.5
 STACK_DUMP_WAIT_S: Final = 0.2
 DRAIN_AFTER_EXIT_S: Final = 5.0
 """After a process exits, how long its last frames (JobDone, logs) may take to be read."""

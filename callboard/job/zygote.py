@@ -8,6 +8,7 @@ every child it reaps. When the worker goes away it kills its children and exits.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import os
@@ -205,6 +206,10 @@ def main(argv: list[str]) -> int:
     code = zygote.boot()
     if code:
         return code
+    # Everything imported so far is shared with every child: moved out of the collector's
+    # reach, a child's first full collection does not touch (and copy) those pages.
+    gc.collect()
+    gc.freeze()
     try:
         return zygote.serve()
     except (BrokenPipeError, ConnectionResetError):
