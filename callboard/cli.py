@@ -24,15 +24,14 @@ from livekit.protocol import agent
 
 from callboard.log import LogFormat, get_logger, setup_logging
 from callboard.server.config import DEFAULT_PORT, ConfigError, ServerConfig, parse_keys
-from callboard.worker.connection import ConnectionGiveUp
-from callboard.worker.errors import WorkerStartError
+from callboard.worker.errors import ConnectionGiveUp, WorkerStartError
 from callboard.worker.options import OptionsError, WorkerOptions
-from callboard.worker.worker import Worker
 
 if TYPE_CHECKING:
     from livekit import api
 
     from callboard.job.runner import JobOutcome
+    from callboard.worker.worker import Worker
 
 log = get_logger("cli")
 
@@ -163,6 +162,8 @@ def app_main(opts: WorkerOptions, argv: Sequence[str] | None = None) -> int:
         )
         if v
     }
+    from callboard.worker.worker import Worker  # the agent module imports this file cheaply
+
     try:
         worker = Worker(dataclasses.replace(opts, **overrides), devmode=devmode)
     except OptionsError as e:

@@ -20,6 +20,7 @@ from livekit.protocol import agent, models
 
 from callboard.log import get_logger
 from callboard.version import __version__
+from callboard.worker.errors import ConnectionGiveUp
 from callboard.worker.options import ResolvedOptions
 
 log = get_logger("worker.connection")
@@ -28,10 +29,6 @@ HEARTBEAT_INTERVAL_S: Final = 30.0
 REGISTER_TIMEOUT_S: Final = 10.0
 MAX_BACKOFF_S: Final = 10.0
 TOKEN_TTL_S: Final = 6 * 3600
-
-
-class ConnectionGiveUp(Exception):
-    """The server could not be reached (or refused us) within the retry budget."""
 
 
 @dataclass(frozen=True)

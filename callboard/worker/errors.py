@@ -7,3 +7,7 @@ class WorkerStartError(Exception):
     """The worker could not start (its HTTP port is taken, the job executor failed to boot).
 
     The message is one line that says what to fix; details are in the log."""
+
+
+class ConnectionGiveUp(Exception):
+    """The server could not be reached (or refused us) within the retry budget."""

@@ -26,8 +26,8 @@ from callboard.job.thread import ThreadExecutor
 from callboard.log import get_logger, redact_secret
 from callboard.version import __version__
 from callboard.worker.availability import Offer
-from callboard.worker.connection import Connection, ConnectionGiveUp, Registration
-from callboard.worker.errors import WorkerStartError
+from callboard.worker.connection import Connection, Registration
+from callboard.worker.errors import ConnectionGiveUp, WorkerStartError
 from callboard.worker.load import LoadTracker
 from callboard.worker.metrics import WorkerMetrics
 from callboard.worker.options import (

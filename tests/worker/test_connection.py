@@ -18,7 +18,8 @@ from callboard.server.app import EmbeddedServer
 from callboard.server.config import ServerConfig
 from callboard.server.workers import WorkerSession
 from callboard.version import __version__
-from callboard.worker.connection import ConnectionGiveUp, backoff_s
+from callboard.worker.connection import backoff_s
+from callboard.worker.errors import ConnectionGiveUp
 from callboard.worker.worker import Worker, WorkerState
 from tests.worker.agents.jobs import script
 from tests.worker.fake_server import FAKE_WORKER_ID, FakeAgentServer
