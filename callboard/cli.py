@@ -18,6 +18,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 from livekit.protocol import agent
@@ -138,6 +139,21 @@ def _app_parser() -> argparse.ArgumentParser:
         if name == "connect":
             p.add_argument("--room", required=True, help="room to dispatch the agent to")
     return parser
+
+
+def _bad_options_exit(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    """An agent script builds its WorkerOptions before it reaches run_app: an invalid option
+    raised there is also one line and exit 2, not a traceback."""
+    if issubclass(exc_type, OptionsError):
+        print(f"callboard: error: invalid worker options: {exc}", file=sys.stderr, flush=True)
+        os._exit(EXIT_USAGE)
+    _previous_excepthook(exc_type, exc, tb)
+
+
+_previous_excepthook = sys.excepthook
+sys.excepthook = _bad_options_exit
 
 
 def run_app(opts: WorkerOptions, argv: Sequence[str] | None = None) -> None:

@@ -393,3 +393,25 @@ async def test_sigkill_of_the_worker_leaves_no_job_process_behind() -> None:
         worker.proc.kill()
         assert await worker.wait_exit() == -9
         await warn_if_alive(spawned)
+
+
+async def test_an_invalid_option_in_the_agent_script_itself_exits_2_with_one_line(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "bad_agent.py"
+    script.write_text(
+        "from callboard import JobContext, WorkerOptions, cli\n"
+        "async def entry(ctx: JobContext) -> None: ...\n"
+        "cli.run_app(WorkerOptions(entrypoint_fnc=entry, load_threshold=2.0))\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        "start",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), EXIT_DEADLINE_S)
+    assert proc.returncode == EXIT_USAGE
+    (line,) = err.decode().splitlines()
+    assert line.startswith("callboard: error: invalid worker options: load_threshold must be")
