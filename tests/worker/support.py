@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import psutil
+import pytest
 from livekit import api
 from livekit.protocol import agent
 
@@ -39,6 +40,12 @@ FAST_TIMINGS: Final[dict[str, Any]] = {
     "shutdown_process_timeout": 2.0,
     "initialize_process_timeout": 10.0,
 }
+
+EXECUTORS = [
+    pytest.param(JobExecutorType.THREAD, id="thread"),
+    pytest.param(JobExecutorType.PROCESS, id="process"),
+]
+"""Tests that must hold for both job executors are parametrized over this."""
 
 
 async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:

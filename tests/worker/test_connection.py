@@ -24,6 +24,7 @@ from callboard.worker.worker import Worker, WorkerState
 from tests.worker.agents.jobs import script
 from tests.worker.fake_server import FAKE_WORKER_ID, FakeAgentServer
 from tests.worker.support import (
+    EXECUTORS,
     GatedExecutor,
     control,
     fast_options,
@@ -33,10 +34,6 @@ from tests.worker.support import (
     wait_until,
 )
 
-EXECUTORS = [
-    pytest.param(JobExecutorType.THREAD, id="thread"),
-    pytest.param(JobExecutorType.PROCESS, id="process"),
-]
 NAMED = "operator"
 RECONNECT_S = 2.0
 """A cut is followed by an immediate reconnect (backoff 0 on the first attempt)."""

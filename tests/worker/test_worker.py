@@ -17,6 +17,7 @@ from callboard.version import __version__
 from callboard.worker.worker import WorkerState
 from tests.worker.agents.jobs import script
 from tests.worker.support import (
+    EXECUTORS,
     GatedExecutor,
     control,
     fast_options,
@@ -26,10 +27,6 @@ from tests.worker.support import (
     wait_until,
 )
 
-EXECUTORS = [
-    pytest.param(JobExecutorType.THREAD, id="thread"),
-    pytest.param(JobExecutorType.PROCESS, id="process"),
-]
 NAMED = "receptionist"
 TERMINATION_PROMPT_S = 1.5
 """A terminated job must be gone well before any timeout of the stop ladder would matter."""
