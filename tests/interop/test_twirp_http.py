@@ -18,29 +18,13 @@ from livekit.protocol import models, room
 from tests.interop.conftest import CALLBOARD, LIVEKIT_SERVER
 from tests.interop.livekit_server import API_KEY, ServerProcess
 from tests.interop.support import token, unique
+from tests.twirp_http import JSON, PROTOBUF, Reply, twirp_request
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60, func_only=True)]
 
 ROOM_SERVICE: Final = "/twirp/livekit.RoomService/"
 DISPATCH_SERVICE: Final = "/twirp/livekit.AgentDispatchService/"
-JSON: Final = "application/json"
-PROTOBUF: Final = "application/protobuf"
 CURL_TIMEOUT_S: Final = 20.0
-
-
-@dataclass
-class Reply:
-    status: int
-    content_type: str
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def twirp_error(self) -> tuple[int, str, str]:
-        assert self.content_type == JSON, (self.content_type, self.body)
-        err = self.json()
-        return self.status, err["code"], err["msg"]
 
 
 @dataclass
@@ -57,14 +41,14 @@ class Http:
         content_type: str = JSON,
         method: str = "POST",
     ) -> Reply:
-        headers = {"Content-Type": content_type}
-        if bearer is not None:
-            headers["Authorization"] = f"Bearer {bearer}"
-        data = body.encode() if isinstance(body, str) else body
-        async with self.session.request(
-            method, self.server.http_url + path, data=data, headers=headers
-        ) as resp:
-            return Reply(resp.status, resp.content_type, await resp.read())
+        return await twirp_request(
+            self.session,
+            self.server.http_url + path,
+            body,
+            token=bearer,
+            content_type=content_type,
+            method=method,
+        )
 
 
 @pytest.fixture

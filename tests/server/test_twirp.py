@@ -17,28 +17,10 @@ from callboard.server.app import EmbeddedServer
 from callboard.server.config import MAX_TWIRP_BODY_BYTES
 from tests.conftest import API_KEY, API_SECRET
 from tests.server.support import grant_token, wait_until
+from tests.twirp_http import JSON, PROTOBUF, Reply, twirp_request
 
 ROOM_SERVICE: Final = "/twirp/livekit.RoomService/"
 DISPATCH_SERVICE: Final = "/twirp/livekit.AgentDispatchService/"
-JSON: Final = "application/json"
-PROTOBUF: Final = "application/protobuf"
-
-
-@dataclass
-class Reply:
-    status: int
-    content_type: str
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def twirp_error(self) -> tuple[int, str, str]:
-        """(HTTP status, Twirp code, message) of an error reply."""
-        assert self.content_type == JSON
-        err = self.json()
-        assert set(err) <= {"code", "msg", "meta"}
-        return self.status, err["code"], err["msg"]
 
 
 @dataclass
@@ -55,14 +37,14 @@ class Twirp:
         content_type: str = JSON,
         method: str = "POST",
     ) -> Reply:
-        headers = {"Content-Type": content_type}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        data = body.encode() if isinstance(body, str) else body
-        async with self.http.request(
-            method, self.server.http_url + path, data=data, headers=headers
-        ) as resp:
-            return Reply(resp.status, resp.content_type, await resp.read())
+        return await twirp_request(
+            self.http,
+            self.server.http_url + path,
+            body,
+            token=token,
+            content_type=content_type,
+            method=method,
+        )
 
 
 @pytest.fixture
