@@ -19,11 +19,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import psutil
 from livekit import api
@@ -506,3 +507,19 @@ def install_stop(task: asyncio.Task[Any]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
+
+
+T = TypeVar("T")
+
+
+def run_bench(name: str, main: Coroutine[Any, Any, T], timeout: float) -> T | None:
+    """Run a side-by-side benchmark's coroutine; None (after saying why, in one line) when it
+    did not finish in `timeout` seconds or was interrupted."""
+    warnings.filterwarnings("ignore", message="The HMAC key is")
+    try:
+        return asyncio.run(main)
+    except TimeoutError:
+        print(f"{name}: did not finish within {timeout:g}s", file=sys.stderr)
+    except asyncio.CancelledError:
+        print(f"{name}: interrupted", file=sys.stderr)
+    return None

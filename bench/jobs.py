@@ -35,7 +35,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from bench._side_by_side import (
     TreeMemory,
     install_stop,
     median,
+    run_bench,
     settle,
     table,
     wait_registered,
@@ -472,15 +472,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    warnings.filterwarnings("ignore", message="The HMAC key is")
     started = time.strftime("%Y-%m-%d %H:%M")
-    try:
-        bench = asyncio.run(run(opts))
-    except TimeoutError:
-        print(f"jobs: did not finish within {opts.timeout:g}s", file=sys.stderr)
-        return 1
-    except asyncio.CancelledError:
-        print("jobs: interrupted", file=sys.stderr)
+    bench = run_bench("jobs", run(opts), opts.timeout)
+    if bench is None:
         return 1
     print(f"\n{started}, {machine_summary()}\n")
     print(table(rows(bench)))

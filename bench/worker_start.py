@@ -16,7 +16,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from bench._side_by_side import (
     ServerLog,
     install_stop,
     median,
+    run_bench,
     table,
     wait_registered,
 )
@@ -120,15 +120,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    warnings.filterwarnings("ignore", message="The HMAC key is")
     started = time.strftime("%Y-%m-%d %H:%M")
-    try:
-        results = asyncio.run(run(opts))
-    except TimeoutError:
-        print(f"worker_start: did not finish within {opts.timeout:g}s", file=sys.stderr)
-        return 1
-    except asyncio.CancelledError:
-        print("worker_start: interrupted", file=sys.stderr)
+    results = run_bench("worker_start", run(opts), opts.timeout)
+    if results is None:
         return 1
     print(f"\n{started}, {machine_summary()}, {opts.runs} runs per side and mode\n")
     print(table(rows(results, opts.modes)))
