@@ -12,7 +12,6 @@ import contextlib
 import faulthandler
 import logging
 import os
-import random
 import signal
 import socket
 import sys
@@ -43,22 +42,29 @@ def stack_dump_path(pid: int) -> Path:
     return Path(tempfile.gettempdir()) / f"callboard-stacks-{pid}.txt"
 
 
+def prepare_for_forks() -> None:
+    """Run once in the zygote, before it forks: what every child would otherwise load or
+    compute itself (ctypes for prctl, the temp dir probe) is then shared, not redone."""
+    global _set_pdeathsig
+    if _set_pdeathsig is None:
+        _set_pdeathsig = _load_pdeathsig()
+    tempfile.gettempdir()
+
+
 def after_fork(keep_fds: set[int]) -> None:
-    """Make the forked child its own process: signals, randomness, descriptors."""
+    """Make the forked child its own process: signals and descriptors. Randomness needs nothing:
+    `random` reseeds itself in a forked child (os.register_at_fork) and OpenSSL (3.x, 1.1.1)
+    reseeds its generator when it sees a new pid."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    random.seed()
-    with contextlib.suppress(Exception):
-        import ssl
-
-        ssl.RAND_add(os.urandom(32), 32.0)
     keep = keep_fds | {0, 1, 2}
     for fd in _open_fds():
         if fd not in keep:
             with contextlib.suppress(OSError):
                 os.close(fd)
-    _die_with_parent()
+    die_with_parent = _set_pdeathsig or _load_pdeathsig()
+    die_with_parent()
 
 
 def _open_fds() -> list[int]:
@@ -68,14 +74,20 @@ def _open_fds() -> list[int]:
         return []
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the zygote dies, so no job outlives its worker."""
-    with contextlib.suppress(Exception):
+def _load_pdeathsig() -> Callable[[], None]:
+    """Linux: a call that makes the kernel SIGKILL this process when its parent (the zygote)
+    dies, so no job outlives its worker. A no-op where prctl is unavailable."""
+    try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return lambda: None
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+_set_pdeathsig: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from callboard.job import ipc
-from callboard.job.child import ChildSpec, after_fork, child_main
+from callboard.job.child import ChildSpec, after_fork, child_main, prepare_for_forks
 from callboard.job.inference import InferenceRunner, inference_main
 
 EXIT_BOOT_FAILED: Final = 5
@@ -206,6 +206,7 @@ def main(argv: list[str]) -> int:
     code = zygote.boot()
     if code:
         return code
+    prepare_for_forks()
     # Everything imported so far is shared with every child: moved out of the collector's
     # reach, a child's first full collection does not touch (and copy) those pages.
     gc.collect()
