@@ -23,8 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from livekit.protocol import agent, models
+
 from callboard.job import ipc
-from callboard.job.context import JobContext, JobExecutorType, JobProcess
+from callboard.job.context import (
+    JobAcceptArguments,
+    JobContext,
+    JobExecutorType,
+    JobProcess,
+    RunningJobInfo,
+)
 from callboard.job.inference import InferenceClient, InferenceRunner, socket_name
 from callboard.job.runner import Entrypoint, run_job
 from callboard.log import extra_fields
@@ -226,3 +234,45 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
             ctx.shutdown(msg.reason)
         else:
             print(f"callboard job process: unexpected {type(msg).__name__}", file=sys.stderr)
+
+
+REHEARSAL_JOB_ID: Final = "AJ_zygote_rehearsal"
+
+
+async def _rehearsal_entrypoint(ctx: JobContext) -> None:
+    ctx.shutdown("rehearsal")
+
+
+def rehearse(log_level: int) -> None:
+    """Run one no-op job through the whole job-process path, in the zygote, before it forks.
+
+    Whatever that path builds lazily, and the interpreter's per-function warm-up and
+    specialisation state, is then settled in the zygote's memory and shared by every child,
+    instead of being written (and copied page by page) in each one. The user's code does not
+    run: the entrypoint is a no-op and there is no prewarm."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    spec = ChildSpec(_rehearsal_entrypoint, None, log_level, 1.0, os.getpid())
+    try:
+        asyncio.run(_rehearse(spec))
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+        asyncio.set_event_loop_policy(None)
+
+
+async def _rehearse(spec: ChildSpec) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    serving = asyncio.ensure_future(_serve(theirs, spec))
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    job = agent.Job(id=REHEARSAL_JOB_ID, type=agent.JT_ROOM, room=models.Room(name="rehearsal"))
+    info = RunningJobInfo(JobAcceptArguments("", "", ""), job, "ws://127.0.0.1", "", "")
+    writer.write(ipc.encode(ipc.Ping(time.time())) + ipc.encode(ipc.StartJob.of(info)))
+    while not isinstance(await ipc.read_message(reader), (ipc.JobDone, type(None))):
+        pass
+    writer.close()
+    await serving
+    theirs.close()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from callboard.job import ipc
-from callboard.job.child import ChildSpec, after_fork, child_main, prepare_for_forks
+from callboard.job.child import ChildSpec, after_fork, child_main, prepare_for_forks, rehearse
 from callboard.job.inference import InferenceRunner, inference_main
 
 EXIT_BOOT_FAILED: Final = 5
@@ -207,6 +207,8 @@ def main(argv: list[str]) -> int:
     if code:
         return code
     prepare_for_forks()
+    if zygote._config is not None and zygote._config.start_method == START_FORK:
+        rehearse(zygote._config.log_level)
     # Everything imported so far is shared with every child: moved out of the collector's
     # reach, a child's first full collection does not touch (and copy) those pages.
     gc.collect()

@@ -90,3 +90,19 @@ async def reports_its_process(ctx: JobContext) -> None:
     }
     with open(os.environ["CALLBOARD_TEST_PROCESS_OUT"], "a") as f:  # noqa: ASYNC230
         f.write(json.dumps(line) + "\n")
+
+
+CALLS_OUT_ENV = "CALLBOARD_TEST_CALLS_OUT"
+
+
+def _record_call(what: str) -> None:
+    with open(os.environ[CALLS_OUT_ENV], "a") as out:
+        out.write(f"{what} {os.getpid()}\n")
+
+
+def recording_prewarm(proc: JobProcess) -> None:
+    _record_call("prewarm")
+
+
+async def recording_entry(ctx: JobContext) -> None:
+    _record_call("entry")

@@ -213,6 +213,29 @@ async def test_the_zygote_is_single_threaded(server: EmbeddedServer) -> None:
         assert zygote.num_threads() == 1
 
 
+async def test_the_zygote_rehearses_a_job_without_running_user_code(
+    server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The zygote runs one no-op job through the job-process path before it forks (so that
+    state is shared, not rebuilt in every child); the agent's prewarm and entrypoint must still
+    run only in job processes, once per process and once per job."""
+    out = tmp_path / "calls.txt"
+    monkeypatch.setenv(agents.CALLS_OUT_ENV, str(out))
+    async with process_worker(
+        server, agents.recording_entry, prewarm_fnc=agents.recording_prewarm
+    ) as worker:
+        await until(lambda: worker.executor.idle_count == 2, "the warm pool")
+        zygote_pid = worker.executor.process_pids()[0]
+        async with api_client(server) as lk:
+            state = await dispatch_and_wait(lk, "call-rehearsed")
+    assert state.status == agent.JS_SUCCESS, state.error
+    calls = [line.split() for line in out.read_text().splitlines()]
+    assert [what for what, _ in calls].count("entry") == 1, calls
+    assert all(int(pid) != zygote_pid for _, pid in calls), calls
+    entry_pid = next(pid for what, pid in calls if what == "entry")
+    assert ["prewarm", entry_pid] in calls
+
+
 async def test_forked_processes_reseed_randomness_and_keep_only_their_descriptors(
     server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
