@@ -107,6 +107,8 @@ class ChildSpec:
     log_level: int
     shutdown_timeout: float
     zygote_pid: int
+    rehearse_job_start: bool = False
+    """A warm-pool process: rehearse a job start while idle (see _rehearse_job_start)."""
 
 
 def child_main(sock: socket.socket, spec: ChildSpec) -> int:
@@ -189,6 +191,8 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
             spec.prewarm(proc)
         except Exception as e:
             error = f"prewarm_fnc raised {type(e).__name__}: {e}\n{traceback.format_exc()}"
+    if spec.rehearse_job_start and not error:
+        await _rehearse_job_start(spec.shutdown_timeout)
     writer.write(ipc.encode(ipc.Initialized(os.getpid(), error)))
     await writer.drain()
     if error:
@@ -264,13 +268,27 @@ def rehearse(log_level: int) -> None:
         asyncio.set_event_loop_policy(None)
 
 
+def _rehearsal_start() -> bytes:
+    job = agent.Job(id=REHEARSAL_JOB_ID, type=agent.JT_ROOM, room=models.Room(name="rehearsal"))
+    info = RunningJobInfo(JobAcceptArguments("", "", ""), job, "ws://127.0.0.1", "", "")
+    return ipc.encode(ipc.StartJob.of(info))
+
+
+async def _rehearse_job_start(shutdown_timeout: float) -> None:
+    """A warm process runs a no-op job start (decode, context, runner) while it is idle: the
+    pages that path writes are copied from the zygote now, not when a call is waiting."""
+    start = ipc.decode(_rehearsal_start())
+    assert isinstance(start, ipc.StartJob)
+    proc = JobProcess(executor_type=JobExecutorType.PROCESS)
+    ctx = JobContext(proc=proc, info=start.running_info())
+    await run_job(ctx, _rehearsal_entrypoint, shutdown_timeout)
+
+
 async def _rehearse(spec: ChildSpec) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     serving = asyncio.ensure_future(_serve(theirs, spec))
     reader, writer = await asyncio.open_unix_connection(sock=ours)
-    job = agent.Job(id=REHEARSAL_JOB_ID, type=agent.JT_ROOM, room=models.Room(name="rehearsal"))
-    info = RunningJobInfo(JobAcceptArguments("", "", ""), job, "ws://127.0.0.1", "", "")
-    writer.write(ipc.encode(ipc.Ping(time.time())) + ipc.encode(ipc.StartJob.of(info)))
+    writer.write(ipc.encode(ipc.Ping(time.time())) + _rehearsal_start())
     while not isinstance(await ipc.read_message(reader), (ipc.JobDone, type(None))):
         pass
     writer.close()

@@ -152,6 +152,8 @@ FORK_INFERENCE: Final = "inference"
 class ForkRequest(Message):
     token: int
     kind: str = FORK_JOB
+    warm: bool = False
+    """For the warm pool: the job process rehearses a job start before it reports ready."""
 
 
 @register(23)

@@ -40,6 +40,10 @@ MAX_CONSECUTIVE_INIT_FAILURES: Final = 5
 """After this many prewarm failures in a row the pool stops prefilling (no crash loop)."""
 LAUNCH_ATTEMPTS: Final = 3
 INFERENCE_READY_POLL_S: Final = 0.02
+REFILL_QUIET_S: Final = 0.05
+REFILL_MAX_DELAY_S: Final = 1.0
+"""The warm pool refills once launches pause, and a steady stream of calls still gets a
+refill at least this often."""
 
 
 def _can_connect(address: str) -> bool:
@@ -80,6 +84,7 @@ class ProcessExecutor:
         self._filler: asyncio.Task[None] | None = None
         self._pending_exits: dict[int, int] = {}
         self._inference_pid = 0
+        self._last_launch = 0.0
 
     @classmethod
     def from_options(cls, r: ResolvedOptions) -> ProcessExecutor:
@@ -120,12 +125,13 @@ class ProcessExecutor:
         attempt = 1
         while proc is None:
             try:
-                proc = await self._new_process()
+                proc = await self._new_process(warm=False)
             except ProcessInitError:
                 if attempt >= LAUNCH_ATTEMPTS:
                     raise
                 attempt += 1
         proc.launch(info)
+        self._last_launch = asyncio.get_running_loop().time()
         self._wake.set()
         return proc
 
@@ -178,10 +184,10 @@ class ProcessExecutor:
                 return proc
         return None
 
-    async def _new_process(self) -> JobProcessHandle:
+    async def _new_process(self, warm: bool) -> JobProcessHandle:
         self._starting += 1
         try:
-            pid, sock = await self._zygote.fork()
+            pid, sock = await self._zygote.fork(warm=warm)
             if sock is None:
                 raise ZygoteError("zygote sent no channel for a job process")
             proc = JobProcessHandle(pid, sock, self._limits)
@@ -212,19 +218,31 @@ class ProcessExecutor:
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
+            await self._after_launches()
             while (
                 len(self._idle) + self._starting < self._target_idle
                 and self._init_failures < MAX_CONSECUTIVE_INIT_FAILURES
                 and not self._closing
             ):
                 with contextlib.suppress(ProcessInitError):
-                    self._idle.append(await self._new_process())
+                    self._idle.append(await self._new_process(warm=True))
             if self._init_failures >= MAX_CONSECUTIVE_INIT_FAILURES:
                 log.error(
                     "prewarm keeps failing: the pool stops prefilling; jobs still get fresh "
                     "processes. Fix prewarm_fnc.",
                     extra={"failures": self._init_failures},
                 )
+
+    async def _after_launches(self) -> None:
+        """Wait until no job has been launched for REFILL_QUIET_S (at most REFILL_MAX_DELAY_S):
+        a fork started right away would take the CPU from the job process that is just
+        starting its entrypoint."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REFILL_MAX_DELAY_S
+        while (wait := self._last_launch + REFILL_QUIET_S - loop.time()) > 0:
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(wait)
 
     async def _start_inference(self) -> None:
         pid, _ = await self._zygote.fork(ipc.FORK_INFERENCE)

@@ -110,9 +110,9 @@ class Zygote:
                 if isinstance(msg, ipc.ForkRequest) and msg.kind == ipc.FORK_INFERENCE:
                     self._fork_inference(msg.token)
                 elif isinstance(msg, ipc.ForkRequest):
-                    self._fork(msg.token)
+                    self._fork(msg.token, msg.warm)
 
-    def _fork(self, token: int) -> None:
+    def _fork(self, token: int, warm: bool) -> None:
         assert self._config is not None and self._entry is not None
         if self._config.start_method == START_SPAWN:
             self._spawn(token, inference=False)
@@ -132,6 +132,7 @@ class Zygote:
                     self._config.log_level,
                     self._config.shutdown_timeout,
                     zygote_pid,
+                    rehearse_job_start=warm,
                 )
                 code = child_main(child_end, spec)
             finally:

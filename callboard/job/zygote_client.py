@@ -123,8 +123,11 @@ class ZygoteClient:
                 fut.set_exception(ZygoteError("zygote exited"))
         self._forks.clear()
 
-    async def fork(self, kind: str = ipc.FORK_JOB) -> tuple[int, socket.socket | None]:
-        """A new child of the zygote: its pid and, for a job process, the worker's socket."""
+    async def fork(
+        self, kind: str = ipc.FORK_JOB, warm: bool = False
+    ) -> tuple[int, socket.socket | None]:
+        """A new child of the zygote: its pid and, for a job process, the worker's socket;
+        `warm`: a process for the warm pool (see ipc.ForkRequest)."""
         if self._control is None:
             raise ZygoteError("zygote is not running")
         self._token += 1
@@ -133,7 +136,7 @@ class ZygoteClient:
         )
         self._forks[self._token] = fut
         try:
-            self._control.send(ipc.encode(ipc.ForkRequest(self._token, kind)))
+            self._control.send(ipc.encode(ipc.ForkRequest(self._token, kind, warm)))
         except OSError as e:
             self._forks.pop(self._token, None)
             raise ZygoteError(f"zygote unreachable: {e}") from None

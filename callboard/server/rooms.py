@@ -207,7 +207,13 @@ class RoomRegistry:
             deployment=req.deployment,
             attributes=req.attributes,
         )
-        return self._add_dispatch(state, dispatch)
+        self._add_dispatch(state, dispatch)
+        answer = agent_dispatch.AgentDispatch()
+        answer.CopyFrom(dispatch)
+        # one turn of the loop: the job's offer goes out before this answer (which shows the
+        # dispatch as created), since a worker waits for the offer and only the caller for this
+        await asyncio.sleep(0)
+        return answer
 
     def _add_dispatch(
         self, state: RoomState, dispatch: agent_dispatch.AgentDispatch
