@@ -42,6 +42,7 @@ RECORD_ENV: Final = "BENCH_RECORD"
 AGENT_NAME_ENV: Final = "BENCH_AGENT_NAME"
 LOAD_THRESHOLD_ENV: Final = "BENCH_LOAD_THRESHOLD"
 ZERO_LOAD_ENV: Final = "BENCH_ZERO_LOAD"
+NUM_IDLE_ENV: Final = "BENCH_NUM_IDLE"
 
 REGISTER_TIMEOUT_S: Final = 60.0
 STOP_GRACE_S: Final = 5.0
@@ -133,6 +134,7 @@ class AgentProcess:
         workdir: Path,
         load_threshold: str | None = None,
         zero_load: bool = False,
+        num_idle: int | None = None,
     ) -> None:
         if side not in SIDES or mode not in MODES:
             raise ValueError(f"unknown side {side!r} or mode {mode!r}")
@@ -158,6 +160,8 @@ class AgentProcess:
             env[LOAD_THRESHOLD_ENV] = load_threshold
         if zero_load:
             env[ZERO_LOAD_ENV] = "1"
+        if num_idle is not None:
+            env[NUM_IDLE_ENV] = str(num_idle)
         script = AGENTS_DIR / f"{side}_agent.py"
         with open(self.log_path, "wb") as log_file:
             self.spawned_at = time.time()

@@ -82,10 +82,14 @@ class Scenario:
     """Report a load of 0 (BENCH_ZERO_LOAD): the server then never refuses for load."""
     singles: bool
     memory: bool
+    pool: int | None = None
+    """BENCH_NUM_IDLE: a warm pool of this size instead of the framework's default."""
+    sides: tuple[str, ...] = SIDES
 
     @property
     def label(self) -> str:
-        return f"{self.mode}, {'unlimited' if self.unlimited else 'default load'}"
+        pool = f", warm pool {self.pool}" if self.pool is not None else ""
+        return f"{self.mode}, {'unlimited' if self.unlimited else 'default load'}{pool}"
 
     @property
     def unlimited(self) -> bool:
@@ -100,6 +104,7 @@ class Options:
     burst_runs: int = 1
     memory_jobs: int = 10
     default_threshold: bool = True
+    sized_pool: bool = True
     keep_logs: bool = False
     timeout: float = 1200.0
     json: bool = False
@@ -111,6 +116,9 @@ class Options:
         ]
         if self.default_threshold:
             out.append(Scenario("start", None, False, False, False))
+        if self.sized_pool:
+            # ours only: livekit-agents' idle processes weigh ~150 MB PSS each
+            out.append(Scenario("start", "inf", True, False, False, max(self.bursts), ("ours",)))
         return out
 
 
@@ -144,7 +152,7 @@ class JobsBench:
         self._workers += 1
         name = f"jobs-{side}-{sc.mode}-{self._workers}"
         worker = AgentProcess(
-            side, sc.mode, self.server, name, self.workdir, sc.threshold, sc.zero_load
+            side, sc.mode, self.server, name, self.workdir, sc.threshold, sc.zero_load, sc.pool
         )
         try:
             await wait_registered(self.log, worker, REGISTER_TIMEOUT_S)
@@ -240,6 +248,8 @@ class JobsBench:
         for i, size in enumerate(runs):
             worker = await self.start_worker(side, sc)
             try:
+                if i == 0 and sc.pool is not None:
+                    out.idle = worker.memory()
                 if i == 0 and sc.singles:
                     await self.singles(worker, out)
                     shown = ", ".join(f"{v:.1f}" for v in out.singles_ms)
@@ -255,7 +265,7 @@ class JobsBench:
     async def run(self) -> None:
         for k, sc in enumerate(self.opts.scenarios()):
             print(f"scenario: {sc.label}", flush=True)
-            for side in SIDES if k % 2 == 0 else SIDES[::-1]:
+            for side in sc.sides if k % 2 == 0 else sc.sides[::-1]:
                 self.results[(sc, side)] = await self.run_side(side, sc)
 
 
@@ -267,7 +277,8 @@ def rows(bench: JobsBench) -> list[Row]:
     out: list[Row] = []
     opts = bench.opts
     for sc in opts.scenarios():
-        ours, theirs = bench.results[(sc, "ours")], bench.results[(sc, "theirs")]
+        ours = bench.results[(sc, "ours")]
+        theirs = bench.results.get((sc, "theirs"), SideResult())
         if sc.singles:
             out.append(
                 Row(
@@ -284,6 +295,20 @@ def rows(bench: JobsBench) -> list[Row]:
             )
         if sc.memory:
             out += memory_rows(ours, theirs, opts.memory_jobs)
+        if sc.pool is not None:
+            theirs_default = next(
+                (r for (s, side), r in bench.results.items() if s.memory and side == "theirs"),
+                None,
+            )
+            theirs_idle = theirs_default.idle if theirs_default is not None else None
+            out.append(
+                Row(
+                    f"idle tree PSS, ours with a warm pool of {sc.pool} (theirs: default pool)",
+                    _mem(ours.idle, "pss_mb"),
+                    _mem(theirs_idle, "pss_mb"),
+                    "MB",
+                )
+            )
     return out
 
 
@@ -438,6 +463,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="skip the bursts with the default production load_threshold",
     )
     p.add_argument(
+        "--no-sized-pool",
+        action="store_true",
+        help="skip the bursts (ours only) with a warm pool as large as the largest burst",
+    )
+    p.add_argument(
         "--timeout", type=float, default=1200.0, help="overall limit in seconds (default 1200)"
     )
     p.add_argument(
@@ -455,6 +485,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         burst_runs=a.burst_runs,
         memory_jobs=a.memory_jobs,
         default_threshold=not a.no_default_threshold,
+        sized_pool=not a.no_sized_pool,
         keep_logs=a.keep_logs,
         timeout=a.timeout,
         json=a.json,

@@ -12,8 +12,10 @@ metadata (absent or null: until the job is terminated) and ends it with `ctx.shu
 BENCH_LOAD_THRESHOLD, when set (a float, or `inf`), replaces the framework's load_threshold
 default (0.7 in production, inf in dev). BENCH_ZERO_LOAD=1 reports a load of 0 instead of the
 machine's CPU use: a worker reporting a load of 1.0 gets no job from the server whatever its
-threshold (LiveKit's rule), and this machine's CPU is shared. The worker's HTTP server listens
-on 127.0.0.1, on a free port, and a drain after SIGTERM waits at most 1 s for running jobs.
+threshold (LiveKit's rule), and this machine's CPU is shared. BENCH_NUM_IDLE, when set,
+replaces the framework's num_idle_processes default (the warm pool's size). The worker's HTTP
+server listens on 127.0.0.1, on a free port, and a drain after SIGTERM waits at most 1 s for
+running jobs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ RECORD_ENV = "BENCH_RECORD"
 AGENT_NAME_ENV = "BENCH_AGENT_NAME"
 LOAD_THRESHOLD_ENV = "BENCH_LOAD_THRESHOLD"
 ZERO_LOAD_ENV = "BENCH_ZERO_LOAD"
+NUM_IDLE_ENV = "BENCH_NUM_IDLE"
 DRAIN_TIMEOUT_S = 1
 
 
@@ -72,6 +75,8 @@ def options() -> WorkerOptions:
     extra: dict[str, Any] = {}
     if os.environ.get(LOAD_THRESHOLD_ENV):
         extra["load_threshold"] = float(os.environ[LOAD_THRESHOLD_ENV])
+    if os.environ.get(NUM_IDLE_ENV):
+        extra["num_idle_processes"] = int(os.environ[NUM_IDLE_ENV])
     if os.environ.get(ZERO_LOAD_ENV) == "1":
         extra["load_fnc"] = zero_load
     return WorkerOptions(
