@@ -333,6 +333,7 @@ class Dispatcher:
         self._server = server
         self._log = log
         self._runs = 0
+        self._conns: list[HttpConnection] = []
 
     def prepare(
         self, worker: AgentProcess, count: int, hold: float | None, gc: bool = False
@@ -359,8 +360,10 @@ class Dispatcher:
 
         Each connection first creates its room (untimed): the clock covers the dispatch to a
         room that exists (the caller is in it), not the server accepting a connection or
-        opening a room."""
+        opening a room. The connections stay open until `wait` returns: closing them at once
+        would put the server's connection teardown in the middle of the dispatches measured."""
         conns = [await HttpConnection.open(LOOPBACK, self._server.port) for _ in dispatches]
+        self._conns += conns
         for d, c in zip(dispatches, conns, strict=True):
             status, _ = await c.request(d.warm_up)
             if status != 200:
@@ -373,14 +376,27 @@ class Dispatcher:
 
         try:
             await asyncio.gather(*(one(d, c) for d, c in zip(dispatches, conns, strict=True)))
-        finally:
-            for c in conns:
-                c.close()
+        except BaseException:
+            self._close_connections()
+            raise
+
+    def _close_connections(self) -> None:
+        for c in self._conns:
+            c.close()
+        self._conns.clear()
 
     async def wait(
         self, worker: AgentProcess, dispatches: Sequence[Dispatch], timeout: float
     ) -> None:
         """Until every dispatch's entrypoint started or its job ended without starting."""
+        try:
+            await self._wait_started(worker, dispatches, timeout)
+        finally:
+            self._close_connections()
+
+    async def _wait_started(
+        self, worker: AgentProcess, dispatches: Sequence[Dispatch], timeout: float
+    ) -> None:
         by_meta = {d.metadata: d for d in dispatches}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

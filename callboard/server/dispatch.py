@@ -201,12 +201,12 @@ class DispatchEngine:
         fut: asyncio.Future[agent.AvailabilityResponse] = asyncio.get_running_loop().create_future()
         worker.pending[rec.id] = fut
         rec.job.state.worker_id = worker.id
-        if log.isEnabledFor(logging.INFO):
-            log.info("job offered", extra={**rec.log_fields, "worker_id": worker.id})
         try:
             await worker.send(
                 agent.ServerMessage(availability=agent.AvailabilityRequest(job=rec.job))
             )
+            if log.isEnabledFor(logging.INFO):
+                log.info("job offered", extra={**rec.log_fields, "worker_id": worker.id})
             return await asyncio.wait_for(fut, self._config.availability_timeout)
         except TimeoutError:
             log.warning(

@@ -96,7 +96,6 @@ class Worker:
         self._offers: dict[str, Offer] = {}
         self._stop_on_start: set[str] = set()
         """Assigned jobs the server terminated while they were still launching."""
-        """Jobs started within the load average's window, by id: their load is not visible yet."""
         self._reported: tuple[int, int] | None = None
         """(status, job_count) of the last UpdateWorkerStatus sent."""
         self._load = LoadTracker(self._opts.load_fnc, self, LOAD_SAMPLE_INTERVAL_S, LOAD_SAMPLES)
