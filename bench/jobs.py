@@ -99,7 +99,7 @@ class Scenario:
 
 @dataclass
 class Options:
-    trials: int = 5
+    trials: int = 15
     bursts: tuple[int, ...] = (10, 50)
     burst_runs: int = 1
     memory_jobs: int = 10
@@ -442,7 +442,7 @@ async def run(opts: Options) -> JobsBench:
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench.jobs", description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=5, help="single jobs per side and mode (5)")
+    p.add_argument("--trials", type=int, default=15, help="single jobs per side and mode (15)")
     p.add_argument("--bursts", default="10,50", help="burst sizes, comma-separated (10,50)")
     p.add_argument(
         "--burst-runs",
