@@ -7,11 +7,13 @@ tokens and API secrets never reach a log sink.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, Final, Literal
 
 LogFormat = Literal["json", "pretty"]
@@ -49,6 +51,19 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
+
+
+@contextlib.contextmanager
+def root_logging_kept() -> Iterator[None]:
+    """Put the root logger's handlers and level back afterwards, for code that installs its
+    own (a job process's IPC handler, the CLI's handler in tests)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:

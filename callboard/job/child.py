@@ -35,7 +35,7 @@ from callboard.job.context import (
 )
 from callboard.job.inference import InferenceClient, InferenceRunner, socket_name
 from callboard.job.runner import Entrypoint, run_job
-from callboard.log import extra_fields
+from callboard.log import extra_fields, root_logging_kept
 
 EXIT_OK: Final = 0
 EXIT_PREWARM_FAILED: Final = 3
@@ -254,17 +254,11 @@ def rehearse(log_level: int) -> None:
     specialisation state, is then settled in the zygote's memory and shared by every child,
     instead of being written (and copied page by page) in each one. The user's code does not
     run: the entrypoint is a no-op and there is no prewarm."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     spec = ChildSpec(_rehearsal_entrypoint, None, log_level, 1.0, os.getpid())
     try:
-        asyncio.run(_rehearse(spec))
+        with root_logging_kept():
+            asyncio.run(_rehearse(spec))
     finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in handlers:
-            root.addHandler(h)
-        root.setLevel(level)
         asyncio.set_event_loop_policy(None)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import socket
@@ -17,6 +16,7 @@ import aiohttp
 import pytest
 
 from callboard.cli import EXIT_OK, EXIT_USAGE, main
+from callboard.log import root_logging_kept
 from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, KEYS_ENV
 from callboard.simworker import SimWorker
 
@@ -27,11 +27,8 @@ STOP_DEADLINE_S: Final = 5.0
 @pytest.fixture(autouse=True)
 def restore_root_logger() -> Iterator[None]:
     """`main` installs its log handler on the root logger; put the test's logging back."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    with root_logging_kept():
+        yield
 
 
 @pytest.fixture(autouse=True)

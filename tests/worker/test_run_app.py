@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -23,6 +22,7 @@ import pytest
 from livekit.protocol import agent
 
 from callboard.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, app_main
+from callboard.log import root_logging_kept
 from callboard.server.app import EmbeddedServer, run_server
 from callboard.server.config import ServerConfig
 from callboard.simworker import SimWorker
@@ -48,11 +48,8 @@ EXIT_DEADLINE_S: Final = 15.0
 @pytest.fixture(autouse=True)
 def restore_root_logger() -> Iterator[None]:
     """`app_main` installs its log handler on the root logger; put the test's logging back."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    with root_logging_kept():
+        yield
 
 
 @pytest.fixture
