@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import aiohttp
 
@@ -45,3 +45,37 @@ async def twirp_request(
     data = body.encode() if isinstance(body, str) else body
     async with session.request(method, url, data=data, headers=headers) as resp:
         return Reply(resp.status, resp.content_type, await resp.read())
+
+
+class HasHttpUrl(Protocol):
+    @property
+    def http_url(self) -> str: ...
+
+
+S = TypeVar("S", bound=HasHttpUrl)
+
+
+@dataclass
+class TwirpClient(Generic[S]):
+    """Raw Twirp calls to `server` (any server with an `http_url`) over one aiohttp session."""
+
+    server: S
+    session: aiohttp.ClientSession
+
+    async def call(
+        self,
+        path: str,
+        body: bytes | str = b"{}",
+        *,
+        token: str | None = None,
+        content_type: str = JSON,
+        method: str = "POST",
+    ) -> Reply:
+        return await twirp_request(
+            self.session,
+            self.server.http_url + path,
+            body,
+            token=token,
+            content_type=content_type,
+            method=method,
+        )

@@ -7,7 +7,6 @@ import asyncio
 import json
 import shutil
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
@@ -18,7 +17,7 @@ from livekit.protocol import models, room
 from tests.interop.conftest import CALLBOARD, LIVEKIT_SERVER
 from tests.interop.livekit_server import API_KEY, ServerProcess
 from tests.interop.support import token, unique
-from tests.twirp_http import JSON, PROTOBUF, Reply, twirp_request
+from tests.twirp_http import JSON, PROTOBUF, TwirpClient
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60, func_only=True)]
 
@@ -27,28 +26,7 @@ DISPATCH_SERVICE: Final = "/twirp/livekit.AgentDispatchService/"
 CURL_TIMEOUT_S: Final = 20.0
 
 
-@dataclass
-class Http:
-    server: ServerProcess
-    session: aiohttp.ClientSession
-
-    async def post(
-        self,
-        path: str,
-        body: bytes | str = b"{}",
-        *,
-        bearer: str | None = None,
-        content_type: str = JSON,
-        method: str = "POST",
-    ) -> Reply:
-        return await twirp_request(
-            self.session,
-            self.server.http_url + path,
-            body,
-            token=bearer,
-            content_type=content_type,
-            method=method,
-        )
+Http = TwirpClient[ServerProcess]
 
 
 @pytest.fixture
@@ -96,10 +74,10 @@ async def test_seed_curl_creates_a_room(lk_server: ServerProcess) -> None:
 async def test_protobuf_create_and_list_rooms(http: Http) -> None:
     name = unique("pb")
     req = room.CreateRoomRequest(name=name, metadata="pb-md", empty_timeout=11)
-    reply = await http.post(
+    reply = await http.call(
         ROOM_SERVICE + "CreateRoom",
         req.SerializeToString(),
-        bearer=token(room_create=True),
+        token=token(room_create=True),
         content_type=PROTOBUF,
     )
     assert (reply.status, reply.content_type) == (200, PROTOBUF), reply.body
@@ -108,10 +86,10 @@ async def test_protobuf_create_and_list_rooms(http: Http) -> None:
     assert (created.name, created.metadata, created.empty_timeout) == (name, "pb-md", 11)
     assert created.departure_timeout == 20
 
-    reply = await http.post(
+    reply = await http.call(
         ROOM_SERVICE + "ListRooms",
         room.ListRoomsRequest(names=[name]).SerializeToString(),
-        bearer=token(room_list=True),
+        token=token(room_list=True),
         content_type=PROTOBUF,
     )
     assert (reply.status, reply.content_type) == (200, PROTOBUF), reply.body
@@ -125,7 +103,7 @@ async def test_json_names_in_and_out(http: Http) -> None:
     body = json.dumps(
         {"name": unique("json"), "emptyTimeout": 7, "departure_timeout": 3, "no_such_field": 1}
     )
-    reply = await http.post(ROOM_SERVICE + "CreateRoom", body, bearer=token(room_create=True))
+    reply = await http.call(ROOM_SERVICE + "CreateRoom", body, token=token(room_create=True))
     assert (reply.status, reply.content_type) == (200, JSON), reply.body
     created = reply.json()
     assert (created["empty_timeout"], created["departure_timeout"]) == (7, 3)
@@ -155,7 +133,7 @@ async def test_missing_grant_is_unauthenticated(
     http: Http, method: str, service: str, body: dict[str, Any], grants: dict[str, Any]
 ) -> None:
     """livekit-server answers `permissions denied`; callboard adds which grant is missing."""
-    reply = await http.post(service + method, json.dumps(body), bearer=token(**grants))
+    reply = await http.call(service + method, json.dumps(body), token=token(**grants))
     status, code, msg = reply.twirp_error()
     assert (status, code) == (401, "unauthenticated")
     if http.server.kind == LIVEKIT_SERVER:
@@ -165,7 +143,7 @@ async def test_missing_grant_is_unauthenticated(
 
 
 async def test_no_token_is_unauthenticated(http: Http) -> None:
-    reply = await http.post(ROOM_SERVICE + "ListRooms")
+    reply = await http.call(ROOM_SERVICE + "ListRooms")
     status, code, msg = reply.twirp_error()
     assert (status, code) == (401, "unauthenticated")
     assert msg.startswith("permissions denied")
@@ -179,7 +157,7 @@ async def test_token_with_a_wrong_secret_is_refused(http: Http) -> None:
         .with_grants(api.VideoGrants(room_list=True))
         .to_jwt()
     )
-    reply = await http.post(ROOM_SERVICE + "ListRooms", bearer=forged)
+    reply = await http.call(ROOM_SERVICE + "ListRooms", token=forged)
     assert reply.status == 401
     if http.server.kind == LIVEKIT_SERVER:
         assert reply.content_type == "text/plain"
@@ -196,8 +174,8 @@ async def test_token_with_a_wrong_secret_is_refused(http: Http) -> None:
     ids=["json", "protobuf"],
 )
 async def test_undecodable_body_is_malformed(http: Http, body: bytes, content_type: str) -> None:
-    reply = await http.post(
-        ROOM_SERVICE + "CreateRoom", body, bearer=token(room_create=True), content_type=content_type
+    reply = await http.call(
+        ROOM_SERVICE + "CreateRoom", body, token=token(room_create=True), content_type=content_type
     )
     status, code, _ = reply.twirp_error()
     assert (status, code) == (400, "malformed")
@@ -215,10 +193,10 @@ async def test_undecodable_body_is_malformed(http: Http, body: bytes, content_ty
 async def test_bad_route_names_the_route_in_meta(
     http: Http, path: str, method: str, content_type: str
 ) -> None:
-    reply = await http.post(
+    reply = await http.call(
         path,
         b"{}",
-        bearer=token(room_create=True),
+        token=token(room_create=True),
         content_type=content_type,
         method=method,
     )
@@ -230,8 +208,8 @@ async def test_bad_route_names_the_route_in_meta(
 async def test_empty_room_name(http: Http) -> None:
     """Pinned difference: livekit-server creates a room named "" (with a sid); callboard refuses
     the request as invalid_argument."""
-    reply = await http.post(
-        ROOM_SERVICE + "CreateRoom", b'{"name": ""}', bearer=token(room_create=True)
+    reply = await http.call(
+        ROOM_SERVICE + "CreateRoom", b'{"name": ""}', token=token(room_create=True)
     )
     if http.server.kind == CALLBOARD:
         status, code, _ = reply.twirp_error()
@@ -249,11 +227,11 @@ async def test_dispatch_calls_on_a_missing_room(http: Http) -> None:
     name = unique("missing")
     grants = token(room_admin=True, room=name)
     listed, deleted = await asyncio.gather(
-        http.post(DISPATCH_SERVICE + "ListDispatch", json.dumps({"room": name}), bearer=grants),
-        http.post(
+        http.call(DISPATCH_SERVICE + "ListDispatch", json.dumps({"room": name}), token=grants),
+        http.call(
             DISPATCH_SERVICE + "DeleteDispatch",
             json.dumps({"room": name, "dispatch_id": "AD_nonexistent1"}),
-            bearer=grants,
+            token=grants,
         ),
     )
     if http.server.kind == CALLBOARD:
@@ -266,13 +244,13 @@ async def test_dispatch_calls_on_a_missing_room(http: Http) -> None:
 
 async def test_delete_unknown_dispatch_of_an_existing_room_is_not_found(http: Http) -> None:
     name = unique("unknown-dispatch")
-    created = await http.post(
-        ROOM_SERVICE + "CreateRoom", json.dumps({"name": name}), bearer=token(room_create=True)
+    created = await http.call(
+        ROOM_SERVICE + "CreateRoom", json.dumps({"name": name}), token=token(room_create=True)
     )
     assert created.status == 200
-    reply = await http.post(
+    reply = await http.call(
         DISPATCH_SERVICE + "DeleteDispatch",
         json.dumps({"room": name, "dispatch_id": "AD_nonexistent1"}),
-        bearer=token(room_admin=True, room=name),
+        token=token(room_admin=True, room=name),
     )
     assert reply.twirp_error()[:2] == (404, "not_found")

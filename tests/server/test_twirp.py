@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
@@ -17,34 +16,13 @@ from callboard.server.app import EmbeddedServer
 from callboard.server.config import MAX_TWIRP_BODY_BYTES
 from tests.conftest import API_KEY, API_SECRET
 from tests.server.support import grant_token, wait_until
-from tests.twirp_http import JSON, PROTOBUF, Reply, twirp_request
+from tests.twirp_http import JSON, PROTOBUF, Reply, TwirpClient
 
 ROOM_SERVICE: Final = "/twirp/livekit.RoomService/"
 DISPATCH_SERVICE: Final = "/twirp/livekit.AgentDispatchService/"
 
 
-@dataclass
-class Twirp:
-    server: EmbeddedServer
-    http: aiohttp.ClientSession
-
-    async def call(
-        self,
-        path: str,
-        body: bytes | str = b"{}",
-        *,
-        token: str | None = None,
-        content_type: str = JSON,
-        method: str = "POST",
-    ) -> Reply:
-        return await twirp_request(
-            self.http,
-            self.server.http_url + path,
-            body,
-            token=token,
-            content_type=content_type,
-            method=method,
-        )
+Twirp = TwirpClient[EmbeddedServer]
 
 
 @pytest.fixture
@@ -144,7 +122,7 @@ async def test_chunked_body_over_the_limit_is_malformed_not_internal(twirp: Twir
         for _ in range(MAX_TWIRP_BODY_BYTES // (64 * 1024) + 1):
             yield b" " * (64 * 1024)
 
-    async with twirp.http.post(
+    async with twirp.session.post(
         twirp.server.http_url + ROOM_SERVICE + "CreateRoom",
         data=chunks(),
         headers={"Content-Type": JSON, "Authorization": f"Bearer {token(**ADMIN)}"},
