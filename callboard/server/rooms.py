@@ -127,18 +127,7 @@ class RoomRegistry:
         state = self._new_room(req)
         agents = list(req.agents) or [agent_dispatch.RoomAgentDispatch()]
         for spec in agents:
-            self._add_dispatch(
-                state,
-                agent_dispatch.AgentDispatch(
-                    id=new_id(DISPATCH_PREFIX),
-                    agent_name=spec.agent_name,
-                    room=req.name,
-                    metadata=spec.metadata,
-                    restart_policy=spec.restart_policy,
-                    deployment=spec.deployment,
-                    attributes=spec.attributes,
-                ),
-            )
+            self._add_dispatch(state, _new_dispatch(req.name, spec))
         return state
 
     def _new_room(self, req: room.CreateRoomRequest) -> RoomState:
@@ -198,15 +187,7 @@ class RoomRegistry:
         state = self._rooms.get(req.room)
         if state is None:
             state = self._open_room(room.CreateRoomRequest(name=req.room))
-        dispatch = agent_dispatch.AgentDispatch(
-            id=new_id(DISPATCH_PREFIX),
-            agent_name=req.agent_name,
-            room=req.room,
-            metadata=req.metadata,
-            restart_policy=req.restart_policy,
-            deployment=req.deployment,
-            attributes=req.attributes,
-        )
+        dispatch = _new_dispatch(req.room, req)
         self._add_dispatch(state, dispatch)
         answer = agent_dispatch.AgentDispatch()
         answer.CopyFrom(dispatch)
@@ -280,3 +261,19 @@ class RoomRegistry:
     ) -> None:
         for job in dispatch.state.jobs:
             await self._engine.terminate(job.id, why, reason)
+
+
+def _new_dispatch(
+    room_name: str,
+    spec: agent_dispatch.RoomAgentDispatch | agent_dispatch.CreateAgentDispatchRequest,
+) -> agent_dispatch.AgentDispatch:
+    """A new dispatch of `spec`'s agent to `room_name` (from a room's config or CreateDispatch)."""
+    return agent_dispatch.AgentDispatch(
+        id=new_id(DISPATCH_PREFIX),
+        agent_name=spec.agent_name,
+        room=room_name,
+        metadata=spec.metadata,
+        restart_policy=spec.restart_policy,
+        deployment=spec.deployment,
+        attributes=spec.attributes,
+    )
