@@ -222,11 +222,14 @@ class Caller:
         for _, client in self._clients:
             await client.aclose()
 
-    async def place(self, hold: float | None, via: int | None = None) -> Call:
-        """One call held `hold` s (None: until terminated), via node `via` or the next one."""
+    async def place(
+        self, hold: float | None, via: int | None = None, room: str | None = None
+    ) -> Call:
+        """One call held `hold` s (None: until terminated), via node `via` or the next one,
+        into a new room or into `room`."""
         live = [(n, c) for n, c in self._clients if n.running]
         node, client = self._clients[via] if via is not None else live[len(self.calls) % len(live)]
-        room = f"{self._prefix}-{len(self.calls)}"
+        room = room or f"{self._prefix}-{len(self.calls)}"
         call = Call(room, node.index, time.time())
         self.calls.append(call)
         try:
@@ -252,13 +255,13 @@ class Caller:
 
 @dataclass
 class Outcome:
-    """What the records say about a set of calls."""
+    """What the records say about a set of calls, each by its dispatch id."""
 
     placed: int
     started: dict[str, dict[str, Any]]
     done: dict[str, dict[str, Any]]
     ended: dict[str, dict[str, Any]]
-    """room → the job's `shutdown` record (every end, natural or not)."""
+    """The job's `shutdown` record (every end, natural or not)."""
 
     @property
     def lost(self) -> int:
@@ -266,16 +269,18 @@ class Outcome:
 
     @property
     def cut_short(self) -> list[str]:
-        return sorted(room for room in self.started if room not in self.done)
+        return sorted(d for d in self.started if d not in self.done)
 
 
 def outcome(calls: Sequence[Call], records: Sequence[dict[str, Any]]) -> Outcome:
-    rooms = {c.room for c in calls}
+    ids = {c.dispatch_id for c in calls if c.dispatch_id}
 
-    def by_room(event: str) -> dict[str, dict[str, Any]]:
-        return {r["room"]: r for r in records if r["event"] == event and r["room"] in rooms}
+    def by_dispatch(event: str) -> dict[str, dict[str, Any]]:
+        return {
+            r["dispatch_id"]: r for r in records if r["event"] == event and r["dispatch_id"] in ids
+        }
 
-    return Outcome(len(calls), by_room("start"), by_room("done"), by_room("shutdown"))
+    return Outcome(len(calls), by_dispatch("start"), by_dispatch("done"), by_dispatch("shutdown"))
 
 
 def running_jobs(records: Sequence[dict[str, Any]], label: str) -> int:

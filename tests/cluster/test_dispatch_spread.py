@@ -58,7 +58,7 @@ async def test_calls_through_any_node_are_spread_by_load_over_workers_of_every_n
     served_across = [
         c.room
         for c in calls
-        if (n := hosts[c.room]) and n.index != home[result.started[c.room]["worker"]]
+        if (n := hosts[c.room]) and n.index != home[result.started[c.dispatch_id]["worker"]]
     ]
     assert served_across, "a room hosted on one node was served by a worker of the other"
     for w in workers:

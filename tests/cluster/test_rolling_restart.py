@@ -81,7 +81,9 @@ async def test_rolling_restart_under_calls_loses_none_and_cuts_none_short(
         fleet.log_tails,
     )
     waits = sorted(
-        result.started[c.room]["time"] - c.sent_at for c in calls if c.room in result.started
+        result.started[c.dispatch_id]["time"] - c.sent_at
+        for c in calls
+        if c.dispatch_id in result.started
     )
     summary = (
         f"placed {result.placed} ({result.placed / (calls[-1].sent_at - calls[0].sent_at):.1f}/s),"

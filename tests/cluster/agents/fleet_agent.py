@@ -38,6 +38,7 @@ def record(event: str, ctx: JobContext, **more: Any) -> None:
     line = {
         "event": event,
         "job_id": ctx.job.id,
+        "dispatch_id": ctx.job.dispatch_id,
         "room": ctx.room_name,
         "worker": os.environ.get(LABEL_ENV, ""),
         "worker_id": ctx.worker_id,
