@@ -17,8 +17,6 @@ from tests.interop.livekit_server import ServerUnavailable
 
 DEFAULT_NODES = 2
 
-pytestmark = [pytest.mark.interop, pytest.mark.realserver]
-
 
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
