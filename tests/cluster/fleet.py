@@ -185,6 +185,24 @@ class Fleet:
                 raise AssertionError(f"worker {worker.label} did not register\n{worker.log_tail()}")
             await asyncio.sleep(POLL_S)
 
+    async def roll(
+        self, workers: list[FleetWorker], homes: Sequence[int], exit_timeout: float
+    ) -> list[int | None]:
+        """Replace each worker in turn the way a Deployment with maxSurge 1 / maxUnavailable
+        0 does: the new one registers, then the old one gets SIGTERM and drains. `workers` is
+        updated in place; returns the old workers' exit codes (None: still running)."""
+        codes: list[int | None] = []
+        for i, old in enumerate(list(workers)):
+            new = self.start(f"{old.label}-next", home=homes[i])
+            await self.registered(new)
+            old.signal(signal.SIGTERM)
+            try:
+                codes.append(await asyncio.to_thread(old.proc.wait, exit_timeout))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+            workers[i] = new
+        return codes
+
     def records(self, event: str | None = None) -> list[dict[str, Any]]:
         return [r for r in read_records(self.record_path) if event is None or r["event"] == event]
 
@@ -243,14 +261,14 @@ class Caller:
             call.error = f"{type(e).__name__}: {e}"
         return call
 
-    async def place_at_rate(self, rate: float, duration: float, hold: float) -> None:
-        """`rate` calls per second for `duration` seconds, on a fixed schedule."""
+    async def place_until(self, stop: asyncio.Event, rate: float, hold: float) -> None:
+        """`rate` calls per second, on a fixed schedule, until `stop` is set."""
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        count = round(rate * duration)
-        for k in range(count):
+        start, k = loop.time(), 0
+        while not stop.is_set():
             await asyncio.sleep(max(0.0, start + k / rate - loop.time()))
             await self.place(hold)
+            k += 1
 
 
 @dataclass

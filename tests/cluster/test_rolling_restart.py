@@ -7,7 +7,6 @@ its calls run to their end) and exits 0. No call may be lost (never started) or 
 from __future__ import annotations
 
 import asyncio
-import signal
 
 from tests.cluster.cluster import Cluster
 from tests.cluster.fleet import Caller, Fleet, FleetWorker, outcome, reporting_matches
@@ -34,21 +33,6 @@ ANSWER_LIMIT_S = 5.0
 REPORT_SETTLE_S = 10.0
 
 
-async def roll(fleet: Fleet, workers: list[FleetWorker]) -> list[int | None]:
-    """Replace each worker in turn, surge first; the old workers' exit codes."""
-    codes: list[int | None] = []
-    for i, old in enumerate(list(workers)):
-        new = fleet.start(f"{old.label}-next", home=HOMES[i])
-        await fleet.registered(new)
-        old.signal(signal.SIGTERM)
-        try:
-            codes.append(await asyncio.to_thread(old.proc.wait, DRAIN_EXIT_TIMEOUT_S))
-        except TimeoutError:
-            codes.append(None)
-        workers[i] = new
-    return codes
-
-
 async def test_rolling_restart_under_calls_loses_none_and_cuts_none_short(
     cluster: Cluster, fleet: Fleet, caller: Caller
 ) -> None:
@@ -57,19 +41,10 @@ async def test_rolling_restart_under_calls_loses_none_and_cuts_none_short(
     for w in workers:
         await fleet.registered(w)
     stop = asyncio.Event()
-
-    async def place_until_stopped() -> None:
-        loop = asyncio.get_running_loop()
-        start, k = loop.time(), 0
-        while not stop.is_set():
-            await asyncio.sleep(max(0.0, start + k / CALLS_PER_S - loop.time()))
-            await caller.place(hold=CALL_S)
-            k += 1
-
-    placing = asyncio.create_task(place_until_stopped())
+    placing = asyncio.create_task(caller.place_until(stop, CALLS_PER_S, CALL_S))
     await asyncio.sleep(CALL_S)  # calls in flight on every worker before the roll starts
     old = list(workers)
-    codes = await roll(fleet, workers)
+    codes = await fleet.roll(workers, HOMES, DRAIN_EXIT_TIMEOUT_S)
     await asyncio.sleep(CALL_S)
     stop.set()
     await placing
