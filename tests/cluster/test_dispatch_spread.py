@@ -16,12 +16,8 @@ import asyncio
 from collections import Counter
 
 from tests.cluster.cluster import Cluster
-from tests.cluster.fleet import Caller, Fleet, FleetWorker, outcome, reporting_matches
-from tests.interop.support import wait_until
+from tests.cluster.fleet import Caller, Fleet
 
-START_TIMEOUT_S = 30.0
-REPORT_SETTLE_S = 10.0
-"""A just-started job's load reservation lasts 2.5 s."""
 CALL_GAP_S = 0.3
 """Between calls: each worker's new load reaches the server before the next job is placed."""
 
@@ -43,12 +39,7 @@ async def test_calls_through_any_node_are_spread_by_load_over_workers_of_every_n
     for _ in range(12):
         calls.append(await caller.place(hold=None))
         await asyncio.sleep(CALL_GAP_S)
-    result = await wait_until(
-        lambda: (r := outcome(calls, fleet.records())).lost == 0 and r,
-        "every call started",
-        START_TIMEOUT_S,
-        fleet.log_tails,
-    )
+    result = await fleet.all_started(calls)
     per_worker = Counter(r["worker"] for r in result.started.values())
     assert set(per_worker) == {w.label for w in workers}, per_worker
     assert {c.node for c in calls} == {0, 1}, "calls went through both nodes' APIs"
@@ -61,14 +52,7 @@ async def test_calls_through_any_node_are_spread_by_load_over_workers_of_every_n
         if (n := hosts[c.room]) and n.index != home[result.started[c.dispatch_id]["worker"]]
     ]
     assert served_across, "a room hosted on one node was served by a worker of the other"
-    for w in workers:
-        await wait_until(
-            lambda w=w: _agrees(fleet, w), f"{w.label} reports its calls", REPORT_SETTLE_S
-        )
-
-
-async def _agrees(fleet: Fleet, worker: FleetWorker) -> bool:
-    return await reporting_matches(fleet, worker) is None
+    await fleet.reporting_settles(workers)
 
 
 async def test_the_node_with_more_spare_capacity_takes_every_job(
@@ -87,12 +71,7 @@ async def test_the_node_with_more_spare_capacity_takes_every_job(
     for _ in range(9):
         calls.append(await caller.place(hold=None))
         await asyncio.sleep(CALL_GAP_S)
-    result = await wait_until(
-        lambda: (r := outcome(calls, fleet.records())).lost == 0 and r,
-        "every call started",
-        START_TIMEOUT_S,
-        fleet.log_tails,
-    )
+    result = await fleet.all_started(calls)
     per_worker = Counter(r["worker"] for r in result.started.values())
     assert per_worker["w2"] <= 1, f"node 1's worker took {per_worker['w2']} of 9 (1/3 if by worker)"
     hosts = {cluster.room_node(c.room) for c in calls}

@@ -25,11 +25,10 @@ from livekit import api
 from livekit.protocol import agent
 
 from tests.cluster.cluster import Cluster
-from tests.cluster.fleet import Caller, Fleet, outcome
+from tests.cluster.fleet import Caller, Fleet
 from tests.interop.livekit_server import API_KEY, API_SECRET
 from tests.interop.support import wait_until
 
-START_TIMEOUT_S = 30.0
 LISTED_TIMEOUT_S = 20.0
 """livekit-server lists a job in ListDispatch seconds after it was assigned."""
 ORPHAN_EXIT_TIMEOUT_S = 15.0
@@ -51,12 +50,7 @@ async def test_killed_worker_calls_stay_listed_as_assigned_and_the_rooms_stay_us
     for _ in range(6):
         calls.append(await caller.place(hold=None))
         await asyncio.sleep(0.3)
-    first = await wait_until(
-        lambda: (r := outcome(calls, fleet.records())).lost == 0 and r,
-        "every call started",
-        START_TIMEOUT_S,
-        fleet.log_tails,
-    )
+    first = await fleet.all_started(calls)
     victim_label, _ = Counter(r["worker"] for r in first.started.values()).most_common(1)[0]
     victim = next(w for w in workers if w.label == victim_label)
     victim_id = victim.worker_id
@@ -92,12 +86,7 @@ async def test_killed_worker_calls_stay_listed_as_assigned_and_the_rooms_stay_us
         again = [await caller.place(hold=0.5, room=c.room) for c in on_victim]
         await asyncio.sleep(0)
         more = [await caller.place(hold=0.5) for _ in range(3)]
-        second = await wait_until(
-            lambda: (r := outcome(again + more, fleet.records())).lost == 0 and r,
-            "the new calls started",
-            START_TIMEOUT_S,
-            fleet.log_tails,
-        )
+        second = await fleet.all_started(again + more)
         assert victim_label not in {r["worker"] for r in second.started.values()}
         for c in on_victim:
             orphan = next(
