@@ -133,9 +133,12 @@ class FleetWorker:
 
 
 class Fleet:
-    """The workers of one test, all recording to `record_path`."""
+    """The workers of one test, all recording to `record_path`, dialling `cluster`'s nodes
+    through their fronts (None: each dials the URL it is given, e.g. `callboard server`)."""
 
-    def __init__(self, cluster: Cluster, workdir: Path, max_jobs: int = 4, drain_s: float = 30):
+    def __init__(
+        self, cluster: Cluster | None, workdir: Path, max_jobs: int = 4, drain_s: float = 30
+    ):
         self.cluster = cluster
         self.workdir = workdir
         self.record_path = workdir / "calls.jsonl"
@@ -144,10 +147,14 @@ class Fleet:
         self.workers: list[FleetWorker] = []
         self._disagreement = ""
 
-    def start(self, label: str, home: int, fixed_load: float | None = None) -> FleetWorker:
-        """A worker dialling node `home` through its own front (another node if it is down);
-        `fixed_load`: report this load instead of running jobs over the cap."""
-        url = self.cluster.front_for(home)
+    def start(
+        self, label: str, home: int, fixed_load: float | None = None, url: str | None = None
+    ) -> FleetWorker:
+        """A worker dialling node `home` through its own front (another node if it is down),
+        or `url`; `fixed_load`: report this load instead of running jobs over the cap."""
+        if url is None:
+            assert self.cluster is not None, "a worker outside a cluster needs its url"
+            url = self.cluster.front_for(home)
         port = free_port()
         log_path = self.workdir / f"worker-{label}.log"
         env = clean_env() | {
@@ -176,12 +183,16 @@ class Fleet:
         self.workers.append(worker)
         return worker
 
-    async def registered(self, worker: FleetWorker, timeout: float = REGISTER_TIMEOUT_S) -> Node:
-        """Until the worker is registered and a node's log shows it; that node."""
+    async def registered(
+        self, worker: FleetWorker, timeout: float = REGISTER_TIMEOUT_S
+    ) -> Node | None:
+        """Until the worker is registered and, in a cluster, a node's log shows it; that node."""
         deadline = time.monotonic() + timeout
         while True:
             info = await asyncio.to_thread(worker.info)
             if info and info["id"] and info["state"] in ("available", "full"):
+                if self.cluster is None:
+                    return None
                 node = self.cluster.node_of(str(info["id"]))
                 if node is not None:
                     return node
@@ -241,7 +252,8 @@ class Fleet:
             w.stop()
 
     def log_tails(self) -> str:
-        return "\n".join(w.log_tail() for w in self.workers) + "\n" + self.cluster.log_tails()
+        nodes = self.cluster.log_tails() if self.cluster is not None else ""
+        return "\n".join(w.log_tail() for w in self.workers) + "\n" + nodes
 
 
 @dataclass
