@@ -8,11 +8,13 @@ the reason), logged in one line, and counted.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from livekit.protocol import agent
+from livekit import api
+from livekit.protocol import agent, models
 
 from callboard.job.context import JobAcceptArguments, RunningJobInfo
 from callboard.job.executor import RunningJob
@@ -89,6 +91,22 @@ class RunningJobs:
             self.stop_on_start.discard(job_id)
             handle.terminate("terminated by the server")
         w.update_state()
+
+    async def launch_local(self, room: models.Room, identity: str) -> None:
+        """Run one job for `room` that no server dispatched (`connect --room`, as livekit-agents
+        does it): a job id and a room token minted here with the worker's key."""
+        w = self._worker
+        job = agent.Job(id=f"job-{secrets.token_hex(6)}", type=agent.JT_ROOM, room=room)
+        token = (
+            api.AccessToken(w.options.api_key, w.options.api_secret)
+            .with_identity(identity)
+            .with_kind("agent")
+            .with_grants(api.VideoGrants(room_join=True, room=room.name, agent=True))
+            .to_jwt()
+        )
+        assignment = agent.JobAssignment(job=job, token=token, url=w.ws_url)
+        now = time.time()
+        await self.launch(JobAcceptArguments("", identity, ""), assignment, now, now)
 
     async def _watch(self, job: ActiveJob) -> None:
         try:

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any, Final
 
-from livekit.protocol import agent
+from livekit.protocol import agent, models
 
 from callboard.job.context import JobAcceptArguments
 from callboard.job.executor import JobExecutor
@@ -79,6 +79,8 @@ class Worker:
         self._region = ""
         self._gave_up: str | None = None
         self.http_port = 0
+        self.started = asyncio.Event()
+        """Set once the executor and the HTTP server are up."""
 
     # -- read-only views (HTTP, metrics, tests) -----------------------------------------------
 
@@ -166,6 +168,7 @@ class Worker:
             if self._register:
                 self.spawn(self._connection_task(), "worker-connection")
             self._state = WorkerState.CONNECTING
+            self.started.set()
             await self._stop.wait()
         finally:
             await self.aclose()
@@ -400,6 +403,10 @@ class Worker:
     ) -> None:
         """Start an assigned job through the executor and watch it to its end."""
         await self._running.launch(args, assignment, received_at, accepted_at)
+
+    async def run_local_job(self, room: models.Room, identity: str) -> None:
+        """Run one job for `room` without a dispatch from the server (`connect --room`)."""
+        await self._running.launch_local(room, identity)
 
     def job_started(self, job_id: str, dispatch_s: float) -> None:
         self._load.job_started(job_id)
