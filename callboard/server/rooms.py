@@ -51,6 +51,9 @@ ENABLED_CODECS = (
 ENDED = (agent.JS_SUCCESS, agent.JS_FAILED, agent.JS_CANCELLED)
 ROOM_SWEEP_INTERVAL_S = 1.0
 AGENT_LEFT_ERROR = "agent worker left the room"
+AGENT_LEFT_GRACE_S = 2.0
+"""A worker reports its job's end just after the agent leaves the room (the job's last act is
+to disconnect): the job fails as AGENT_LEFT_ERROR only if no end is reported within this."""
 DEPENDENT_KINDS = frozenset({models.ParticipantInfo.AGENT, models.ParticipantInfo.EGRESS})
 """Participants that do not keep a room open nor get jobs of their own (livekit's 'dependent')."""
 
@@ -317,11 +320,15 @@ class RoomRegistry:
             return
         for job in state.live_jobs():
             if job.state.participant_identity == p.identity:
-                asyncio.get_running_loop().create_task(
-                    self._engine.terminate(
-                        job.id, AGENT_LEFT_ERROR, agent.JSR_UNSPECIFIED, error=AGENT_LEFT_ERROR
-                    )
+                asyncio.get_running_loop().call_later(
+                    AGENT_LEFT_GRACE_S, self._agent_left, job.id
                 )
+
+    def _agent_left(self, job_id: str) -> None:
+        terminate = self._engine.terminate(
+            job_id, AGENT_LEFT_ERROR, agent.JSR_UNSPECIFIED, error=AGENT_LEFT_ERROR
+        )
+        asyncio.get_running_loop().create_task(terminate)
 
     # -- AgentDispatchService -----------------------------------------------------------------
 
