@@ -36,6 +36,9 @@ from callboard.server.rtc.relay import FrameSink, tap_receiver
 
 log = get_logger("server.rtc")
 
+PROTOCOL_VERSION: Final = "1.13.5"
+"""The livekit-server version whose /rtc protocol this endpoint speaks, as JoinResponse reports
+it: SDKs gate features on it (the rtc SDK refuses RPC below 1.8.0)."""
 PING_INTERVAL_S: Final = 5
 PING_TIMEOUT_S: Final = 15
 ANSWER_TIMEOUT_S: Final = 10.0
@@ -74,6 +77,7 @@ class JoinSpec:
     grants: Grants
     room: str
     auto_subscribe: bool
+    client_protocol: int
 
     def permission(self) -> models.ParticipantPermission:
         g = self.grants
@@ -113,7 +117,11 @@ def admit(keys: KeyStore, request: web.Request) -> JoinSpec:
     if not media_addresses():
         raise Refusal(503, NO_MEDIA_ADDRESS)
     auto = request.query.get("auto_subscribe", "1").lower() not in FALSE_VALUES
-    return JoinSpec(grants, grants.room, auto)
+    try:
+        client_protocol = int(request.query.get("client_protocol", "0"))
+    except ValueError:
+        raise Refusal(400, "client_protocol must be an integer") from None
+    return JoinSpec(grants, grants.room, auto, client_protocol)
 
 
 class RtcEndpoint:
@@ -189,6 +197,7 @@ class SignalSession:
             kind=KINDS[g.kind],
             permission=spec.permission(),
         )
+        self._info.client_protocol = spec.client_protocol
         self._participant: Participant | None = None
         self._peers = PeerConnections(
             self._send_offer, self._on_track, self._on_data, self._fail
@@ -364,13 +373,16 @@ class SignalSession:
 
     def _join_response(self, p: Participant) -> rtc.JoinResponse:
         others = [o.info for o in self._room.visible_to(p)]
+        info = models.ServerInfo()
+        info.CopyFrom(self._server_info)
+        info.version = PROTOCOL_VERSION
         return rtc.JoinResponse(
             room=self._room.info,
             participant=p.info,
             other_participants=others,
-            server_version=self._server_info.version,
+            server_version=PROTOCOL_VERSION,
             server_region=self._server_info.region,
-            server_info=self._server_info,
+            server_info=info,
             subscriber_primary=True,
             ping_interval=PING_INTERVAL_S,
             ping_timeout=PING_TIMEOUT_S,
