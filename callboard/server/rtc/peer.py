@@ -28,6 +28,8 @@ LOSSY_LABEL: Final = "_lossy"
 OPUS: Final = "audio/opus"
 MAX_PENDING_RELIABLE: Final = 256
 """Reliable packets kept for a subscriber channel that is not open yet."""
+SDP_START: Final = "v=0"
+MEDIA_LINE: Final = "\nm="
 MAX_EARLY_CANDIDATES: Final = 64
 """ICE candidates kept for a connection whose remote SDP has not come yet."""
 
@@ -48,6 +50,16 @@ def _opus_payload_types(transceiver: RTCRtpTransceiver) -> frozenset[int]:
 def _opus_only(transceiver: RTCRtpTransceiver) -> None:
     caps = RTCRtpSender.getCapabilities("audio")
     transceiver.setCodecPreferences([c for c in caps.codecs if c.mimeType.lower() == OPUS])
+
+
+async def _set_remote(pc: RTCPeerConnection, sdp: str, kind: str, what: str) -> None:
+    """setRemoteDescription, with any failure to read `sdp` as the client's SignalError."""
+    if not sdp.startswith(SDP_START) or MEDIA_LINE not in sdp:
+        raise SignalError(f"unusable {what}: not an SDP with media sections")
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp, kind))
+    except Exception as e:  # aiortc's parser raises assorted types for malformed SDP
+        raise SignalError(f"unusable {what} SDP: {type(e).__name__}: {e!s:.200}") from None
 
 
 def parse_candidate(candidate_init: str) -> Any:
@@ -115,10 +127,7 @@ class PeerConnections:
 
     async def answer_publisher(self, sdp: str) -> str:
         """Answer the client's publisher offer."""
-        try:
-            await self.publisher.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise SignalError(f"unusable publisher offer SDP: {e!s:.200}") from None
+        await _set_remote(self.publisher, sdp, "offer", "publisher offer")
         await self._add_early_candidates(self.publisher)
         answer = await self.publisher.createAnswer()
         await self.publisher.setLocalDescription(answer)
@@ -182,7 +191,10 @@ class PeerConnections:
             self._awaiting_answer = True
             self._send_offer(str(self.subscriber.localDescription.sdp))
             try:
-                await asyncio.wait_for(self._answered.wait(), answer_timeout)
+                # asyncio.timeout, not wait_for: in 3.11 wait_for swallows a cancellation that
+                # lands as the answer arrives
+                async with asyncio.timeout(answer_timeout):
+                    await self._answered.wait()
             except TimeoutError:
                 raise SignalError(
                     f"the client did not answer the subscriber offer within {answer_timeout:g}s"
@@ -191,10 +203,7 @@ class PeerConnections:
     async def accept_answer(self, sdp: str) -> None:
         if not self._awaiting_answer:
             raise SignalError("an answer arrived while no subscriber offer was outstanding")
-        try:
-            await self.subscriber.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise SignalError(f"unusable subscriber answer SDP: {e!s:.200}") from None
+        await _set_remote(self.subscriber, sdp, "answer", "subscriber answer")
         self._awaiting_answer = False
         self._answered.set()
         await self._add_early_candidates(self.subscriber)

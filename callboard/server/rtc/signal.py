@@ -10,9 +10,8 @@ and identity; the room and its other participants carry on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -39,9 +38,10 @@ log = get_logger("server.rtc")
 PROTOCOL_VERSION: Final = "1.13.5"
 """The livekit-server version whose /rtc protocol this endpoint speaks, as JoinResponse reports
 it: SDKs gate features on it (the rtc SDK refuses RPC below 1.8.0)."""
+CLIENT_LEFT: Final = "the client left"
+CLOSE_TIMEOUT_S: Final = 5.0
 PING_INTERVAL_S: Final = 5
 PING_TIMEOUT_S: Final = 15
-ANSWER_TIMEOUT_S: Final = 10.0
 MAX_SIGNAL_FRAME_BYTES: Final = 1 << 20
 V1_NOT_SUPPORTED: Final = "single peer connection (/rtc/v1) is not supported here: use /rtc"
 KINDS: Final = {
@@ -64,10 +64,11 @@ class RoomSource(Protocol):
 class Refusal(Exception):
     """A join refused before the WebSocket opens: HTTP status and a message for the client."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, grants: Grants | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.grants = grants
 
 
 @dataclass(frozen=True)
@@ -102,33 +103,38 @@ def admit(keys: KeyStore, request: web.Request) -> JoinSpec:
     if grants is None:
         raise Refusal(401, "no access token: send it as 'Authorization: Bearer <token>'")
     if not grants.has("roomJoin"):
-        raise Refusal(401, "permissions denied: the token lacks the roomJoin grant")
+        raise Refusal(401, "permissions denied: the token lacks the roomJoin grant", grants)
     if not grants.identity:
-        raise Refusal(400, "the token has no identity (sub)")
+        raise Refusal(400, "the token has no identity (sub)", grants)
     if not grants.room:
-        raise Refusal(400, "the token names no room")
+        raise Refusal(400, "the token names no room", grants)
     asked = request.query.get("room")
     if asked and asked != grants.room:
-        raise Refusal(401, f"permissions denied: the token is for room {grants.room!r}, not {asked!r}")
+        raise Refusal(
+            401, f"permissions denied: the token is for room {grants.room!r}, not {asked!r}", grants
+        )
     if request.query.get("reconnect", "0").lower() not in FALSE_VALUES:
-        raise Refusal(404, RESUME_NOT_SUPPORTED)
+        raise Refusal(404, RESUME_NOT_SUPPORTED, grants)
     if grants.kind not in KINDS:
-        raise Refusal(400, f"unknown participant kind {grants.kind!r} in the token")
+        raise Refusal(400, f"unknown participant kind {grants.kind!r} in the token", grants)
     if not media_addresses():
-        raise Refusal(503, NO_MEDIA_ADDRESS)
+        raise Refusal(503, NO_MEDIA_ADDRESS, grants)
     auto = request.query.get("auto_subscribe", "1").lower() not in FALSE_VALUES
     try:
         client_protocol = int(request.query.get("client_protocol", "0"))
     except ValueError:
-        raise Refusal(400, "client_protocol must be an integer") from None
+        raise Refusal(400, "client_protocol must be an integer", grants) from None
     return JoinSpec(grants, grants.room, auto, client_protocol)
 
 
 class RtcEndpoint:
     """aiohttp handlers for /rtc, /rtc/validate and the refused /rtc/v1."""
 
-    def __init__(self, keys: KeyStore, rooms: RoomSource, info: models.ServerInfo) -> None:
+    def __init__(
+        self, keys: KeyStore, rooms: RoomSource, info: models.ServerInfo, answer_timeout: float
+    ) -> None:
         self._keys = keys
+        self._answer_timeout = answer_timeout
         self._rooms = rooms
         self._info = info
         self._sessions: set[SignalSession] = set()
@@ -154,14 +160,16 @@ class RtcEndpoint:
         try:
             spec = admit(self._keys, request)
         except Refusal as r:
+            who = {"room": r.grants.room, "identity": r.grants.identity} if r.grants else {}
             log.info(
                 "rtc join refused",
-                extra={"status": r.status, "reason": r.message, "peer": request.remote},
+                extra={**who, "status": r.status, "reason": r.message, "peer": request.remote},
             )
             return web.Response(status=r.status, text=r.message)
         ws = web.WebSocketResponse(max_msg_size=MAX_SIGNAL_FRAME_BYTES)
         await ws.prepare(request)
-        session = SignalSession(ws, spec, self._rooms.live_room(spec.room), self._info)
+        room = self._rooms.live_room(spec.room)
+        session = SignalSession(ws, spec, room, self._info, self._answer_timeout)
         self._sessions.add(session)
         try:
             await session.run()
@@ -178,9 +186,15 @@ class SignalSession:
     """One client's signalling connection and its membership in the room."""
 
     def __init__(
-        self, ws: web.WebSocketResponse, spec: JoinSpec, room: LiveRoom, info: models.ServerInfo
+        self,
+        ws: web.WebSocketResponse,
+        spec: JoinSpec,
+        room: LiveRoom,
+        info: models.ServerInfo,
+        answer_timeout: float,
     ) -> None:
         self._ws = ws
+        self._answer_timeout = answer_timeout
         self._spec = spec
         self._room = room
         self._server_info = info
@@ -222,7 +236,7 @@ class SignalSession:
         ]
         self._peers.renegotiate()  # the first offer: the server's data channels
         self._room.activate(p)
-        reason = "the client left"
+        reason = CLIENT_LEFT
         try:
             reason = await self._read_task()
         except SignalError as e:
@@ -231,13 +245,17 @@ class SignalSession:
             if self._ending:
                 reason = self._ending
             self._room.leave(p, self._leave_reason)
-            self._out.put_nowait(None)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._out.put_nowait(None)  # the writer flushes, then closes the WebSocket
+            writer, offers = tasks
+            offers.cancel()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await writer
+            except (TimeoutError, ConnectionError):
+                writer.cancel()
+            await asyncio.gather(offers, return_exceptions=True)
             await self._peers.aclose()
-            await self._ws.close()
-            level = 20 if reason == "the client left" else 30
+            level = logging.INFO if reason == CLIENT_LEFT else logging.WARNING
             log.log(level, "rtc connection ended", extra={**self.log_fields, "reason": reason})
 
     def _fail(self, reason: str) -> None:
@@ -245,11 +263,11 @@ class SignalSession:
         if self._ending is None:
             self._ending = reason
             self._leave_reason = models.MEDIA_FAILURE if "peer" in reason else models.SIGNAL_CLOSE
-            asyncio.get_running_loop().create_task(self._ws.close())
+            self._out.put_nowait(None)
 
     async def _offer_task(self) -> None:
         try:
-            await self._peers.offer_task(ANSWER_TIMEOUT_S)
+            await self._peers.offer_task(self._answer_timeout)
         except SignalError as e:
             self._fail(str(e))
 
@@ -289,7 +307,7 @@ class SignalSession:
             if which is None:
                 raise SignalError("a SignalRequest with no message")
             if which == "leave":
-                return "the client left"
+                return CLIENT_LEFT
             await self._handle(which, req)
 
     # -- requests -----------------------------------------------------------------------------
