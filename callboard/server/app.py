@@ -18,6 +18,8 @@ from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ServerConfig
 from callboard.server.dispatch import DispatchEngine
 from callboard.server.ids import new_id
 from callboard.server.rooms import RoomRegistry
+from callboard.server.sip.service import SipService
+from callboard.server.sip.store import SipStore
 from callboard.server.twirp import TwirpRouter
 
 log = get_logger("server")
@@ -67,6 +69,7 @@ class EmbeddedServer:
         self.keys = KeyStore(config.effective_keys, config.token_leeway)
         self.engine = DispatchEngine(self.keys, config)
         self.rooms = RoomRegistry(self.engine)
+        self.sip_store = SipStore()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -96,6 +99,7 @@ class EmbeddedServer:
         app.router.add_get("/", self._health)
         router = TwirpRouter(self.keys)
         self.rooms.install(router)
+        SipService(self.sip_store).install(router)
         router.install(app)
         return app
 

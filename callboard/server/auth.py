@@ -15,7 +15,7 @@ import json
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import jwt
@@ -78,6 +78,8 @@ class Grants:
     api_key: str
     identity: str
     video: Mapping[str, Any]
+    sip: Mapping[str, Any] = field(default_factory=dict)
+    """The `sip` claim: `admin` (manage trunks and rules), `call` (dial out, transfer)."""
 
     def has(self, grant: str) -> bool:
         return bool(self.video.get(grant))
@@ -106,7 +108,10 @@ class KeyStore:
         video = claims.get("video") or {}
         if not isinstance(video, dict):
             raise AuthError("invalid token: 'video' grant must be an object")
-        return Grants(api_key=api_key, identity=str(claims.get("sub", "")), video=video)
+        sip = claims.get("sip") or {}
+        if not isinstance(sip, dict):
+            raise AuthError("invalid token: 'sip' grant must be an object")
+        return Grants(api_key=api_key, identity=str(claims.get("sub", "")), video=video, sip=sip)
 
     def _verify_common(self, token: str) -> tuple[str, dict[str, Any]] | None:
         """The usual token (HS256 header, valid signature, int exp/nbf in range, no iat/aud/jti)
