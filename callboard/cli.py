@@ -54,6 +54,9 @@ def _server_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--dev", action="store_true", help="allow the dev keys on a non-loopback address"
     )
     p.add_argument("--region", default="local", help="region reported to workers")
+    p.add_argument(
+        "--sip-port", type=int, default=None, help="run the SIP gateway on this UDP/TCP port"
+    )
 
 
 def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -101,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keys=parse_keys(args.keys) if args.keys else None,
                 dev=args.dev,
                 region=args.region,
+                sip_port=args.sip_port,
             )
             asyncio.run(_run_server(config))
         elif args.command == "demo":

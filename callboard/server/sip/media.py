@@ -66,7 +66,6 @@ class RtpSession(asyncio.DatagramProtocol):
         """Bind a free UDP port on `host`; returns it."""
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, 0))
-        assert isinstance(transport, asyncio.DatagramTransport)
         self._transport = transport
         return int(transport.get_extra_info("sockname")[1])
 

@@ -86,14 +86,15 @@ def parse_event(payload: bytes) -> DtmfEvent | None:
 
 class DtmfReceiver:
     """Turns a stream of telephone-event packets into digits, once each: an event is one
-    timestamp; its first packet reports the digit (retransmitted end packets are ignored)."""
+    timestamp, reported at its first end packet (RFC 4733 §2.5.1.4 sends it three times).
+    Packets that never end an event (sipp's filler on another payload type) report nothing."""
 
     def __init__(self) -> None:
         self._seen: set[int] = set()
 
     def push(self, packet: RtpPacket) -> str | None:
         event = parse_event(packet.payload)
-        if event is None or packet.timestamp in self._seen:
+        if event is None or not event.end or packet.timestamp in self._seen:
             return None
         self._seen.add(packet.timestamp)
         if len(self._seen) > 64:

@@ -1,0 +1,93 @@
+"""Phone calls into `callboard server`, with sipp as the phone on loopback: the SIP answers
+livekit-sip gives (pkg/sip/inbound.go), the room the dispatch rule names, the caller's
+participant state over the call, RTP and DTMF from the phone."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from livekit import api
+from livekit.protocol import models, room, sip
+
+from callboard.server.app import EmbeddedServer, run_server
+from callboard.server.config import ServerConfig
+from callboard.server.sip.room_leg import DispatchLeg, DispatchRooms
+from tests.conftest import API_KEY, API_SECRET
+from tests.server.sip import sipp
+from tests.server.support import wait_until
+
+pytestmark = pytest.mark.skipif(sipp.shutil.which("sipp") is None, reason=sipp.SIPP_MISSING)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[EmbeddedServer]:
+    """The embedded server with its SIP gateway on a free loopback port."""
+    async with run_server(ServerConfig(port=0, sip_port=0)) as srv:
+        yield srv
+
+
+async def provision(
+    srv: EmbeddedServer, *, auth: tuple[str, str] | None = None, rule: bool = True
+) -> tuple[str, str]:
+    """An inbound trunk for the called number and an individual rule (prefix `call-`) with an
+    agent, through the official client: (trunk id, rule id)."""
+    async with api.LiveKitAPI(srv.http_url, API_KEY, API_SECRET) as lk:
+        trunk = sip.SIPInboundTrunkInfo(name="acme", numbers=[sipp.CALLED])
+        if auth:
+            trunk.auth_username, trunk.auth_password = auth
+        else:
+            trunk.allowed_addresses.append("127.0.0.1")
+        created = await lk.sip.create_inbound_trunk(sip.CreateSIPInboundTrunkRequest(trunk=trunk))
+        if not rule:
+            return created.sip_trunk_id, ""
+        info = sip.SIPDispatchRuleInfo(
+            rule=sip.SIPDispatchRule(
+                dispatch_rule_individual=sip.SIPDispatchRuleIndividual(room_prefix="call-")
+            ),
+            trunk_ids=[created.sip_trunk_id],
+            attributes={"team": "sales"},
+            room_config=room.RoomConfiguration(
+                agents=[api.RoomAgentDispatch(agent_name="assistant")]
+            ),
+        )
+        made = await lk.sip.create_dispatch_rule(
+            sip.CreateSIPDispatchRuleRequest(dispatch_rule=info)
+        )
+        return created.sip_trunk_id, made.sip_dispatch_rule_id
+
+
+def legs(srv: EmbeddedServer) -> list[DispatchLeg]:
+    assert srv.sip is not None and isinstance(srv.sip.rooms, DispatchRooms)
+    return srv.sip.rooms.legs
+
+
+async def test_a_call_reaches_the_room_its_rule_names(
+    gateway: EmbeddedServer, tmp_path: Path
+) -> None:
+    trunk_id, rule_id = await provision(gateway)
+    wav = sipp.write_ulaw_wav(tmp_path / "hello.wav", sipp.tone(1.0))
+    assert gateway.sip is not None
+    run = await sipp.run_sipp(
+        tmp_path, sipp.answered_call(audio=str(wav), dtmf="12#", talk_ms=2500), gateway.sip.port
+    )
+    assert run.returncode == 0, run.output + run.errors
+    [leg] = legs(gateway)
+    assert re.fullmatch(r"call-_\+56975231235_[2-9A-HJ-NP-Za-km-z]{12}", leg.room_name)
+    assert leg.identity == "sip_+56975231235"
+    attributes = dict(leg.attributes)
+    assert re.fullmatch(r"SCL_\w{12}", attributes.pop("sip.callID"))
+    assert attributes == {
+        "team": "sales",
+        "sip.trunkID": trunk_id,
+        "sip.ruleID": rule_id,
+        "sip.phoneNumber": sipp.CALLER,
+        "sip.hostname": "127.0.0.1",
+        "sip.trunkPhoneNumber": sipp.CALLED,
+        "sip.callStatus": "hangup",
+    }
+    assert leg.left == models.DisconnectReason.CLIENT_INITIATED
+    assert leg.frames >= 40, "about a second of the caller's audio reached the room"
+    assert leg.digits == ["1", "2", "#"]
