@@ -78,7 +78,8 @@ def in_dialog(method: str, caller: str = CALLER, cseq: str = "[cseq]", retrans: 
 
 
 def scenario(name: str, body: str) -> str:
-    return f'<?xml version="1.0" encoding="ISO-8859-1" ?>\n<scenario name="{name}">\n{body}</scenario>\n'
+    head = '<?xml version="1.0" encoding="ISO-8859-1" ?>'
+    return f'{head}\n<scenario name="{name}">\n{body}</scenario>\n'
 
 
 def answered_call(audio: str = "", dtmf: str = "", talk_ms: int = 1500, auth: bool = False) -> str:
@@ -173,9 +174,7 @@ async def run_sipp(
     sipp = shutil.which("sipp")
     if sipp is None:
         raise FileNotFoundError(SIPP_MISSING)
-    work.mkdir(parents=True, exist_ok=True)
-    scenario_file = work / "scenario.xml"
-    scenario_file.write_text(xml)
+    scenario_file = _write(work, xml)
     args = [
         sipp,
         f"{HOST}:{sip_port}",
@@ -220,5 +219,17 @@ async def run_sipp(
         proc.kill()
         await proc.wait()
         raise
-    errors = (work / "errors.log").read_text() if (work / "errors.log").exists() else ""
+    errors = _read_errors(work)
     return SippRun(proc.returncode or 0, out.decode(errors="replace")[-3000:], errors[-3000:])
+
+
+def _write(work: Path, xml: str) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "scenario.xml"
+    path.write_text(xml)
+    return path
+
+
+def _read_errors(work: Path) -> str:
+    path = work / "errors.log"
+    return path.read_text(errors="replace") if path.exists() else ""

@@ -17,7 +17,6 @@ from callboard.server.config import ServerConfig
 from callboard.server.sip.room_leg import DispatchLeg, DispatchRooms
 from tests.conftest import API_KEY, API_SECRET
 from tests.server.sip import sipp
-from tests.server.support import wait_until
 
 pytestmark = pytest.mark.skipif(sipp.shutil.which("sipp") is None, reason=sipp.SIPP_MISSING)
 
