@@ -81,11 +81,16 @@ class SipGateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._invites = TokenBucket(config.invites_per_second)
         self.refused_messages = 0
-        self._garbage_logged_at = 0.0
+        self.shed = 0
+        self._garbage_logged_at = self._shed_logged_at = -GARBAGE_LOG_INTERVAL_S
 
     @property
     def port(self) -> int:
         return self.transports.port
+
+    @property
+    def contact(self) -> str:
+        return f"<sip:{self.config.host}:{self.port}>"
 
     async def start(self) -> None:
         await self.transports.start()
@@ -158,7 +163,14 @@ class SipGateway:
             self._send(msg, peer, response)
             return
         if len(self._by_branch) >= self.config.max_calls or not self._invites.take():
-            log.warning("sip invite refused: overloaded", extra={"peer": peer.host})
+            self.shed += 1
+            now = time.monotonic()
+            if now - self._shed_logged_at > GARBAGE_LOG_INTERVAL_S:
+                self._shed_logged_at = now
+                log.warning(
+                    "sip invites refused with 503: overloaded",
+                    extra={"peer": peer.host, "calls": len(self._by_branch), "shed": self.shed},
+                )
             self._send(msg, peer, self._overloaded(msg))
             return
         branch = msg.vias[0].branch
@@ -170,6 +182,7 @@ class SipGateway:
             auth=self.auth,
             rooms=self.rooms,
             respond=lambda response: self._send(msg, peer, response),
+            contact=self.contact,
         )
         self._by_branch[branch] = call
         self.calls[(msg.call_id, call.local_tag)] = call
@@ -215,7 +228,7 @@ class SipGateway:
                 answer.session_id,
             )
         response = reply(msg, 200)
-        response.add("Contact", f"<sip:{self.config.host}:{self.port}>")
+        response.add("Contact", self.contact)
         response.add("Content-Type", "application/sdp")
         response.body = answer.encode(version=2)
         self._send(msg, peer, response)

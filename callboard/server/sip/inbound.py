@@ -66,6 +66,7 @@ class InboundSipCall:
         auth: DigestAuth,
         rooms: CallRooms,
         respond: Responder,
+        contact: str,
     ) -> None:
         self.invite = invite
         self.peer = peer
@@ -74,6 +75,7 @@ class InboundSipCall:
         self.auth = auth
         self.rooms = rooms
         self._respond = respond
+        self.contact = contact
         self.call_id = new_id(CALL_PREFIX)
         self.local_tag = new_id("")
         self.media: RtpSession | None = None
@@ -93,16 +95,13 @@ class InboundSipCall:
     ) -> None:
         response = reply(self.invite, status, reason, to_tag=self.local_tag if status > 100 else "")
         if status >= 180:
-            response.add("Contact", f"<sip:{self.config.host}:{self._local_port()}>")
+            response.add("Contact", self.contact)
         for name, value in (headers or {}).items():
             response.add(name, value)
         if body:
             response.add("Content-Type", "application/sdp")
         response.body = body
         self._respond(response)
-
-    def _local_port(self) -> int:
-        return self.config.port
 
     def _inbound(self) -> InboundCall:
         from_, to = self.invite.from_, self.invite.to

@@ -50,7 +50,7 @@ def parse(body: bytes) -> MediaOffer:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise SdpError("SDP is not UTF-8") from None
-    session_address = ""
+    session_address, session_direction = "", "sendrecv"
     offer: MediaOffer | None = None
     for raw in text.splitlines():
         line = raw.strip()
@@ -66,9 +66,11 @@ def parse(body: bytes) -> MediaOffer:
         elif kind == "m":
             if offer is not None:
                 break  # only the first audio stream
-            offer = _media_line(value, session_address)
+            offer = _media_line(value, session_address, session_direction)
         elif kind == "a" and offer is not None:
             _attribute(offer, value)
+        elif kind == "a" and value in DIRECTIONS:
+            session_direction = value  # a session-level direction applies to every stream
     if offer is None:
         raise SdpError("no audio stream in the offer")
     if not offer.address:
@@ -76,7 +78,7 @@ def parse(body: bytes) -> MediaOffer:
     return offer
 
 
-def _media_line(value: str, address: str) -> MediaOffer:
+def _media_line(value: str, address: str, direction: str) -> MediaOffer:
     parts = value.split()
     if len(parts) < 4 or parts[0] != "audio" or not parts[1].split("/")[0].isdigit():
         raise SdpError(f"unsupported media line {value[:60]!r}")
@@ -85,7 +87,8 @@ def _media_line(value: str, address: str) -> MediaOffer:
         if not pt.isdigit() or int(pt) > 127:
             raise SdpError(f"bad payload type {pt[:10]!r}")
         pts.append(int(pt))
-    return MediaOffer(address=address, port=int(parts[1].split("/")[0]), payload_types=pts)
+    port = int(parts[1].split("/")[0])
+    return MediaOffer(address=address, port=port, payload_types=pts, direction=direction)
 
 
 def _attribute(offer: MediaOffer, value: str) -> None:

@@ -90,3 +90,69 @@ async def test_a_call_reaches_the_room_its_rule_names(
     assert leg.left == models.DisconnectReason.CLIENT_INITIATED
     assert leg.frames >= 40, "about a second of the caller's audio reached the room"
     assert leg.digits == ["1", "2", "#"]
+
+
+async def test_digest_auth_challenges_then_accepts(gateway: EmbeddedServer, tmp_path: Path) -> None:
+    """inbound.go handleInviteAuth: no credentials → 407 with Proxy-Authenticate; the answer
+    with the trunk's username and password → the call goes through."""
+    await provision(gateway, auth=("acme", "s3cret"))
+    assert gateway.sip is not None
+    run = await sipp.run_sipp(
+        tmp_path,
+        sipp.answered_call(auth=True, talk_ms=200),
+        gateway.sip.port,
+        auth=("acme", "s3cret"),
+    )
+    assert run.returncode == 0, run.output + run.errors
+    [leg] = legs(gateway)
+    assert leg.attributes["sip.callStatus"] == "hangup"
+
+
+async def test_wrong_password_is_refused(
+    gateway: EmbeddedServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """inbound.go handleInviteAuth: a digest that does not match → 401 Unauthorized; no room;
+    neither password appears in the logs."""
+    await provision(gateway, auth=("acme", "s3cret"))
+    assert gateway.sip is not None
+    steps = sipp.invite() + '  <recv response="100" optional="true"/>\n'
+    steps += '  <recv response="407" auth="true"/>\n' + sipp.ack_for_error()
+    steps += sipp.invite(extra="[authentication]") + '  <recv response="100" optional="true"/>\n'
+    steps += '  <recv response="401"/>\n' + sipp.ack_for_error()
+    run = await sipp.run_sipp(
+        tmp_path,
+        sipp.scenario("wrong password", steps),
+        gateway.sip.port,
+        auth=("acme", "guess"),
+    )
+    assert run.returncode == 0, run.output + run.errors
+    assert legs(gateway) == []
+    assert "s3cret" not in caplog.text and "guess" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("trunk", "rule", "status"),
+    [
+        pytest.param(False, False, 404, id="no trunk: 404 Does not match any SIP Trunks"),
+        pytest.param(True, False, 404, id="no rule: 404 Does not match Trunks or Dispatch Rules"),
+    ],
+)
+async def test_unmatched_calls_are_refused(
+    gateway: EmbeddedServer, tmp_path: Path, trunk: bool, rule: bool, status: int
+) -> None:
+    if trunk:
+        await provision(gateway, rule=rule)
+    assert gateway.sip is not None
+    run = await sipp.run_sipp(tmp_path, sipp.refused_call(status), gateway.sip.port)
+    assert run.returncode == 0, run.output + run.errors
+    assert legs(gateway) == []
+
+
+async def test_a_call_over_tcp(gateway: EmbeddedServer, tmp_path: Path) -> None:
+    await provision(gateway)
+    assert gateway.sip is not None
+    run = await sipp.run_sipp(
+        tmp_path, sipp.answered_call(talk_ms=200), gateway.sip.port, transport="t1"
+    )
+    assert run.returncode == 0, run.output + run.errors
+    assert legs(gateway)[0].left == models.DisconnectReason.CLIENT_INITIATED
