@@ -363,8 +363,8 @@ def _lenient_request(data: bytes) -> SipMessage | None:
     """The addressing headers of something that looks like a request, or None."""
     text = data[:8192].decode("utf-8", errors="replace")
     lines = text.replace("\r\n", "\n").split("\n")
-    first = lines[0].split(" ")
-    if len(first) != 3 or not first[2].upper().startswith("SIP/") or first[0] == "ACK":
+    first = lines[0].split()
+    if len(first) < 3 or not first[-1].upper().startswith("SIP/") or first[0] == "ACK":
         return None
     msg = SipMessage(method=first[0], uri=first[1])
     for line in lines[1:]:

@@ -63,6 +63,9 @@ MULTI_VALUED: Final = frozenset(
     {"via", "contact", "route", "record-route", "allow", "supported", "require", "unsupported"}
 )
 _TOKEN: Final = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
+# sent-protocol allows LWS around its slashes (RFC 3261 §25.1 SLASH).
+_VIA: Final = re.compile(r"^\s*SIP\s*/\s*2\.0\s*/\s*([A-Za-z0-9\-.!%*_+`'~]+)\s+(.+)$", re.I | re.S)
+_REQUEST_URI: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>]+$")
 _STATUS_LINE: Final = re.compile(r"^SIP/2\.0 ([1-6]\d\d) ?(.*)$", re.IGNORECASE)
 
 REASONS: Final = {
@@ -247,9 +250,13 @@ class NameAddr:
 
 
 def _find_unquoted(text: str, ch: str) -> int:
-    quoted = False
+    quoted, escaped = False, False
     for i, c in enumerate(text):
-        if c == '"':
+        if escaped:
+            escaped = False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
             quoted = not quoted
         elif c == ch and not quoted:
             return i
@@ -267,13 +274,12 @@ class Via:
 
     @classmethod
     def parse(cls, text: str) -> Via:
-        sent_protocol, _, rest = text.strip().partition(" ")
-        parts = [p.strip() for p in sent_protocol.split("/")]
-        if len(parts) != 3 or parts[0].upper() != "SIP" or parts[1] != "2.0":
+        found = _VIA.match(text)
+        if found is None:
             raise SipParseError(f"invalid Via protocol in {text[:80]!r}")
-        sent_by, *params = rest.strip().split(";", 1)
+        sent_by, *params = found.group(2).strip().split(";", 1)
         host, port = _host_port(sent_by)
-        return cls(parts[2].upper(), host, port, parse_params(params[0] if params else ""))
+        return cls(found.group(1).upper(), host, port, parse_params(params[0] if params else ""))
 
     @property
     def branch(self) -> str:
@@ -398,7 +404,7 @@ def _parse_start(line: str, msg: SipMessage) -> None:
         raise SipParseError(f"malformed start line {line[:80]!r}")
     if version.upper() != SIP_VERSION:
         raise UnsupportedVersion(version)
-    if not uri or ":" not in uri:
+    if not _REQUEST_URI.match(uri):
         raise SipParseError(f"invalid Request-URI {uri[:80]!r}")
     msg.method, msg.uri = method, uri
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 from typing import Final
 
@@ -56,7 +57,11 @@ class RawSipClient:
             try:
                 msg = parse(data)
             except SipParseError:
-                continue
+                # an answer that repeats a request's bad header: keep its status line
+                status = re.match(rb"SIP/2\.0 (\d{3}) ", data)
+                if status is None:
+                    continue
+                msg = SipMessage(status=int(status[1]))
             if call_id and msg.call_id != call_id:
                 continue
             got.append(msg)
