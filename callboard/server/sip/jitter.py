@@ -1,5 +1,6 @@
-"""A small jitter buffer for one RTP stream: holds a few packets, hands them out in sequence
-order, drops duplicates and late arrivals, and says where a packet is missing."""
+"""A small jitter buffer for one RTP stream: holds the first few packets, then hands packets out
+in sequence order as soon as they are contiguous, waits up to `depth` packets past a gap, drops
+duplicates and late arrivals, and says where a packet is missing."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class JitterBuffer:
         self.depth = depth
         self._packets: dict[int, RtpPacket] = {}
         self._next: int | None = None
+        self._started = False
         self.lost = 0
         self.late = 0
 
@@ -36,6 +38,8 @@ class JitterBuffer:
             if abs(ahead) > RESYNC_GAP:
                 self._packets.clear()
                 self._next = packet.sequence
+            elif ahead < 0 and not self._started:
+                self._next = packet.sequence  # still filling: an earlier packet starts the stream
             elif ahead < 0:
                 self.late += 1
                 return
@@ -54,6 +58,9 @@ class JitterBuffer:
     def pop(self) -> list[RtpPacket | None]:
         """What is ready: packets in order, None for each one given up on as lost."""
         out: list[RtpPacket | None] = []
+        if not self._started and len(self._packets) < self.depth:
+            return out  # the first packets wait for `depth` to sort out early reordering
+        self._started = True
         while self._next is not None and self._packets:
             packet = self._packets.pop(self._next, None)
             if packet is None:

@@ -34,6 +34,7 @@ MAX_QUEUED_FRAMES: Final = 50 * 30
 """Audio queued towards the caller: 30 s at most; older frames are dropped first."""
 DTMF_END_REPEATS: Final = 3
 DTMF_DURATION_MS: Final = 100
+SSRC_SWITCH_PACKETS: Final = 10
 DYNAMIC_PT: Final = range(96, 128)
 
 AudioSink = Callable[[Pcm], None]
@@ -51,6 +52,8 @@ class RtpSession(asyncio.DatagramProtocol):
         self.answer: Answer | None = None
         self.remote: tuple[str, int] | None = None
         self._latched: tuple[str, int] | None = None
+        self._ssrc_in: int | None = None
+        self._new_ssrc: tuple[int, int] = (0, 0)
         self._jitter = JitterBuffer()
         self._dtmf = DtmfReceiver()
         self._out: deque[bytes] = deque(maxlen=MAX_QUEUED_FRAMES)
@@ -96,6 +99,9 @@ class RtpSession(asyncio.DatagramProtocol):
         elif addr != self._latched:
             self.dropped += 1
             return
+        if not self._same_stream(packet):
+            self.dropped += 1
+            return
         self.received += 1
         if packet.payload_type == answer.codec_pt:
             self._jitter.push(packet)
@@ -110,6 +116,22 @@ class RtpSession(asyncio.DatagramProtocol):
                 self._on_digit(digit)
         else:
             self.dropped += 1
+
+    def _same_stream(self, packet: RtpPacket) -> bool:
+        """Whether `packet` belongs to the caller's stream (its SSRC). A new SSRC is taken only
+        after SSRC_SWITCH_PACKETS packets in a row carry it (the phone restarted its stream):
+        one stray packet that parses as RTP never resets the jitter buffer."""
+        if self._ssrc_in is None or packet.ssrc == self._ssrc_in:
+            self._ssrc_in = packet.ssrc
+            self._new_ssrc = (0, 0)
+            return True
+        ssrc, count = self._new_ssrc
+        self._new_ssrc = (packet.ssrc, count + 1 if ssrc == packet.ssrc else 1)
+        if self._new_ssrc[1] >= SSRC_SWITCH_PACKETS:
+            self._ssrc_in, self._new_ssrc = packet.ssrc, (0, 0)
+            self._jitter = JitterBuffer()
+            return True
+        return False
 
     def error_received(self, exc: Exception) -> None:
         log.debug("rtp socket error", extra={"error": str(exc)})
