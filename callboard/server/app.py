@@ -106,7 +106,7 @@ class EmbeddedServer:
         app.router.add_get("/", self._health)
         router = TwirpRouter(self.keys)
         self.rooms.install(router)
-        SipService(self.sip_store).install(router)
+        SipService(self.sip_store, self.sip).install(router)
         router.install(app)
         return app
 

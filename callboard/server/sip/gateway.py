@@ -11,9 +11,10 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
-from livekit.protocol import models
+from livekit.protocol import models, sip
 
 from callboard.log import get_logger
+from callboard.server.ids import new_id
 from callboard.server.sip import sdp
 from callboard.server.sip.config import T1_S, T2_S, TRANSACTION_LIFETIME_S, SipConfig
 from callboard.server.sip.digest import DigestAuth
@@ -26,9 +27,12 @@ from callboard.server.sip.message import (
     canonical,
     reply,
 )
+from callboard.server.sip.outbound import DialFailed, OutboundSipCall
 from callboard.server.sip.room_leg import CallRooms
 from callboard.server.sip.store import SipStore
 from callboard.server.sip.transport import Peer, SipTransports
+from callboard.server.sip.uac import ClientTransactions
+from callboard.server.twirp import TwirpError
 
 log = get_logger("server.sip")
 
@@ -73,13 +77,16 @@ class SipGateway:
         self.auth = DigestAuth()
         self.transports = SipTransports(config.host, config.port, self._on_message, self._refused)
         self._transactions: OrderedDict[tuple[str, str], _Transaction] = OrderedDict()
-        self.calls: dict[tuple[str, str], InboundSipCall] = {}
+        self.calls: dict[tuple[str, str], InboundSipCall | OutboundSipCall] = {}
         """Dialogs by (Call-ID, our tag)."""
         self._by_branch: dict[str, InboundSipCall] = {}
         self._acked: dict[tuple[str, str], asyncio.Event] = {}
         self._call_tasks: dict[InboundSipCall, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._invites = TokenBucket(config.invites_per_second)
+        self.client = ClientTransactions()
+        self.outbound: dict[tuple[str, str], OutboundSipCall] = {}
+        """Calls we placed, by (room, participant identity)."""
         self.refused_messages = 0
         self.shed = 0
         self._garbage_logged_at = self._shed_logged_at = -GARBAGE_LOG_INTERVAL_S
@@ -108,7 +115,8 @@ class SipGateway:
 
     def _on_message(self, msg: SipMessage, peer: Peer) -> None:
         if not msg.is_request:
-            return  # responses belong to client transactions (outbound calls)
+            self.client.on_response(msg)  # ours to match, or a stray one dropped
+            return
         self._expire_transactions()
         method = msg.method.upper()
         branch = msg.vias[0].branch
@@ -291,6 +299,88 @@ class SipGateway:
         task = asyncio.get_running_loop().create_task(coro, name="sip-call-end")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # -- calls we place (CallControl for the livekit.SIP service) ----------------------------
+
+    async def create_participant(
+        self, req: sip.CreateSIPParticipantRequest, trunk: sip.SIPOutboundTrunkInfo | None
+    ) -> sip.SIPParticipantInfo:
+        """Dial `req.sip_call_to` through the stored outbound trunk into `req.room_name`."""
+        if trunk is None:
+            raise TwirpError(
+                "failed_precondition",
+                "callboard dials only through a stored outbound trunk: set sip_trunk_id",
+            )
+        if trunk.transport not in (sip.SIP_TRANSPORT_AUTO, sip.SIP_TRANSPORT_UDP):
+            raise TwirpError("unimplemented", "outbound calls use UDP only")
+        call = OutboundSipCall(
+            req,
+            trunk,
+            config=self.config,
+            rooms=self.rooms,
+            transactions=self.client,
+            send=lambda data: self.transports.send_udp(data, call.target.host, call.target.port),
+            local_port=self.port,
+        )
+        await call.join()
+        self.calls[(call.sip_call_id, call.local_tag)] = call
+        self.outbound[(req.room_name, call.identity)] = call
+        answered: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
+        self._spawn(self._dial(call, answered))
+        if req.wait_until_answered:
+            response = await asyncio.shield(answered)
+            if not 200 <= response.status < 300:
+                raise DialFailed(response.status, response.reason)
+        return sip.SIPParticipantInfo(
+            participant_id=new_id("PA_"),
+            participant_identity=call.identity,
+            room_name=req.room_name,
+            sip_call_id=call.call_id,
+        )
+
+    async def _dial(self, call: OutboundSipCall, answered: asyncio.Future[SipMessage]) -> None:
+        """Dial, say how it went on `answered`, then hold the call until it ends."""
+        try:
+            response = await call.dial()
+            answered.set_result(response)
+            if 200 <= response.status < 300:
+                await call.ended.wait()
+        except Exception as e:
+            if not answered.done():
+                answered.set_exception(e)
+            raise
+        finally:
+            self.calls.pop((call.sip_call_id, call.local_tag), None)
+            self.outbound.pop((call.req.room_name, call.identity), None)
+
+    async def transfer_participant(
+        self, req: sip.TransferSIPParticipantRequest
+    ) -> sip.TransferSIPParticipantResponse:
+        """REFER the caller to `transfer_to`; on 202 the transfer is under way and we hang up."""
+        call = self._find_participant(req.room_name, req.participant_identity)
+        if call is None:
+            raise TwirpError("not_found", "requested sip participant does not exist")
+        response = await call.refer(req.transfer_to, self.client)
+        transfer_id = new_id("ST_")
+        if response.status != 202 and not 200 <= response.status < 300:
+            return sip.TransferSIPParticipantResponse(
+                transfer_id=transfer_id,
+                status=sip.STS_TRANSFER_FAILED,
+                reason=sip.STR_REJECTED,
+                sip_status=sip.SIPStatus(code=response.status, status=response.reason),  # type: ignore[arg-type]
+            )
+        await call.bye(self.client, "transferred")
+        return sip.TransferSIPParticipantResponse(
+            transfer_id=transfer_id, status=sip.STS_TRANSFER_SUCCESSFUL
+        )
+
+    def _find_participant(self, room_name: str, identity: str) -> InboundSipCall | None:
+        for call in self.calls.values():
+            if not isinstance(call, InboundSipCall) or call.answer is None:
+                continue
+            if (call.room_name, call.identity) == (room_name, identity):
+                return call
+        return None
 
     # -- retransmissions and bookkeeping -----------------------------------------------------
 

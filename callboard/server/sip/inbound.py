@@ -25,6 +25,7 @@ from callboard.server.sip.room_leg import CallRooms, RoomLeg
 from callboard.server.sip.rules import ATTR_CALL_STATUS, InboundCall
 from callboard.server.sip.store import CALL_PREFIX, SipStore
 from callboard.server.sip.transport import Peer
+from callboard.server.sip.uac import ClientTransactions, new_branch
 
 log = get_logger("server.sip.call")
 
@@ -84,6 +85,9 @@ class InboundSipCall:
         self.acked = asyncio.Event()
         self.ended = asyncio.Event()
         self.status = "incoming"
+        self.room_name = ""
+        self.identity = ""
+        self._cseq = 0
         self.log_extra = {"call_id": self.call_id, "sip_call_id": invite.call_id}
 
     def respond(
@@ -150,6 +154,7 @@ class InboundSipCall:
         dispatch = dataclasses.replace(dispatch, attributes=attrs)
         self.leg = await self.rooms.join(dispatch, self._to_caller, self._digit_to_caller)
         self.media.start(self.answer, (offer.address, offer.port))
+        self.room_name, self.identity = dispatch.room_name, dispatch.identity
         self.log_extra.update(room=dispatch.room_name, identity=dispatch.identity)
         log.info("sip call ringing", extra=self.log_extra)
         if not await self.leg.wait_subscribed(self.config.ringing_timeout):
@@ -210,6 +215,45 @@ class InboundSipCall:
     def _digit_to_caller(self, digit: str) -> None:
         if self.media is not None:
             self.media.send_digit(digit)
+
+    # -- requests we send in the caller's dialog --------------------------------------------
+
+    def _in_dialog(self, method: str) -> SipMessage:
+        """A request from our side of the dialog (RFC 3261 §12.2.1.1): From is the INVITE's
+        To with our tag, To its From, sent to the caller's Contact."""
+        target = remote_target(self.invite)
+        uri = str(target.uri) if target is not None else str(self.invite.from_.uri)
+        self._cseq += 1
+        msg = SipMessage(method=method, uri=uri)
+        via = f"SIP/2.0/{self.peer.transport} {self.config.host}:{self.contact_port}"
+        msg.add("Via", f"{via};branch={new_branch()};rport")
+        msg.add("From", f"{self.invite.get('To')};tag={self.local_tag}")
+        msg.add("To", self.invite.get("From"))
+        msg.add("Call-ID", self.invite.call_id)
+        msg.add("CSeq", f"{self._cseq} {method}")
+        msg.add("Contact", self.contact)
+        msg.add("Max-Forwards", "70")
+        return msg
+
+    @property
+    def contact_port(self) -> int:
+        return NameAddr.parse(self.contact).uri.port or self.config.port
+
+    async def refer(self, refer_to: str, client: ClientTransactions) -> SipMessage:
+        """Blind transfer (RFC 3515): ask the caller's side to call `refer_to`."""
+        request = self._in_dialog("REFER")
+        request.add("Refer-To", refer_to)
+        request.add("Referred-By", self.contact)
+        reliable = self.peer.transport != "UDP"
+        log.info("sip transfer", extra=self.log_extra)
+        return await client.request(request, self.peer.send, reliable=reliable)
+
+    async def bye(self, client: ClientTransactions, reason: str) -> None:
+        """We hang up: BYE, then the participant leaves the room."""
+        request = self._in_dialog("BYE")
+        request.add("Reason", f'SIP;cause=200;text="{reason}"')
+        await client.request(request, self.peer.send, reliable=self.peer.transport != "UDP")
+        await self.hang_up(models.DisconnectReason.CLIENT_INITIATED)
 
     # -- endings -----------------------------------------------------------------------------
 

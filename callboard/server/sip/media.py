@@ -99,11 +99,11 @@ class RtpSession(asyncio.DatagramProtocol):
         elif addr != self._latched:
             self.dropped += 1
             return
-        if not self._same_stream(packet):
-            self.dropped += 1
-            return
         self.received += 1
         if packet.payload_type == answer.codec_pt:
+            if not self._same_stream(packet):
+                self.dropped += 1
+                return
             self._jitter.push(packet)
             codec = CODECS[answer.codec]
             for ready in self._jitter.pop():

@@ -56,6 +56,8 @@ class DispatchLeg:
     attributes: dict[str, str]
     frames: int = 0
     digits: list[str] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    """Every `sip.callStatus` the participant had, in order."""
     left: int | None = None
 
     async def wait_subscribed(self, timeout: float) -> bool:
@@ -63,6 +65,8 @@ class DispatchLeg:
 
     def set_attributes(self, attributes: Mapping[str, str]) -> None:
         self.attributes.update(attributes)
+        if "sip.callStatus" in attributes:
+            self.statuses.append(attributes["sip.callStatus"])
         log.info(
             "sip participant attributes",
             extra={"room": self.room_name, "identity": self.identity, **_status(attributes)},
@@ -104,6 +108,7 @@ class DispatchRooms:
             )
             req.metadata = config.metadata
         self._rooms.ensure_room(req)
-        leg = DispatchLeg(dispatch.room_name, dispatch.identity, dict(dispatch.attributes))
+        leg = DispatchLeg(dispatch.room_name, dispatch.identity, {})
+        leg.set_attributes(dispatch.attributes)
         self.legs.append(leg)
         return leg

@@ -161,8 +161,9 @@ class SippRun:
 async def run_sipp(
     work: Path,
     xml: str,
-    sip_port: int,
+    sip_port: int | None,
     *,
+    listen_port: int | None = None,
     calls: int = 1,
     rate: float = 1.0,
     transport: str = "u1",
@@ -170,14 +171,15 @@ async def run_sipp(
     auth: tuple[str, str] | None = None,
     timeout: float = RUN_TIMEOUT_S,
 ) -> SippRun:
-    """Run one scenario against 127.0.0.1:`sip_port`; sipp exits 0 when every call passed."""
+    """Run one scenario against 127.0.0.1:`sip_port` (or, with `sip_port` None, wait for calls
+    on `listen_port`); sipp exits 0 when every call passed."""
     sipp = shutil.which("sipp")
     if sipp is None:
         raise FileNotFoundError(SIPP_MISSING)
     scenario_file = _write(work, xml)
     args = [
         sipp,
-        f"{HOST}:{sip_port}",
+        *([f"{HOST}:{sip_port}"] if sip_port is not None else []),
         "-sf",
         str(scenario_file),
         "-m",
@@ -187,7 +189,7 @@ async def run_sipp(
         "-i",
         HOST,
         "-p",
-        str(free_port()),
+        str(listen_port or free_port()),
         "-mi",
         HOST,
         "-mp",
@@ -233,3 +235,91 @@ def _write(work: Path, xml: str) -> Path:
 def _read_errors(work: Path) -> str:
     path = work / "errors.log"
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def answering_phone(hang_up_after_ms: int = 1000) -> str:
+    """A UAS: answers an INVITE (180, 200 with SDP), takes the ACK, hangs up after a while."""
+    return scenario(
+        "answering phone",
+        f"""  <recv request="INVITE" crlf="true" rrs="true">
+    <action>
+      <ereg regexp=".*" search_in="hdr" header="From:" check_it="true" assign_to="caller"/>
+    </action>
+  </recv>
+  <send>
+    <![CDATA[
+      SIP/2.0 180 Ringing
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <send retrans="500">
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+{SDP}
+    ]]>
+  </send>
+  <recv request="ACK" rtd="true" crlf="true"/>
+  <pause milliseconds="{hang_up_after_ms}"/>
+  <send retrans="500">
+    <![CDATA[
+      BYE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: <sip:callee@[local_ip]:[local_port]>;tag=[pid]SIPpTag01[call_number]
+      To: [$caller]
+      [last_Call-ID:]
+      CSeq: 1 BYE
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200"/>
+""",
+    )
+
+
+def transferred_call() -> str:
+    """A caller who is answered, then REFERred elsewhere (202), then hung up on (BYE → 200)."""
+    steps = invite()
+    steps += '  <recv response="100" optional="true"/>\n'
+    steps += '  <recv response="180" optional="true"/>\n'
+    steps += '  <recv response="200" rrs="true"/>\n'
+    steps += in_dialog("ACK", cseq="[cseq]", retrans=False)
+    steps += '  <recv request="REFER" timeout="10000"/>\n'
+    steps += _answer("202 Accepted")
+    steps += '  <recv request="BYE" timeout="10000"/>\n'
+    steps += _answer("200 OK")
+    return scenario("transferred call", steps)
+
+
+def _answer(status: str) -> str:
+    return f"""  <send>
+    <![CDATA[
+      SIP/2.0 {status}
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""

@@ -4,6 +4,7 @@ participant state over the call, RTP and DTMF from the phone."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from callboard.server.config import ServerConfig
 from callboard.server.sip.room_leg import DispatchLeg, DispatchRooms
 from tests.conftest import API_KEY, API_SECRET
 from tests.server.sip import sipp
+from tests.server.support import wait_until
 
 pytestmark = pytest.mark.skipif(sipp.shutil.which("sipp") is None, reason=sipp.SIPP_MISSING)
 
@@ -156,3 +158,88 @@ async def test_a_call_over_tcp(gateway: EmbeddedServer, tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.output + run.errors
     assert legs(gateway)[0].left == models.DisconnectReason.CLIENT_INITIATED
+
+
+async def outbound_trunk(srv: EmbeddedServer, port: int) -> str:
+    async with api.LiveKitAPI(srv.http_url, API_KEY, API_SECRET) as lk:
+        trunk = await lk.sip.create_outbound_trunk(
+            sip.CreateSIPOutboundTrunkRequest(
+                trunk=sip.SIPOutboundTrunkInfo(
+                    name="out", address=f"127.0.0.1:{port}", numbers=["+15550199"]
+                )
+            )
+        )
+        return trunk.sip_trunk_id
+
+
+async def test_create_sip_participant_dials_a_phone_that_answers(
+    gateway: EmbeddedServer, tmp_path: Path
+) -> None:
+    """CreateSIPParticipant through a stored outbound trunk to sipp answering as a phone: the
+    callee joins the room as dialing, goes active on 200 OK, and hangs up (BYE) after a
+    second; RTP flowed both ways."""
+    phone_port = sipp.free_port()
+    trunk_id = await outbound_trunk(gateway, phone_port)
+    phone = asyncio.create_task(
+        sipp.run_sipp(tmp_path, sipp.answering_phone(1000), None, listen_port=phone_port)
+    )
+    await asyncio.sleep(0.5)  # sipp is listening
+    async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
+        info = await lk.sip.create_sip_participant(
+            sip.CreateSIPParticipantRequest(
+                sip_trunk_id=trunk_id,
+                sip_call_to="+15550123",
+                room_name="support",
+                participant_identity="callee",
+                wait_until_answered=True,
+            )
+        )
+    assert (info.participant_identity, info.room_name) == ("callee", "support")
+    assert re.fullmatch(r"SCL_\w{12}", info.sip_call_id)
+    run = await phone
+    assert run.returncode == 0, run.output + run.errors
+    [leg] = legs(gateway)
+    await wait_until(lambda: leg.left is not None, "the callee's BYE")
+    assert leg.statuses == ["dialing", "active", "hangup"]
+    assert leg.attributes["sip.phoneNumber"] == "+15550123"
+    assert leg.attributes["sip.trunkID"] == trunk_id
+    assert leg.left == models.DisconnectReason.CLIENT_INITIATED
+
+
+async def test_dialing_without_a_stored_trunk_is_refused(gateway: EmbeddedServer) -> None:
+    """No open relay: a caller with the sip.call grant still cannot name an arbitrary host."""
+    async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
+        with pytest.raises(api.TwirpError) as refused:
+            await lk.sip.create_sip_participant(
+                sip.CreateSIPParticipantRequest(
+                    trunk=sip.SIPOutboundConfig(hostname="198.51.100.7"),
+                    sip_call_to="+15550123",
+                    room_name="support",
+                )
+            )
+    assert refused.value.code == "failed_precondition"
+    assert legs(gateway) == []
+
+
+async def test_transfer_refers_the_caller_and_hangs_up(
+    gateway: EmbeddedServer, tmp_path: Path
+) -> None:
+    await provision(gateway)
+    assert gateway.sip is not None
+    caller = asyncio.create_task(sipp.run_sipp(tmp_path, sipp.transferred_call(), gateway.sip.port))
+    await wait_until(
+        lambda: bool(legs(gateway)) and "active" in legs(gateway)[0].statuses, "answer"
+    )
+    [leg] = legs(gateway)
+    async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
+        result = await lk.sip.transfer_sip_participant(
+            sip.TransferSIPParticipantRequest(
+                room_name=leg.room_name,
+                participant_identity=leg.identity,
+                transfer_to="tel:+15550777",
+            )
+        )
+    assert result.status == sip.STS_TRANSFER_SUCCESSFUL
+    run = await caller
+    assert run.returncode == 0, run.output + run.errors
+    assert leg.statuses[-1] == "hangup"
