@@ -45,6 +45,11 @@ async def speak(engine: tts.TTS, text: str) -> rtc.AudioFrame:
     return rtc.combine_audio_frames(frames)
 
 
+def resample(audio: rtc.AudioFrame, rate: int) -> rtc.AudioFrame:
+    resampler = rtc.AudioResampler(audio.sample_rate, rate)
+    return rtc.combine_audio_frames([*resampler.push(audio), *resampler.flush()])
+
+
 def silence(seconds: float, sample_rate: int) -> rtc.AudioFrame:
     samples = int(seconds * sample_rate)
     return rtc.AudioFrame(bytes(2 * samples), sample_rate, 1, samples)

@@ -10,14 +10,14 @@ from livekit.agents import stt
 
 from callboard.plugins.local import HibariTTS, WhisperOptions, WhisperSTT, load_vad, streaming_stt
 from callboard.plugins.local.stt import to_stt_rate
-from tests.plugins.support import MAX_WER, SENTENCES, in_frames, silence, speak, wer
+from tests.plugins.support import MAX_WER, SENTENCES, in_frames, resample, silence, speak, wer
 
 ROOM_RATE = 48000
 
 
 @pytest.mark.parametrize("sentence", SENTENCES)
 async def test_recognizes_synthesized_speech_at_the_rooms_rate(sentence: str) -> None:
-    audio = to_room_rate(await speak(HibariTTS(), sentence))
+    audio = resample(await speak(HibariTTS(), sentence), ROOM_RATE)
 
     started = time.perf_counter()
     event = await WhisperSTT().recognize(in_frames(audio))
@@ -35,9 +35,9 @@ async def test_streams_one_final_transcript_per_utterance_through_the_vad() -> N
     tts = HibariTTS()
     parts = [
         silence(0.5, ROOM_RATE),
-        to_room_rate(await speak(tts, first)),
+        resample(await speak(tts, first), ROOM_RATE),
         silence(1.2, ROOM_RATE),
-        to_room_rate(await speak(tts, second)),
+        resample(await speak(tts, second), ROOM_RATE),
         silence(1.2, ROOM_RATE),
     ]
     stream = streaming_stt(load_vad()).stream()
@@ -66,11 +66,6 @@ async def test_streams_one_final_transcript_per_utterance_through_the_vad() -> N
 def test_only_english_is_offered() -> None:
     with pytest.raises(ValueError, match="English only"):
         WhisperOptions(language="fr")
-
-
-def to_room_rate(audio: rtc.AudioFrame) -> rtc.AudioFrame:
-    resampler = rtc.AudioResampler(audio.sample_rate, ROOM_RATE)
-    return rtc.combine_audio_frames([*resampler.push(audio), *resampler.flush()])
 
 
 def test_room_audio_reaches_whisper_as_16_khz_mono() -> None:
