@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 
 import psutil
 from livekit import rtc
 from livekit.agents import tokenize, tts
-from livekit.agents.inference_runner import _InferenceRunner
-from livekit.agents.ipc.inference_proc_executor import InferenceProcExecutor
 from livekit.agents.testing import fake_job_context
 
 from bench._common import machine_summary, percentile
 from callboard.plugins.local import EspeakTTS, HibariTTS, WhisperSTT, load_vad, models
+from callboard.plugins.local.runners import inference_process
 
 UTTERANCES = (
     "Hello, I would like to book an appointment for tomorrow morning.",
@@ -83,29 +80,6 @@ async def first_audio_latencies(engine: tts.TTS, rounds: int) -> list[float]:
             async for _ in stream:
                 pass
     return latencies[1:]
-
-
-@asynccontextmanager
-async def inference_process() -> AsyncIterator[InferenceProcExecutor]:
-    executor = InferenceProcExecutor(
-        runners=_InferenceRunner.registered_runners,
-        initialize_timeout=300,
-        close_timeout=5,
-        memory_warn_mb=4000,
-        memory_limit_mb=0,
-        ping_interval=5,
-        ping_timeout=60,
-        high_ping_threshold=2.5,
-        mp_ctx=mp.get_context("spawn"),
-        loop=asyncio.get_running_loop(),
-        http_proxy=None,
-    )
-    await executor.start()
-    try:
-        await executor.initialize()
-        yield executor
-    finally:
-        await executor.aclose()
 
 
 def pss(pid: int) -> float:
@@ -166,12 +140,16 @@ async def run(rounds: int, jobs: int) -> None:
         espeak = await first_audio_latencies(EspeakTTS(), rounds)
         print(f"TTS first audio, espeak-ng:           {_ms(espeak)}")
 
-    ours = shared_pss + jobs_pss("shared", jobs)
-    per_job = jobs_pss("local", jobs)
+    shared_jobs, local_jobs = jobs_pss("shared", jobs), jobs_pss("local", jobs)
+    ours = shared_pss + shared_jobs
     print(f"inference process with Whisper tiny.en + hibari: {shared_pss / MB:.0f} MB PSS")
     print(
+        f"a job process: {shared_jobs / jobs / MB:.0f} MB PSS with the models shared, "
+        f"{local_jobs / jobs / MB:.0f} MB with the models in the job"
+    )
+    print(
         f"{jobs} jobs, models shared (ours): {ours / MB:.0f} MB PSS; "
-        f"models in each job: {per_job / MB:.0f} MB PSS; ratio {ours / per_job:.2f}"
+        f"models in each job: {local_jobs / MB:.0f} MB PSS; ratio {ours / local_jobs:.2f}"
     )
 
 
