@@ -4,6 +4,7 @@ espeak-ng for speech."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import psutil
@@ -24,6 +25,8 @@ from tests.plugins.support import ESPEAK_MAX_WER, MAX_WER, SENTENCES, needs_espe
 
 MODELS_RSS_MB = 150
 """Whisper tiny.en + hibari weigh ~280 MB once loaded; well above an empty process."""
+MIN_INFERENCE_CPU = 0.3
+"""CPU seconds three syntheses and three recognitions take at the least."""
 
 
 @pytest.fixture
@@ -45,18 +48,23 @@ async def test_jobs_use_the_workers_inference_process(
     assert rss_mb > MODELS_RSS_MB
     print(f"inference process with both models: {rss_mb:.0f} MB RSS")
 
+    process = psutil.Process(shared.pid)
+    cpu_before = sum(process.cpu_times()[:2])
     with fake_job_context(inference_executor=shared):
-        audio = await speak(HibariTTS(), SENTENCES[0])
-        event = await WhisperSTT().recognize(audio)
-    assert event.type == stt.SpeechEventType.FINAL_TRANSCRIPT
-    assert wer(SENTENCES[0], event.alternatives[0].text) <= MAX_WER
+        # three calls at once, as three jobs of one worker would ask
+        audio = await asyncio.gather(*(speak(HibariTTS(), s) for s in SENTENCES[:3]))
+        events = await asyncio.gather(*(WhisperSTT().recognize(a) for a in audio))
+    assert sum(process.cpu_times()[:2]) - cpu_before > MIN_INFERENCE_CPU  # it did the work
+    for sentence, event in zip(SENTENCES, events, strict=False):
+        assert event.type == stt.SpeechEventType.FINAL_TRANSCRIPT
+        assert wer(sentence, event.alternatives[0].text) <= MAX_WER, event.alternatives
 
     await shared.aclose()
     with (
         fake_job_context(inference_executor=shared),
         pytest.raises(SharedInferenceUnavailable, match="failed in the shared inference process"),
     ):
-        await WhisperSTT().recognize(audio)
+        await WhisperSTT().recognize(audio[0])
 
 
 @needs_espeak
