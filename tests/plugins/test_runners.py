@@ -19,6 +19,8 @@ from callboard.plugins.local.runners import (
     STT_METHOD,
     TTS_METHOD,
     SharedInferenceUnavailable,
+    decode_request,
+    encode_request,
     inference_process,
 )
 from tests.plugins.support import ESPEAK_MAX_WER, MAX_WER, SENTENCES, needs_espeak, speak, wer
@@ -34,6 +36,12 @@ async def shared() -> AsyncIterator[InferenceProcExecutor]:
     """The inference process livekit-agents' worker starts when runners are registered."""
     async with inference_process() as executor:
         yield executor
+
+
+def test_requests_round_trip_with_newlines_in_text_and_pcm() -> None:
+    header = {"text": "Two\nlines.", "speed": 1.0}
+    pcm = bytes(range(256)) * 4  # every byte value, b"\n" included
+    assert decode_request(encode_request(header, pcm)) == (header, pcm)
 
 
 def test_importing_the_plugins_registers_both_models() -> None:
