@@ -16,7 +16,8 @@ from callboard.plugins.local.realtime import PROVIDER_LABEL, ScriptedRealtimeMod
 from tests.plugins.sessions import CALLER_RATE, Caller, Recorder
 from tests.plugins.support import MAX_WER, resample, speak, wer
 
-TURN_TIMEOUT = 30.0
+TURN_TIMEOUT = 90.0
+"""Generous: on a loaded 2-core machine one turn (VAD, Whisper, TTS) has taken over 10 s."""
 REPLY = "Sure, Tuesday morning works."
 SCRIPT = Script(greeting="Hello.", intents=(Intent("book", (r"\bappointment\b",), REPLY),))
 CALLER_LINE = "I would like an appointment on Tuesday."
@@ -75,7 +76,7 @@ async def test_a_text_answer_is_spoken_by_the_sessions_tts(
     assert PLUGIN_WARNING in warnings
     assert FELL_BACK_TO_TTS in warnings
     assert NO_TTS_ERROR not in messages(caplog, logging.ERROR)
-    assert wer(CALLER_LINE, listener.heard[0]) <= MAX_WER, listener.heard
+    assert wer(CALLER_LINE, " ".join(listener.heard)) <= MAX_WER, listener.heard
     assert listener.said == [REPLY]
     spoken = (await WhisperSTT().recognize(recorder.segments[0].audio())).alternatives[0].text
     assert wer(REPLY, spoken) <= MAX_WER, spoken

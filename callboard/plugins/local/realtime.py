@@ -161,8 +161,19 @@ class ScriptedRealtimeSession(llm.RealtimeSession[Never]):
         )
 
     async def _reply(self, reply: asyncio.Future[llm.GenerationCreatedEvent]) -> None:
-        if self._transcribing is not None:
-            await self._transcribing
+        try:
+            if self._transcribing is not None:
+                await self._transcribing
+            generation = self._text_only_generation()
+        except Exception as e:  # the session logs it and ends the turn: it must not hang
+            if not reply.done():
+                reply.set_exception(llm.RealtimeError(f"{PROVIDER_LABEL} failed: {e}"))
+            return
+        if not reply.done():
+            reply.set_result(generation)
+
+    def _text_only_generation(self) -> llm.GenerationCreatedEvent:
+        """The script's answer as one message that carries text and no audio."""
         turn = self._scripted.turn_for(self._chat_ctx, self._tools.flatten())
         message_id = utils.shortuuid("msg_")
         log.warning(f"Text response received from {PROVIDER_LABEL} in audio modality.")
@@ -190,9 +201,6 @@ class ScriptedRealtimeSession(llm.RealtimeSession[Never]):
             )
         functions.close()
         self._chat_ctx.add_message(role="assistant", content=turn.text, id=message_id)
-        if not reply.done():
-            reply.set_result(
-                llm.GenerationCreatedEvent(
-                    message_stream=messages, function_stream=functions, user_initiated=True
-                )
-            )
+        return llm.GenerationCreatedEvent(
+            message_stream=messages, function_stream=functions, user_initiated=True
+        )
