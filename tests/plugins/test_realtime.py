@@ -18,6 +18,7 @@ from tests.plugins.support import MAX_WER, resample, speak, wer
 
 TURN_TIMEOUT = 90.0
 """Generous: on a loaded 2-core machine one turn (VAD, Whisper, TTS) has taken over 10 s."""
+SESSION_TEST_TIMEOUT = 300
 REPLY = "Sure, Tuesday morning works."
 SCRIPT = Script(greeting="Hello.", intents=(Intent("book", (r"\bappointment\b",), REPLY),))
 CALLER_LINE = "I would like an appointment on Tuesday."
@@ -50,6 +51,7 @@ def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == level]
 
 
+@pytest.mark.timeout(SESSION_TEST_TIMEOUT)
 async def test_a_text_answer_is_spoken_by_the_sessions_tts(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -82,6 +84,7 @@ async def test_a_text_answer_is_spoken_by_the_sessions_tts(
     assert wer(REPLY, spoken) <= MAX_WER, spoken
 
 
+@pytest.mark.timeout(SESSION_TEST_TIMEOUT)
 async def test_without_a_tts_the_text_answer_is_an_error_and_silent(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

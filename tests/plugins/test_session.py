@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from livekit.agents import Agent, AgentSession, llm
 from livekit.agents.voice.events import ConversationItemAddedEvent
 
@@ -24,6 +25,7 @@ from tests.plugins.support import MAX_WER, resample, speak, wer
 
 TURN_TIMEOUT = 90.0
 """Generous: on a loaded 2-core machine one turn (VAD, Whisper, TTS) has taken over 10 s."""
+SESSION_TEST_TIMEOUT = 300
 SCRIPT = Script(
     greeting="Thanks for calling Acme Dental. How can I help you today?",
     slots=(Slot("day", r"\b(monday|tuesday|wednesday|thursday|friday)\b"),),
@@ -54,6 +56,7 @@ class Receptionist(Agent):
         self.ended.set()
 
 
+@pytest.mark.timeout(SESSION_TEST_TIMEOUT)
 async def test_a_spoken_conversation_through_the_offline_plugins() -> None:
     caller, recorder = Caller(), Recorder()
     session: AgentSession[None] = AgentSession(
