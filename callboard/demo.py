@@ -98,7 +98,9 @@ def audio_of(room: rtc.Room, identity: str) -> asyncio.Future[rtc.Track]:
     """The first audio track of `identity` this room subscribes to."""
     found: asyncio.Future[rtc.Track] = asyncio.get_running_loop().create_future()
 
-    def subscribed(track: rtc.Track, _: rtc.RemoteTrackPublication, p: rtc.RemoteParticipant) -> None:
+    def subscribed(
+        track: rtc.Track, _: rtc.RemoteTrackPublication, p: rtc.RemoteParticipant
+    ) -> None:
         if p.identity == identity and track.kind == rtc.TrackKind.KIND_AUDIO and not found.done():
             found.set_result(track)
 
@@ -106,7 +108,7 @@ def audio_of(room: rtc.Room, identity: str) -> asyncio.Future[rtc.Track]:
     for p in room.remote_participants.values():
         for pub in p.track_publications.values():
             if pub.track is not None:
-                subscribed(pub.track, pub, p)  # type: ignore[arg-type]
+                subscribed(pub.track, pub, p)
     return found
 
 

@@ -275,7 +275,9 @@ class RoomRegistry:
         p = self._participant(grants, req.room, req.identity)
         track = self._rooms[req.room].live.set_muted(p, req.track_sid, req.muted)
         if track is None:
-            raise TwirpError("not_found", f"track {req.track_sid!r} is not published by {p.identity!r}")
+            raise TwirpError(
+                "not_found", f"track {req.track_sid!r} is not published by {p.identity!r}"
+            )
         return room.MuteRoomTrackResponse(track=track)
 
     async def send_data(
@@ -320,9 +322,7 @@ class RoomRegistry:
             return
         for job in state.live_jobs():
             if job.state.participant_identity == p.identity:
-                asyncio.get_running_loop().call_later(
-                    AGENT_LEFT_GRACE_S, self._agent_left, job.id
-                )
+                asyncio.get_running_loop().call_later(AGENT_LEFT_GRACE_S, self._agent_left, job.id)
 
     def _agent_left(self, job_id: str) -> None:
         terminate = self._engine.terminate(

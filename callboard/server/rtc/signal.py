@@ -201,7 +201,7 @@ class SignalSession:
         self._out: asyncio.Queue[rtc.SignalResponse | None] = asyncio.Queue()
         self._pending_tracks: dict[str, models.TrackInfo] = {}
         self._ending: str | None = None
-        self._leave_reason = models.CLIENT_INITIATED
+        self._leave_reason: int = models.CLIENT_INITIATED
         g = spec.grants
         self._info = participant_info(
             g.identity,
@@ -213,9 +213,7 @@ class SignalSession:
         )
         self._info.client_protocol = spec.client_protocol
         self._participant: Participant | None = None
-        self._peers = PeerConnections(
-            self._send_offer, self._on_track, self._on_data, self._fail
-        )
+        self._peers = PeerConnections(self._send_offer, self._on_track, self._on_data, self._fail)
 
     @property
     def log_fields(self) -> dict[str, object]:
@@ -372,11 +370,15 @@ class SignalSession:
             stream=req.stream,
         )
         self._pending_tracks[req.cid] = track
-        self._send(rtc.SignalResponse(track_published=rtc.TrackPublishedResponse(cid=req.cid, track=track)))
+        self._send(
+            rtc.SignalResponse(track_published=rtc.TrackPublishedResponse(cid=req.cid, track=track))
+        )
 
     def _update_metadata(self, p: Participant, req: rtc.UpdateParticipantMetadata) -> None:
         if not p.info.permission.can_update_metadata:
-            log.info("metadata update refused: no canUpdateOwnMetadata grant", extra=self.log_fields)
+            log.info(
+                "metadata update refused: no canUpdateOwnMetadata grant", extra=self.log_fields
+            )
             return
         if req.name:
             p.info.name = req.name
@@ -411,7 +413,9 @@ class SignalSession:
     def _send_offer(self, sdp: str) -> None:
         self._send(rtc.SignalResponse(offer=rtc.SessionDescription(type="offer", sdp=sdp)))
 
-    def _on_track(self, cid: str, receiver: Any, payload_types: frozenset[int], mid: str | None) -> None:
+    def _on_track(
+        self, cid: str, receiver: Any, payload_types: frozenset[int], mid: str | None
+    ) -> None:
         p = self._participant
         track = self._pending_tracks.pop(cid, None)
         if track is None and self._pending_tracks:
@@ -457,7 +461,9 @@ class SignalSession:
         self._ending = f"removed by the server ({models.DisconnectReason.Name(reason)})"
         self._leave_reason = reason
         leave = rtc.LeaveRequest(
-            can_reconnect=False, reason=reason, action=rtc.LeaveRequest.DISCONNECT  # type: ignore[arg-type]
+            can_reconnect=False,
+            reason=reason,  # type: ignore[arg-type]
+            action=rtc.LeaveRequest.DISCONNECT,
         )
         self._send(rtc.SignalResponse(leave=leave))
         self._out.put_nowait(None)
@@ -465,5 +471,3 @@ class SignalSession:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
