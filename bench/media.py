@@ -58,7 +58,9 @@ SOURCE_QUEUE_MS: Final = 20
 """A short SDK capture queue: a frame handed over is sent within this."""
 WARMUP_S: Final = 3.0
 TAIL_S: Final = 2.0
-"""Speaking goes on this long after the window, and stats are read after it (in-flight land)."""
+"""Speaking goes on this long after the CPU window."""
+IN_FLIGHT_S: Final = 1.0
+"""Stats are read this long after the last frame was said: every packet has landed."""
 JOIN_TIMEOUT_S: Final = 60.0
 MIN_CALLS: Final = 1
 MAX_CALLS: Final = 60
@@ -151,7 +153,7 @@ async def run_client(
         room = f"{prefix}-{i}"
         await caller.room.connect(url, token("caller", room))
         await agent.room.connect(url, token("agent", room))
-    tasks = []
+    tasks, speaking = [], []
     speak_s = WARMUP_S + seconds + TAIL_S
     for caller, agent in pairs:
         for side, hz in ((caller, 440.0), (agent, 880.0)):
@@ -159,12 +161,13 @@ async def run_client(
             track = rtc.LocalAudioTrack.create_audio_track("mic", source)
             opts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
             await side.room.local_participant.publish_track(track, opts)
-            tasks.append(asyncio.create_task(side.speak(source, hz, speak_s)))
+            speaking.append(asyncio.create_task(side.speak(source, hz, speak_s)))
     for caller, agent in pairs:
         tasks.append(asyncio.create_task(caller.listen(await remote_track(caller.room))))
         tasks.append(asyncio.create_task(agent.listen(await remote_track(agent.room))))
     await asyncio.to_thread(ready.write_text, str(time.monotonic()))
-    await asyncio.sleep(speak_s)
+    await asyncio.gather(*speaking)
+    await asyncio.sleep(IN_FLIGHT_S)
     totals = [0, 0]
     for side in (s for pair in pairs for s in pair):
         sent, received = await packets(side.room)
