@@ -36,6 +36,7 @@ import psutil
 from livekit import api, rtc
 
 from bench._common import percentile
+from callboard.demo import FRAME_SAMPLES, SAMPLE_RATE, TONE_RMS_MIN, tone_frame
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
@@ -47,13 +48,9 @@ from tests.interop.livekit_server import (
 from tests.interop.netns import MEDIA_IP, NetnsUnavailable, enter_private_network
 
 SERVERS: Final = ("callboard", "livekit-server")
-SAMPLE_RATE: Final = 48000
 FRAME_MS: Final = 10
-FRAME_SAMPLES: Final = SAMPLE_RATE * FRAME_MS // 1000
 BURST_FRAMES: Final = 20
 PERIOD_FRAMES: Final = 100
-AMPLITUDE: Final = 0.3 * 32767
-TONE_RMS_MIN: Final = 1000.0
 SOURCE_QUEUE_MS: Final = 20
 """A short SDK capture queue: a frame handed over is sent within this."""
 WARMUP_S: Final = 3.0
@@ -80,14 +77,11 @@ class Side:
     heard_onsets: list[float] = field(default_factory=list)
 
     async def speak(self, source: rtc.AudioSource, hz: float, seconds: float) -> None:
-        n = np.arange(FRAME_SAMPLES)
         silence = rtc.AudioFrame(bytes(FRAME_SAMPLES * 2), SAMPLE_RATE, 1, FRAME_SAMPLES)
         for i in range(int(seconds * 1000 / FRAME_MS)):
             phase = i % PERIOD_FRAMES
             if phase < BURST_FRAMES:
-                t = n + i * FRAME_SAMPLES
-                samples = (AMPLITUDE * np.sin(2 * np.pi * hz * t / SAMPLE_RATE)).astype(np.int16)
-                frame = rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, FRAME_SAMPLES)
+                frame = tone_frame(hz, i)
                 if phase == 0:
                     self.sent_onsets.append(time.monotonic())
             else:
