@@ -59,6 +59,7 @@ TAIL_S: Final = 2.0
 IN_FLIGHT_S: Final = 1.0
 """Stats are read this long after the last frame was said: every packet has landed."""
 JOIN_TIMEOUT_S: Final = 60.0
+JOIN_S_PER_CALL: Final = 4.0
 MIN_CALLS: Final = 1
 MAX_CALLS: Final = 60
 
@@ -211,7 +212,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
                 str(out),
             ]
             procs.append(subprocess.Popen(cmd, env=clean_env(), stdin=subprocess.DEVNULL))
-        deadline = time.monotonic() + JOIN_TIMEOUT_S + args.calls
+        deadline = time.monotonic() + JOIN_TIMEOUT_S + JOIN_S_PER_CALL * args.calls
         while not all(r.exists() for r in readies):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 tail = "\n".join(
