@@ -51,7 +51,7 @@ ENABLED_CODECS = (
 ENDED = (agent.JS_SUCCESS, agent.JS_FAILED, agent.JS_CANCELLED)
 ROOM_SWEEP_INTERVAL_S = 1.0
 AGENT_LEFT_ERROR = "agent worker left the room"
-AGENT_LEFT_GRACE_S = 2.0
+AGENT_LEFT_GRACE_S = 5.0
 """A worker reports its job's end just after the agent leaves the room (the job's last act is
 to disconnect): the job fails as AGENT_LEFT_ERROR only if no end is reported within this."""
 DEPENDENT_KINDS = frozenset({models.ParticipantInfo.AGENT, models.ParticipantInfo.EGRESS})

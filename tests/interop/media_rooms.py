@@ -40,13 +40,13 @@ from tests.interop.media_call import REPORT_FILE, SKIP_EXIT, base57
 from tests.interop.netns import MEDIA_IP, NetnsUnavailable, enter_private_network
 from tests.interop.support import wait_until
 
-SCENARIO_TIMEOUT_S: Final = 40.0
+SCENARIO_TIMEOUT_S: Final = 60.0
 EVENT_TIMEOUT_S: Final = 10.0
 LISTEN_S: Final = 3.0
 SETTLE_S: Final = 1.0
 """Audio measured after this much tone, once the receiver's jitter buffer settled."""
 JOB_TIMEOUT_S: Final = 20.0
-AGENT_LEFT_TIMEOUT_S: Final = 8.0
+AGENT_LEFT_TIMEOUT_S: Final = 10.0
 ROOM_CLOSE_TIMEOUT_S: Final = 8.0
 """Both servers close the room a second after its last participant left (departure_timeout 1,
 checked every second here and by livekit-server)."""

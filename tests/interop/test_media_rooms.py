@@ -16,9 +16,9 @@ from tests.interop.media_call import REPORT_FILE, SKIP_EXIT
 from tests.interop.netns import unavailable_reason
 from tests.interop.test_media import REPO_ROOT, kill_family
 
-pytestmark = [pytest.mark.interop, pytest.mark.timeout(300, func_only=True)]
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(330, func_only=True)]
 
-RUN_TIMEOUT_S: Final = 240.0
+RUN_TIMEOUT_S: Final = 280.0
 LEVEL_TOLERANCE: Final = 0.10
 PITCH_TOLERANCE: Final = 0.05
 MIN_MEASURED_FRAMES: Final = 250
