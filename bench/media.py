@@ -56,6 +56,8 @@ SOURCE_QUEUE_MS: Final = 20
 WARMUP_S: Final = 3.0
 TAIL_S: Final = 2.0
 """Speaking goes on this long after the CPU window."""
+STUCK_SLACK_S: Final = 10.0
+"""A speaker still talking this long after it should have stopped is stuck (its call broke)."""
 IN_FLIGHT_S: Final = 1.0
 """Stats are read this long after the last frame was said: every packet has landed."""
 JOIN_TIMEOUT_S: Final = 60.0
@@ -161,7 +163,9 @@ async def run_client(
         tasks.append(asyncio.create_task(caller.listen(await remote_track(caller.room))))
         tasks.append(asyncio.create_task(agent.listen(await remote_track(agent.room))))
     await asyncio.to_thread(ready.write_text, str(time.monotonic()))
-    await asyncio.gather(*speaking)
+    _, stuck = await asyncio.wait(speaking, timeout=speak_s + STUCK_SLACK_S)
+    for t in stuck:  # a source nobody reads any more: its call broke
+        t.cancel()
     await asyncio.sleep(IN_FLIGHT_S)
     totals = [0, 0]
     for side in (s for pair in pairs for s in pair):
@@ -174,9 +178,16 @@ async def run_client(
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    broken = sum(not side.room.isconnected() for pair in pairs for side in pair)
     for side in (s for pair in pairs for s in pair):
         await side.room.disconnect()
-    return {"sent": totals[0], "received": totals[1], "latencies": lat}
+    return {
+        "sent": totals[0],
+        "received": totals[1],
+        "latencies": lat,
+        "stuck": len(stuck),
+        "disconnected": broken,
+    }
 
 
 def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -249,19 +260,20 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         "latency_ms_p50": 1000 * percentile(lat, 50),
         "latency_ms_p95": 1000 * percentile(lat, 95),
         "bursts": len(lat),
+        "broken_sides": sum(r["stuck"] + r["disconnected"] for r in results),
     }
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         f"{'server':16} {'calls':>5} {'lost %':>7} {'CPU cores':>9} {'CPU/track %':>11} "
-        f"{'m2e p50 ms':>10} {'m2e p95 ms':>10}"
+        f"{'m2e p50 ms':>10} {'m2e p95 ms':>10} {'broken':>6}"
     )
     for r in rows:
         print(
             f"{r['server']:16} {r['calls']:>5} {r['lost_pct']:>7.2f} {r['cpu_cores']:>9.2f} "
             f"{r['cpu_per_track_pct']:>11.2f} {r['latency_ms_p50']:>10.1f} "
-            f"{r['latency_ms_p95']:>10.1f}"
+            f"{r['latency_ms_p95']:>10.1f} {r['broken_sides']:>6}"
         )
     if len(rows) == 2:
         ours, theirs = rows
