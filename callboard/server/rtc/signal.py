@@ -213,7 +213,9 @@ class SignalSession:
         )
         self._info.client_protocol = spec.client_protocol
         self._participant: Participant | None = None
-        self._peers = PeerConnections(self._send_offer, self._on_track, self._on_data, self._fail)
+        self._peers = PeerConnections(
+            self._send_offer, self._on_track, self._on_data, self._media_failed
+        )
 
     @property
     def log_fields(self) -> dict[str, object]:
@@ -256,18 +258,21 @@ class SignalSession:
             level = logging.INFO if reason == CLIENT_LEFT else logging.WARNING
             log.log(level, "rtc connection ended", extra={**self.log_fields, "reason": reason})
 
-    def _fail(self, reason: str) -> None:
-        """End this connection from a callback (a failed peer connection, an offer timeout)."""
+    def _fail(self, reason: str, leave_reason: int) -> None:
+        """End this connection from outside the read loop: the writer closes the WebSocket."""
         if self._ending is None:
             self._ending = reason
-            self._leave_reason = models.MEDIA_FAILURE if "peer" in reason else models.SIGNAL_CLOSE
+            self._leave_reason = leave_reason
             self._out.put_nowait(None)
+
+    def _media_failed(self, reason: str) -> None:
+        self._fail(reason, models.MEDIA_FAILURE)
 
     async def _offer_task(self) -> None:
         try:
             await self._peers.offer_task(self._answer_timeout)
         except SignalError as e:
-            self._fail(str(e))
+            self._fail(str(e), models.SIGNAL_CLOSE)
 
     async def _write_task(self) -> None:
         while True:
