@@ -31,6 +31,8 @@ http_log = get_logger("server.http")
 """What aiohttp's request handling logs (our runner's `logger`), filtered by BadRequestFilter."""
 
 SHUTDOWN_TIMEOUT_S = 5.0
+CHATTY_MEDIA_LOGGERS: Final = ("aioice", "aiortc")
+"""They log every ICE check at INFO: kept at WARNING."""
 MAX_LOGGED_REASON: Final = 200
 
 
@@ -122,6 +124,8 @@ class EmbeddedServer:
                 "pass --keys or set LIVEKIT_KEYS for anything but local development",
                 extra={"api_key": DEV_API_KEY, "api_secret_hint": f"{DEV_API_SECRET[:1]}..."},
             )
+        for name in CHATTY_MEDIA_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         if BAD_REQUESTS not in http_log.filters:
             http_log.addFilter(BAD_REQUESTS)
         self._runner = web.AppRunner(

@@ -91,6 +91,15 @@ class Participant:
     def log_fields(self) -> dict[str, object]:
         return {"identity": self.identity, "participant_sid": self.sid}
 
+    @property
+    def takes_everything(self) -> bool:
+        """Connected, auto-subscribing and allowed to subscribe: gets each new track."""
+        return (
+            self.auto_subscribe
+            and self.info.permission.can_subscribe
+            and self.info.state == models.ParticipantInfo.ACTIVE
+        )
+
     def touch(self) -> None:
         self.info.version += 1
 
@@ -153,7 +162,9 @@ class LiveRoom:
 
     # -- membership ---------------------------------------------------------------------------
 
-    def join(self, info: models.ParticipantInfo, member: Member, auto_subscribe: bool) -> Participant:
+    def join(
+        self, info: models.ParticipantInfo, member: Member, auto_subscribe: bool
+    ) -> Participant:
         """Add a participant; an earlier one with the same identity is removed first."""
         old = self.participants.get(info.identity)
         if old is not None:
@@ -165,7 +176,11 @@ class LiveRoom:
         self._sync_num_participants()
         log.info(
             "participant joined",
-            extra={"room": self.name, **p.log_fields, "kind": models.ParticipantInfo.Kind.Name(info.kind)},
+            extra={
+                "room": self.name,
+                **p.log_fields,
+                "kind": models.ParticipantInfo.Kind.Name(info.kind),
+            },
         )
         self.broadcast(p)
         self._hooks.participant_joined(self, p)
@@ -250,14 +265,18 @@ class LiveRoom:
         p.touch()
         log.info(
             "track published",
-            extra={"room": self.name, **p.log_fields, "track_sid": track.sid, "track_name": track.name},
+            extra={
+                "room": self.name,
+                **p.log_fields,
+                "track_sid": track.sid,
+                "track_name": track.name,
+            },
         )
         self.broadcast(p)
         if not p.hidden:
             for other in list(self.participants.values()):
-                if other is not p and other.auto_subscribe and other.info.permission.can_subscribe:
-                    if other.info.state == models.ParticipantInfo.ACTIVE:
-                        self._subscribe(other, pub)
+                if other is not p and other.takes_everything:
+                    self._subscribe(other, pub)
         if p.identity not in self._published:
             self._published.add(p.identity)
             self._hooks.first_publish(self, p)
@@ -332,7 +351,9 @@ class LiveRoom:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def send_data(self, sender: Participant | None, packet: models.DataPacket, reliable: bool) -> int:
+    def send_data(
+        self, sender: Participant | None, packet: models.DataPacket, reliable: bool
+    ) -> int:
         """Relay `packet` to its destination identities (all others when none); the sender's
         identity is set by the room, never taken from the packet. Returns the recipients."""
         if sender is not None:
