@@ -254,24 +254,4 @@ def running_server(kind: str, log_dir: Path) -> Iterator[ServerProcess]:
 def start_livekit_server_with_redis(log_dir: Path, redis_address: str) -> ServerProcess:
     """livekit-server on a free loopback port storing its state (and SIP trunks and rules) in the
     Redis at `redis_address` (`host:port`): without Redis it refuses every SIP call."""
-    binary = livekit_server_binary()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config = livekit_server_config(port) + f"redis: {{address: {redis_address}}}\n"
-    log_path = log_dir / "livekit-server-redis.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [str(binary), "--config-body", config],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=clean_env(),
-        )
-    server = ServerProcess("livekit-server", port, proc, log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _healthy(server.http_url):
-            return server
-        time.sleep(0.1)
-    stop_process(proc)
-    raise RuntimeError(f"livekit-server with Redis did not become healthy:\n{server.log_tail()}")
+    return start_livekit_node(log_dir, "livekit-server-redis", redis_address)
