@@ -271,7 +271,21 @@ class InboundSipCall:
         if self.leg is not None:
             self.leg.set_attributes({ATTR_CALL_STATUS: CallStatus.HANGUP.value})
             await self.leg.leave(reason)
-        log.info("sip call ended", extra={**self.log_extra, "reason": int(reason)})
+        log.info(
+            "sip call ended",
+            extra={**self.log_extra, "reason": int(reason), **self._media_stats()},
+        )
+
+    def _media_stats(self) -> dict[str, int]:
+        """RTP counters for the log line that closes the call."""
+        if self.media is None:
+            return {}
+        return {
+            "rtp_received": self.media.received,
+            "rtp_dropped": self.media.dropped,
+            "rtp_lost": self.media.lost,
+            "rtp_sent": self.media.sent,
+        }
 
 
 def remote_target(invite: SipMessage) -> NameAddr | None:

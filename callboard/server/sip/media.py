@@ -80,6 +80,11 @@ class RtpSession(asyncio.DatagramProtocol):
                 self._send_task(), name="sip-rtp-send"
             )
 
+    @property
+    def lost(self) -> int:
+        """Caller frames never received (gaps the jitter buffer gave up on)."""
+        return self._jitter.lost
+
     def close(self) -> None:
         if self._sender is not None:
             self._sender.cancel()

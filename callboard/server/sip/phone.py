@@ -38,6 +38,10 @@ class CallResult:
     codec: str = ""
     heard: list[Pcm] = field(default_factory=list)
     hung_up_by_callee: bool = False
+    sent: int = 0
+    """RTP packets sent to the callee."""
+    lost: int = 0
+    """Packets from the callee that never arrived (sequence gaps)."""
 
     @property
     def audio(self) -> Pcm:
@@ -121,6 +125,7 @@ class SipPhone:
             result.hung_up_by_callee = self._hangup.is_set()
             if not result.hung_up_by_callee:
                 await dialog.bye()
+            result.sent, result.lost = media.sent, media.lost
             return result
         finally:
             media.close()

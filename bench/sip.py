@@ -1,0 +1,165 @@
+"""Concurrent phone calls into `callboard server`'s SIP gateway, on loopback.
+
+`python -m bench.sip [--calls 20] [--seconds 5]` starts the server (with `--sip-port`) in its
+own process, provisions a trunk and a dispatch rule, then places `--calls` calls at once from
+this process (callboard's own SIP phone), each sending a tone for `--seconds` and listening.
+It prints: call set-up time INVITE → 200 OK (p50/p99), frames lost each way (from the phones'
+counts and the server's per-call log line), and the server's CPU per call.
+
+There is no reference side: livekit-sip is not served by the Go module proxy here, so it cannot
+run next to ours. Until the embedded server carries room media, a call is answered once its
+room and dispatch exist, so no agent join or subscribe is inside the set-up time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import psutil
+from livekit import api
+from livekit.protocol import sip
+
+from bench._common import LOOPBACK, ServerProcess, free_port, machine_summary, percentile
+from callboard.server.config import DEV_API_KEY, DEV_API_SECRET
+from callboard.server.sip.codecs import FRAME_SAMPLES
+from callboard.server.sip.phone import SipPhone
+from callboard.server.sip.uac import DialTarget
+
+CALLED: Final = "+15550100"
+TIMEOUT_S: Final = 300.0
+MAX_CALLS: Final = 200
+
+
+@dataclass
+class SipServerProcess(ServerProcess):
+    """The server with its SIP gateway on `sip_port`, logging each call's end (INFO)."""
+
+    sip_port: int = field(default_factory=lambda: free_port())
+    log_level: str = "INFO"
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--sip-port", str(self.sip_port)]
+
+
+@dataclass
+class CallFigures:
+    setup_s: float
+    heard_frames: int
+    lost_frames: int
+    sent_packets: int
+
+
+async def provision(server: SipServerProcess) -> None:
+    async with api.LiveKitAPI(server.http_url, DEV_API_KEY, DEV_API_SECRET) as lk:
+        trunk = await lk.sip.create_inbound_trunk(
+            sip.CreateSIPInboundTrunkRequest(
+                trunk=sip.SIPInboundTrunkInfo(numbers=[CALLED], allowed_addresses=[LOOPBACK])
+            )
+        )
+        rule = sip.SIPDispatchRule(
+            dispatch_rule_individual=sip.SIPDispatchRuleIndividual(room_prefix="call-")
+        )
+        await lk.sip.create_dispatch_rule(
+            sip.CreateSIPDispatchRuleRequest(
+                dispatch_rule=sip.SIPDispatchRuleInfo(rule=rule, trunk_ids=[trunk.sip_trunk_id])
+            )
+        )
+
+
+async def one_call(server: SipServerProcess, number: int, seconds: float) -> CallFigures:
+    t = np.arange(int(8000 * seconds)) / 8000
+    tone = (6000 * np.sin(2 * np.pi * (300 + number) * t)).astype(np.int16)
+    target = DialTarget(LOOPBACK, server.sip_port, CALLED, f"+1555{number:07d}")
+    answered_at: list[float] = []
+    async with SipPhone() as phone:
+        started = time.perf_counter()
+        result = await phone.call(
+            target,
+            tone,
+            listen=0.0,
+            say=lambda line: (
+                answered_at.append(time.perf_counter()) if line.startswith("answered") else None
+            ),
+        )
+    if result.hung_up_by_callee:
+        print(f"call {number}: the gateway hung up first", file=sys.stderr)
+    if result.status != 200 or not answered_at:
+        raise RuntimeError(f"call {number}: {result.status} {result.reason}")
+    heard = len(result.audio) // FRAME_SAMPLES
+    return CallFigures(answered_at[0] - started, heard, result.lost, result.sent)
+
+
+def server_call_stats(server: SipServerProcess) -> list[dict[str, int]]:
+    stats = []
+    for line in server.log_path.read_text(errors="replace").splitlines():
+        if '"sip call ended"' in line:
+            record = json.loads(line)
+            stats.append({k: v for k, v in record.items() if k.startswith("rtp_")})
+    return stats
+
+
+async def run(calls: int, seconds: float) -> None:
+    server = SipServerProcess()
+    server.start()
+    try:
+        await provision(server)
+        process = psutil.Process(server.pid)
+        cpu_before = sum(process.cpu_times()[:2])
+        figures = await asyncio.gather(*(one_call(server, i, seconds) for i in range(calls)))
+        cpu = sum(process.cpu_times()[:2]) - cpu_before
+        await asyncio.sleep(0.5)  # the server's call-ended lines
+        stats = server_call_stats(server)
+    finally:
+        server.stop()
+    setups = sorted(f.setup_s for f in figures)
+    heard = sum(f.heard_frames for f in figures)
+    lost_heard = sum(f.lost_frames for f in figures)
+    sent_by_phones = sum(f.sent_packets for f in figures)
+    received = sum(s.get("rtp_received", 0) for s in stats)
+    lost = sum(s.get("rtp_lost", 0) for s in stats)
+    print(machine_summary())
+    print(f"{calls} concurrent calls of {seconds:g} s, audio both ways (G.711 PCMU, 20 ms)")
+    print(
+        f"set-up INVITE -> 200 OK: p50 {percentile(setups, 50) * 1000:.0f} ms, "
+        f"p99 {percentile(setups, 99) * 1000:.0f} ms, max {setups[-1] * 1000:.0f} ms"
+    )
+    print(
+        f"gateway -> phones: {heard} frames heard, {lost_heard} lost "
+        f"({100 * lost_heard / max(heard, 1):.2f} %)"
+    )
+    print(
+        f"phones -> gateway: {received} RTP packets received of {sent_by_phones} sent, "
+        f"{lost} lost in the jitter buffer ({100 * lost / max(received, 1):.2f} %)"
+    )
+    print(
+        f"server CPU: {cpu:.2f} s for {calls} calls of {seconds:g} s "
+        f"= {100 * cpu / (calls * seconds):.2f} % of a core per call"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="The HMAC key is")
+    parser = argparse.ArgumentParser(prog="python -m bench.sip", description=__doc__)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    if not 1 <= args.calls <= MAX_CALLS or not 0 < args.seconds <= 60:
+        parser.error(f"--calls in 1..{MAX_CALLS}, --seconds in (0, 60]")
+    try:
+        asyncio.run(asyncio.wait_for(run(args.calls, args.seconds), TIMEOUT_S))
+    except TimeoutError:
+        print(f"bench.sip: did not finish within {TIMEOUT_S:g}s", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
