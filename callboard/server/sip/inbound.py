@@ -19,6 +19,7 @@ from callboard.server.sip import rules, sdp
 from callboard.server.sip.codecs import Pcm
 from callboard.server.sip.config import SipConfig
 from callboard.server.sip.digest import DigestAuth, parse_credentials
+from callboard.server.sip.headers import header_attributes
 from callboard.server.sip.media import RtpSession
 from callboard.server.sip.message import NameAddr, SipMessage, SipUri, reply
 from callboard.server.sip.room_leg import CallRooms, RoomLeg
@@ -150,7 +151,10 @@ class InboundSipCall:
             self.answer = sdp.choose(offer, self.config.host, port)
         except sdp.SdpError as e:
             raise Refused(488, str(e)) from None
-        attrs = {**dispatch.attributes, ATTR_CALL_STATUS: CallStatus.RINGING.value}
+        headers = header_attributes(
+            self.invite, dispatch.headers_to_attributes, dispatch.include_headers
+        )
+        attrs = {**dispatch.attributes, **headers, ATTR_CALL_STATUS: CallStatus.RINGING.value}
         dispatch = dataclasses.replace(dispatch, attributes=attrs)
         self.leg = await self.rooms.join(dispatch, self._to_caller, self._digit_to_caller)
         self.media.start(self.answer, (offer.address, offer.port))

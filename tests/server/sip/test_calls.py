@@ -80,6 +80,8 @@ async def test_a_call_reaches_the_room_its_rule_names(
     assert leg.identity == "sip_+56975231235"
     attributes = dict(leg.attributes)
     assert re.fullmatch(r"SCL_\w{12}", attributes.pop("sip.callID"))
+    assert re.fullmatch(r"\d+SIPpTag\d+", attributes.pop("sip.callTag"))
+    assert re.fullmatch(r"1-\d+@127\.0\.0\.1", attributes.pop("sip.callIDFull"))
     assert attributes == {
         "team": "sales",
         "sip.trunkID": trunk_id,

@@ -7,11 +7,14 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from livekit import api
+from livekit.protocol import sip
 
 from callboard.server.app import EmbeddedServer, run_server
 from callboard.server.config import ServerConfig
+from tests.conftest import API_KEY, API_SECRET
 from tests.server.sip.raw_sip import OFFER, RawSipClient, request
-from tests.server.sip.test_calls import provision
+from tests.server.sip.test_calls import legs, provision
 
 
 @pytest.fixture
@@ -155,3 +158,36 @@ async def test_an_invite_flood_is_shed_with_503_and_calls_go_on(
             assert ok.status == 200
         finally:
             phone.close()
+
+
+async def test_invite_headers_become_attributes(
+    gateway: EmbeddedServer, phone: RawSipClient
+) -> None:
+    """livekit-sip HeadersToAttrs: with include_headers X- headers, each X- header is
+    `sip.h.<name>`; provider headers get their names; the trunk's mapping applies."""
+    async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
+        trunk = await lk.sip.create_inbound_trunk(
+            sip.CreateSIPInboundTrunkRequest(
+                trunk=sip.SIPInboundTrunkInfo(
+                    numbers=["+15550100"],
+                    headers_to_attributes={"X-Customer": "customer"},
+                    include_headers=sip.SIP_X_HEADERS,
+                )
+            )
+        )
+        rule = sip.SIPDispatchRule(dispatch_rule_direct=sip.SIPDispatchRuleDirect(room_name="r"))
+        await lk.sip.create_dispatch_rule(
+            sip.CreateSIPDispatchRuleRequest(
+                dispatch_rule=sip.SIPDispatchRuleInfo(rule=rule, trunk_ids=[trunk.sip_trunk_id])
+            )
+        )
+    extra = "X-Customer: 42\r\nX-Twilio-CallSid: CA123\r\nSubject: hello"
+    invite = request("INVITE", port_of(gateway), body=OFFER, extra=extra)
+    *_, ok = await phone.request(invite)
+    assert ok.status == 200
+    [leg] = legs(gateway)
+    assert leg.room_name == "r"
+    attrs = leg.attributes
+    assert attrs["customer"] == "42" and attrs["sip.twilio.callSid"] == "CA123"
+    assert attrs["sip.h.x-customer"] == "42" and "sip.h.subject" not in attrs
+    assert attrs["sip.callIDFull"] == ok.call_id and attrs["sip.callTag"] == ok.from_.tag
