@@ -14,15 +14,14 @@ import asyncio
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
-
-from livekit.protocol import agent
+from typing import TYPE_CHECKING, Final
 
 from callboard.log import LogFormat, get_logger, setup_logging
 from callboard.server.config import DEFAULT_PORT, ConfigError, ServerConfig, parse_keys
@@ -30,9 +29,6 @@ from callboard.worker.errors import ConnectionGiveUp, WorkerStartError
 from callboard.worker.options import OptionsError, WorkerOptions
 
 if TYPE_CHECKING:
-    from livekit import api
-
-    from callboard.job.runner import JobOutcome
     from callboard.worker.worker import Worker
 
 log = get_logger("cli")
@@ -40,6 +36,7 @@ log = get_logger("cli")
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
+DEV_MODE_ENV: Final = "LIVEKIT_DEV_MODE"
 
 
 def _server_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -166,7 +163,7 @@ def _app_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("start", "production: JSON logs, production defaults"),
         ("dev", "development: readable debug logs, dev defaults"),
-        ("connect", "dispatch this agent to one room, run that job, exit"),
+        ("connect", "run one job for a room (created if missing) without registering, exit"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--url", help="LiveKit server URL (default: LIVEKIT_URL)")
@@ -217,8 +214,14 @@ def app_main(opts: WorkerOptions, argv: Sequence[str] | None = None) -> int:
     }
     from callboard.worker.worker import Worker  # the agent module imports this file cheaply
 
+    if args.command == "dev":
+        os.environ[DEV_MODE_ENV] = "1"  # as livekit-agents' dev: some plugins read it
     try:
-        worker = Worker(dataclasses.replace(opts, **overrides), devmode=devmode)
+        worker = Worker(
+            dataclasses.replace(opts, **overrides),
+            devmode=devmode,
+            register=args.command != "connect",
+        )
     except OptionsError as e:
         print(f"callboard: error: invalid worker options: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -275,66 +278,39 @@ async def _reload_on_change(worker: Worker) -> None:
         await reload()
 
 
-CONNECT_POLL_S: Final = 0.5
-"""How often `connect` asks the server whether its dispatch failed before reaching the worker."""
-
-
 async def _connect_one(worker: Worker, room: str) -> int:
-    """Run the worker, dispatch it to `room`, return when that job has ended (or, with exit 1,
-    when the server says the job will never run here)."""
+    """`connect --room`, as livekit-agents does it: the worker does not register, the room is
+    created if it does not exist, and exactly one job for it runs here; returns when it ended."""
     from livekit import api
 
     _install_worker_signals(worker)
     run = asyncio.create_task(worker.run())
-    ended = asyncio.ensure_future(worker.wait_first_job_end())
+    started = asyncio.create_task(worker.started.wait())
+    await asyncio.wait({run, started}, return_when=asyncio.FIRST_COMPLETED)
+    if run.done():
+        started.cancel()
+        await run  # a WorkerStartError surfaces here
+        return EXIT_FAILURE
     r = worker.options
     try:
         async with api.LiveKitAPI(r.ws_url, r.api_key, r.api_secret) as lk:
-            while not worker.registered:
-                if run.done():
-                    await run
-                    return EXIT_FAILURE
-                await asyncio.sleep(0.05)
-            dispatch = await lk.agent_dispatch.create_dispatch(
-                api.CreateAgentDispatchRequest(agent_name=r.agent_name, room=room)
+            listed = await lk.room.list_rooms(api.ListRoomsRequest(names=[room]))
+            info = (
+                listed.rooms[0]
+                if listed.rooms
+                else await lk.room.create_room(api.CreateRoomRequest(name=room))
             )
-            problem = await _watch_dispatch(lk, worker, dispatch, ended, run)
-    finally:
-        if not ended.done():
-            ended.cancel()
-    if problem is not None:
-        print(f"callboard: error: {problem}", file=sys.stderr)
+        ended = asyncio.ensure_future(worker.wait_first_job_end())
+        await worker.run_local_job(info, f"agent-{secrets.token_hex(6)}")
+        await asyncio.wait({ended, run}, return_when=asyncio.FIRST_COMPLETED)
+    except Exception as e:
+        print(f"callboard: error: connect to room {room!r} failed: {e}", file=sys.stderr)
+        worker.request_shutdown(fast=True)
+        await run
+        return EXIT_FAILURE
     worker.request_shutdown()
     await run
-    if problem is not None:
-        return EXIT_FAILURE
-    return EXIT_OK if ended.result().ok else EXIT_FAILURE
-
-
-async def _watch_dispatch(
-    lk: api.LiveKitAPI,
-    worker: Worker,
-    dispatch: api.AgentDispatch,
-    ended: asyncio.Future[JobOutcome],
-    run: asyncio.Task[None],
-) -> str | None:
-    """None once the worker's first job has ended; otherwise why it never will."""
-    watched: set[asyncio.Future[Any]] = {ended, run}
-    while True:
-        done, _ = await asyncio.wait(
-            watched, timeout=CONNECT_POLL_S, return_when=asyncio.FIRST_COMPLETED
-        )
-        if ended in done:
-            return None
-        if run in done:
-            await run  # a ConnectionGiveUp surfaces here
-            return "the worker stopped before the job ended"
-        if worker.active_jobs:
-            continue
-        listed = await lk.agent_dispatch.list_dispatch(dispatch.room)
-        for job in (j for d in listed if d.id == dispatch.id for j in d.state.jobs):
-            if job.state.status == agent.JS_FAILED and not ended.done():
-                return f"the job for room {dispatch.room!r} did not run: {job.state.error}"
+    return EXIT_OK if ended.done() and ended.result().ok else EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import socket
 import sys
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from callboard.job import ipc
 from callboard.job.context import RunningJobInfo
@@ -27,12 +26,8 @@ from callboard.job.process import (
     SupervisionLimits,
     describe_exit,
 )
-from callboard.job.zygote import START_FORK, START_SPAWN
 from callboard.job.zygote_client import ZygoteClient, ZygoteError
 from callboard.log import get_logger
-
-if TYPE_CHECKING:
-    from callboard.worker.options import ResolvedOptions
 
 log = get_logger("job.pool")
 
@@ -85,27 +80,6 @@ class ProcessExecutor:
         self._pending_exits: dict[int, int] = {}
         self._inference_pid = 0
         self._last_launch = 0.0
-
-    @classmethod
-    def from_options(cls, r: ResolvedOptions) -> ProcessExecutor:
-        o = r.opts
-        config = ipc.ZygoteConfig(
-            entrypoint=function_ref(o.entrypoint_fnc),
-            prewarm=function_ref(o.prewarm_fnc),
-            preload=(),
-            sys_path=tuple(sys.path),
-            log_level=logging.getLogger().getEffectiveLevel(),
-            shutdown_timeout=o.shutdown_process_timeout,
-            start_method=START_SPAWN if o.multiprocessing_context == "spawn" else START_FORK,
-        )
-        limits = SupervisionLimits(
-            memory_warn_mb=o.job_memory_warn_mb,
-            memory_limit_mb=o.job_memory_limit_mb,
-            initialize_timeout=o.initialize_process_timeout,
-            shutdown_timeout=o.shutdown_process_timeout,
-            unresponsive_timeout=o.unresponsive_timeout,
-        )
-        return cls(config, limits, r.num_idle_processes)
 
     # -- JobExecutor ----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ServerConfig
 from callboard.server.dispatch import DispatchEngine
 from callboard.server.ids import new_id
 from callboard.server.rooms import RoomRegistry
+from callboard.server.rtc.signal import RtcEndpoint
 from callboard.server.sip.config import SipConfig
 from callboard.server.sip.gateway import SipGateway
 from callboard.server.sip.room_leg import DispatchRooms
@@ -64,7 +65,7 @@ BAD_REQUESTS: Final = BadRequestFilter()
 
 
 class EmbeddedServer:
-    """`callboard server`: /agent, Twirp RoomService and AgentDispatchService on one port."""
+    """`callboard server`: /agent, /rtc, Twirp RoomService and AgentDispatchService on one port."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -98,10 +99,10 @@ class EmbeddedServer:
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
-        agents = AgentEndpoint(
-            self.keys, self.engine, self.config, server_info(self.config, self.node_id)
-        )
+        info = server_info(self.config, self.node_id)
+        agents = AgentEndpoint(self.keys, self.engine, self.config, info)
         app.router.add_get("/agent", agents.handle)
+        RtcEndpoint(self.keys, self.rooms, info, self.config.rtc_answer_timeout).install(app)
         app.on_shutdown.append(agents.on_shutdown)
         app.router.add_get("/", self._health)
         router = TwirpRouter(self.keys)

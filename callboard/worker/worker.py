@@ -13,21 +13,20 @@ import gc
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Final
 
-from livekit.protocol import agent
+from livekit.protocol import agent, models
 
-from callboard.job.context import JobAcceptArguments, JobExecutorType, RunningJobInfo
-from callboard.job.executor import JobExecutor, RunningJob
+from callboard.job.context import JobAcceptArguments
+from callboard.job.executor import JobExecutor
 from callboard.job.runner import JobOutcome, failed
-from callboard.job.thread import ThreadExecutor
 from callboard.log import get_logger, redact_secret
 from callboard.version import __version__
 from callboard.worker.availability import Offer
 from callboard.worker.connection import Connection, Registration
 from callboard.worker.errors import ConnectionGiveUp, WorkerStartError
+from callboard.worker.executors import build_executor
+from callboard.worker.jobs import ActiveJob, RunningJobs
 from callboard.worker.load import LoadTracker
 from callboard.worker.metrics import WorkerMetrics
 from callboard.worker.options import (
@@ -36,6 +35,7 @@ from callboard.worker.options import (
     ResolvedOptions,
     WorkerOptions,
 )
+from callboard.worker.status import StatusReporter, WorkerState, idle_target
 
 log = get_logger("worker")
 
@@ -43,34 +43,6 @@ FINAL_STATUS_FLUSH_S: Final = 5.0
 TERMINAL: Final = frozenset({agent.JS_SUCCESS, agent.JS_FAILED})
 TASK_STOP_TIMEOUT_S: Final = 5.0
 """How long aclose() waits for its cancelled tasks (connection, status, load, watchers)."""
-
-
-def idle_target(default_idle: int, draining: bool, max_jobs: int, busy: int) -> int:
-    """How many prewarmed processes to keep: none while draining, never more than the job cap
-    leaves room for, else the configured pool size."""
-    if draining:
-        return 0
-    if max_jobs:
-        return min(default_idle, max(0, max_jobs - busy))
-    return default_idle
-
-
-class WorkerState(Enum):
-    STARTING = "starting"
-    CONNECTING = "connecting"
-    AVAILABLE = "available"
-    FULL = "full"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-
-
-@dataclass(eq=False)
-class ActiveJob:
-    info: RunningJobInfo
-    handle: RunningJob
-    started_at: float
-    outcome: JobOutcome | None = None
-    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 class Worker:
@@ -87,21 +59,18 @@ class Worker:
         self._r: ResolvedOptions = opts.resolve(devmode)
         self._opts = self._r.opts
         self._register = register
-        self._executor = executor or self._default_executor()
+        self._executor = executor or build_executor(self._r)
         self._conn = Connection(
             self._r, self._on_registered, self._on_server_message, self._on_disconnected
         )
         self.metrics = WorkerMetrics()
-        self._jobs: dict[str, ActiveJob] = {}
+        self._running = RunningJobs(self)
+        self._jobs = self._running.active
         self._offers: dict[str, Offer] = {}
-        self._stop_on_start: set[str] = set()
-        """Assigned jobs the server terminated while they were still launching."""
-        self._reported: tuple[int, int] | None = None
-        """(status, job_count) of the last UpdateWorkerStatus sent."""
+        self._status = StatusReporter(self)
         self._load = LoadTracker(self._opts.load_fnc, self, LOAD_SAMPLE_INTERVAL_S, LOAD_SAMPLES)
         self._state = WorkerState.STARTING
         self._draining = False
-        self._status_changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -110,18 +79,8 @@ class Worker:
         self._region = ""
         self._gave_up: str | None = None
         self.http_port = 0
-        self._first_end: asyncio.Future[JobOutcome] | None = None
-
-    def _default_executor(self) -> JobExecutor:
-        if self._opts.job_executor_type == JobExecutorType.THREAD:
-            return ThreadExecutor(
-                self._opts.entrypoint_fnc,
-                self._opts.prewarm_fnc,
-                self._opts.shutdown_process_timeout,
-            )
-        from callboard.job.pool import ProcessExecutor
-
-        return ProcessExecutor.from_options(self._r)
+        self.started = asyncio.Event()
+        """Set once the executor and the HTTP server are up."""
 
     # -- read-only views (HTTP, metrics, tests) -----------------------------------------------
 
@@ -184,9 +143,11 @@ class Worker:
 
     async def wait_first_job_end(self) -> JobOutcome:
         """The outcome of the first job that ends (used by `connect`)."""
-        if self._first_end is None:
-            self._first_end = asyncio.get_running_loop().create_future()
-        return await self._first_end
+        return await self._running.wait_first_end()
+
+    @property
+    def ws_url(self) -> str:
+        return self._r.ws_url
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -202,11 +163,12 @@ class Worker:
             await http.start()
             _collect_startup_garbage()
             self._load.start()
-            self._spawn(self._status_task(), "worker-status")
-            self._spawn(self._load_task(), "worker-load")
+            self.spawn(self._status.run(self._opts.status_interval), "worker-status")
+            self.spawn(self._load_task(), "worker-load")
             if self._register:
-                self._spawn(self._connection_task(), "worker-connection")
+                self.spawn(self._connection_task(), "worker-connection")
             self._state = WorkerState.CONNECTING
+            self.started.set()
             await self._stop.wait()
         finally:
             await self.aclose()
@@ -218,17 +180,17 @@ class Worker:
         try:
             await self._executor.start()
         except Exception as e:
-            log.error("the job executor could not start", extra=self._fields(error=str(e)))
+            log.error("the job executor could not start", extra=self.log_fields(error=str(e)))
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise WorkerStartError(f"the job executor could not start: {first_line}") from e
 
     def request_shutdown(self, fast: bool = False) -> None:
         """Begin an orderly stop: drain (fast: terminate jobs now). Safe from signal handlers."""
-        self._spawn(self._shutdown(fast), "worker-shutdown")
+        self.spawn(self._shutdown(fast), "worker-shutdown")
 
     async def _shutdown(self, fast: bool) -> None:
         if fast:
-            log.warning("fast shutdown requested: terminating running jobs", extra=self._fields())
+            log.warning("fast shutdown: terminating running jobs", extra=self.log_fields())
             await self._terminate_all("worker shutting down")
         else:
             await self.drain(self._opts.drain_timeout)
@@ -239,8 +201,8 @@ class Worker:
         if not self._draining:
             self._draining = True
             self._state = WorkerState.DRAINING
-            log.info("draining worker", extra={**self._fields(), "timeout": timeout})
-            self._send_status()
+            log.info("draining worker", extra={**self.log_fields(), "timeout": timeout})
+            self._status.send()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         # Re-read what is in flight after each change: an accepted offer becomes a job.
@@ -249,7 +211,7 @@ class Worker:
             if remaining is not None and remaining <= 0:
                 log.warning(
                     "drain timed out, terminating the jobs still running",
-                    extra={**self._fields(), "jobs": list(self._jobs), "timeout": timeout},
+                    extra={**self.log_fields(), "jobs": list(self._jobs), "timeout": timeout},
                 )
                 await self._terminate_all("drain timed out")
                 return
@@ -257,19 +219,14 @@ class Worker:
 
     def _in_flight(self) -> list[asyncio.Task[None]]:
         """Tasks that end when every running job and every pending offer is over."""
-        waits = [j.watcher for j in self._jobs.values() if j.watcher is not None]
+        waits = self._running.watchers()
         waits += [o.task for o in self._offers.values() if o.task is not None]
         return [t for t in waits if not t.done()]
 
     async def _terminate_all(self, reason: str) -> None:
         for offer in list(self._offers.values()):
             offer.cancel(refuse=True)
-        jobs = list(self._jobs.values())
-        for job in jobs:
-            job.handle.terminate(reason)
-        watchers = [j.watcher for j in jobs if j.watcher is not None]
-        if watchers:
-            await asyncio.wait(watchers)
+        await self._running.terminate_all(reason)
 
     async def aclose(self) -> None:
         """Close: terminate what still runs, flush final statuses, stop every task."""
@@ -287,7 +244,7 @@ class Worker:
         self._load.stop()
         self._state = WorkerState.STOPPED
         self._stop.set()
-        log.info("worker stopped", extra=self._fields())
+        log.info("worker stopped", extra=self.log_fields())
 
     async def _cancel_tasks(self) -> None:
         """Cancel every task of ours but the caller; a task that will not stop is logged and
@@ -301,16 +258,17 @@ class Worker:
         if stuck:
             log.error(
                 "tasks did not stop when cancelled; closing without them",
-                extra=self._fields(tasks=sorted(t.get_name() for t in stuck)),
+                extra=self.log_fields(tasks=sorted(t.get_name() for t in stuck)),
             )
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Run `coro` as one of the worker's tasks (cancelled by aclose)."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _fields(self, **more: Any) -> dict[str, Any]:
+    def log_fields(self, **more: Any) -> dict[str, Any]:
         return {"worker_id": self._worker_id, "agent_name": self._r.agent_name, **more}
 
     # -- connection ---------------------------------------------------------------------------
@@ -320,12 +278,12 @@ class Worker:
             await self._conn.run()
         except Exception as e:
             if not isinstance(e, ConnectionGiveUp):
-                log.exception("the server connection failed", extra=self._fields())
+                log.exception("the server connection failed", extra=self.log_fields())
                 e = ConnectionGiveUp(f"the server connection failed: {e!r}")
             self._gave_up = str(e)
             log.error(
                 "giving up on the server: draining and exiting",
-                extra={**self._fields(), "reason": str(e)},
+                extra={**self.log_fields(), "reason": str(e)},
             )
             await self.drain(self._opts.drain_timeout)
             self._stop.set()
@@ -349,9 +307,9 @@ class Worker:
         if reg.reconnect and ours:
             migrate = agent.MigrateJobRequest(job_ids=ours)
             first.append(agent.WorkerMessage(migrate_job=migrate))
-            log.info("migrating running jobs", extra=self._fields(jobs=ours))
-        first.append(self._status_message())
-        self._update_state()
+            log.info("migrating running jobs", extra=self.log_fields(jobs=ours))
+        first.append(self._status.message())
+        self.update_state()
         return first
 
     def _owned_job_ids(self) -> list[str]:
@@ -369,7 +327,7 @@ class Worker:
     def _on_disconnected(self, reason: str) -> None:
         for offer in list(self._offers.values()):
             offer.server_lost()
-        self._update_state()
+        self.update_state()
 
     def _on_server_message(self, msg: agent.ServerMessage) -> None:
         which = msg.WhichOneof("message")
@@ -382,7 +340,7 @@ class Worker:
         elif which == "pong":
             return
         else:
-            log.debug("ignored server message", extra=self._fields(message=which))
+            log.debug("ignored server message", extra=self.log_fields(message=which))
 
     # -- offers and assignments ---------------------------------------------------------------
 
@@ -390,54 +348,51 @@ class Worker:
         job = req.job
         log.info(
             "received job request",
-            extra=self._fields(job_id=job.id, room_name=job.room.name, room=job.room.name),
+            extra=self.log_fields(job_id=job.id, room_name=job.room.name, room=job.room.name),
         )
         self.metrics.offers.inc()
         problem = self.capacity_problem()
         if problem is not None or job.id in self._offers or job.id in self._jobs:
             why = problem or "duplicate offer for a job already offered or running"
-            log.info("rejecting job", extra=self._fields(job_id=job.id, reason=why))
+            log.info("rejecting job", extra=self.log_fields(job_id=job.id, reason=why))
             self._answer(agent.AvailabilityResponse(job_id=job.id, available=False))
             return
         offer = Offer(self, job)
         self._offers[job.id] = offer
-        offer.task = self._spawn(offer.run(), f"offer-{job.id}")
-        self._update_state()
+        offer.task = self.spawn(offer.run(), f"offer-{job.id}")
+        self.update_state()
 
     def _answer(self, resp: agent.AvailabilityResponse) -> None:
         self._conn.send(agent.WorkerMessage(availability=resp))
 
     def offer_finished(self, job_id: str) -> None:
         self._offers.pop(job_id, None)
-        self._update_state()
+        self.update_state()
 
     def _on_assignment(self, assignment: agent.JobAssignment) -> None:
         offer = self._offers.get(assignment.job.id)
         if offer is None or not offer.assign(assignment):
             log.warning(
                 "assignment for a job this worker did not accept, reporting it failed",
-                extra=self._fields(job_id=assignment.job.id),
+                extra=self.log_fields(job_id=assignment.job.id),
             )
-            self._report(assignment.job.id, failed("worker had not accepted this job"))
+            self._running.report(assignment.job.id, failed("worker had not accepted this job"))
 
     def _on_termination(self, job_id: str) -> None:
-        job = self._jobs.get(job_id)
-        if job is not None:
-            log.info("job termination requested by the server", extra=self._job_fields(job))
-            job.handle.terminate("terminated by the server")
+        if self._running.terminate(job_id, "terminated by the server"):
             return
         offer = self._offers.get(job_id)
         if offer is not None and offer.assigned:
             log.info(
                 "termination for a job still launching: it stops as soon as it starts",
-                extra=self._fields(job_id=job_id),
+                extra=self.log_fields(job_id=job_id),
             )
-            self._stop_on_start.add(job_id)
+            self._running.stop_on_start.add(job_id)
             return
         if offer is not None:
             offer.cancel()
             return
-        log.info("termination for an unknown job, ignored", extra=self._fields(job_id=job_id))
+        log.info("termination for an unknown job, ignored", extra=self.log_fields(job_id=job_id))
 
     async def launch(
         self,
@@ -447,91 +402,30 @@ class Worker:
         accepted_at: float,
     ) -> None:
         """Start an assigned job through the executor and watch it to its end."""
-        info = RunningJobInfo(
-            accept_arguments=args,
-            job=assignment.job,
-            url=assignment.url if assignment.HasField("url") and assignment.url else self._r.ws_url,
-            token=assignment.token,
-            worker_id=self._worker_id,
-            received_at=received_at,
-            accepted_at=accepted_at,
-            assigned_at=time.time(),
-        )
-        job_id = assignment.job.id
-        try:
-            handle = await self._executor.launch(info)
-        except Exception as e:
-            self._stop_on_start.discard(job_id)
-            log.exception("could not launch job", extra=self._fields(job_id=job_id))
-            self._report(job_id, failed(f"launch failed: {e}"))
-            return
-        active = ActiveJob(info=info, handle=handle, started_at=time.time())
-        self._jobs[job_id] = active
+        await self._running.launch(args, assignment, received_at, accepted_at)
+
+    async def run_local_job(self, room: models.Room, identity: str) -> None:
+        """Run one job for `room` without a dispatch from the server (`connect --room`)."""
+        await self._running.launch_local(room, identity)
+
+    def job_started(self, job_id: str, dispatch_s: float) -> None:
         self._load.job_started(job_id)
-        self.metrics.job_started(time.time() - received_at if received_at else 0.0)
-        self._report_status(job_id, agent.JS_RUNNING)
-        active.watcher = self._spawn(self._watch(active), f"job-{job_id}")
-        if job_id in self._stop_on_start:
-            self._stop_on_start.discard(job_id)
-            handle.terminate("terminated by the server")
-        self._update_state()
+        self.metrics.job_started(dispatch_s)
 
-    async def _watch(self, job: ActiveJob) -> None:
-        try:
-            outcome = await job.handle.wait()
-        except Exception as e:
-            outcome = failed(f"job supervision failed: {e!r}")
-        job.outcome = outcome
-        if self._first_end is not None and not self._first_end.done():
-            self._first_end.set_result(outcome)
-        self._jobs.pop(job.info.job.id, None)
-        self._load.job_ended(job.info.job.id)
-        self._report(job.info.job.id, outcome)
+    def job_ended(self, job_id: str, outcome: JobOutcome) -> None:
+        self._load.job_ended(job_id)
         self.metrics.job_ended(outcome)
-        level_ok = outcome.ok
-        (log.info if level_ok else log.warning)(
-            "job ended",
-            extra={**self._job_fields(job), "status": outcome.status_name, "error": outcome.error},
-        )
-        self._update_state()
 
-    def _job_fields(self, job: ActiveJob) -> dict[str, Any]:
-        return self._fields(job_id=job.info.job.id, room=job.info.job.room.name, pid=job.handle.pid)
-
-    def _report(self, job_id: str, outcome: JobOutcome) -> None:
-        self._report_status(job_id, outcome.status, outcome.error)
-
-    def _report_status(self, job_id: str, status: int, error: str = "") -> None:
-        upd = agent.UpdateJobStatus(job_id=job_id, status=status, error=error)  # type: ignore[arg-type]
-        self._conn.send(agent.WorkerMessage(update_job=upd))
+    def send(self, msg: agent.WorkerMessage) -> None:
+        """Queue a message for the server (sent in order, kept across a reconnect)."""
+        self._conn.send(msg)
 
     def send_answer(self, resp: agent.AvailabilityResponse) -> None:
         self._answer(resp)
 
-    # -- status and load ----------------------------------------------------------------------
+    # -- state and load -----------------------------------------------------------------------
 
-    def _status_now(self) -> tuple[int, int]:
-        """(status, job_count) as the server should see them now."""
-        full = self.capacity_problem() is not None
-        return (agent.WS_FULL if full else agent.WS_AVAILABLE), len(self._jobs)
-
-    def _status_message(self) -> agent.WorkerMessage:
-        """The UpdateWorkerStatus to send now; remembered as the last one reported."""
-        status, job_count = self._status_now()
-        self._reported = (status, job_count)
-        upd = agent.UpdateWorkerStatus(
-            status=status,  # type: ignore[arg-type]
-            load=self.load,
-            job_count=job_count,
-            draining=self._draining,
-        )
-        return agent.WorkerMessage(update_worker=upd)
-
-    def _send_status(self) -> None:
-        if self.registered:
-            self._conn.send(self._status_message())
-
-    def _update_state(self) -> None:
+    def update_state(self) -> None:
         """Recompute AVAILABLE/FULL and log a transition; when the status or the job count
         differs from what the server last heard, tell it at once (not at the next tick)."""
         if self._draining:
@@ -544,10 +438,11 @@ class Worker:
             old, self._state = self._state, new
             log.info(
                 "worker state changed",
-                extra=self._fields(**{"from": old.value, "to": new.value, "jobs": len(self._jobs)}),
+                extra=self.log_fields(
+                    **{"from": old.value, "to": new.value, "jobs": len(self._jobs)}
+                ),
             )
-        if self.registered and self._reported != self._status_now():
-            self._status_changed.set()
+        self._status.check()
         self._executor.set_idle_target(
             idle_target(
                 self._r.num_idle_processes,
@@ -557,22 +452,12 @@ class Worker:
             )
         )
 
-    async def _status_task(self) -> None:
-        while True:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands
-            # as the event is set, and this loop would then outlive aclose().
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._opts.status_interval):
-                    await self._status_changed.wait()
-            self._status_changed.clear()
-            self._send_status()
-
     async def _load_task(self) -> None:
         while True:
             await asyncio.sleep(LOAD_SAMPLE_INTERVAL_S)
             await self._load.sample()
             self.metrics.load.set(self.load)
-            self._update_state()
+            self.update_state()
 
 
 def _collect_startup_garbage() -> None:

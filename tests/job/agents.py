@@ -8,6 +8,10 @@ import time
 
 from callboard import JobContext, JobProcess
 
+BRIDGE_REPORT_ENV = "CALLBOARD_TEST_REPORT"
+"""Where tests/job/livekit_agents_agent.py writes what it saw (JSON lines)."""
+BRIDGE_EXECUTOR_ENV = "CALLBOARD_TEST_EXECUTOR"
+
 
 def prewarm(proc: JobProcess) -> None:
     proc.userdata["prewarmed_pid"] = os.getpid()
