@@ -319,3 +319,21 @@ def _answer(status: str) -> str:
     ]]>
   </send>
 """
+
+
+def cancel() -> str:
+    """CANCEL the INVITE just sent (same branch and CSeq number, RFC 3261 §9.1)."""
+    return """  <send>
+    <![CDATA[
+      CANCEL sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      [last_Via:]
+      [last_From:]
+      To: <sip:[service]@[remote_ip]:[remote_port]>
+      [last_Call-ID:]
+      CSeq: [cseq] CANCEL
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""

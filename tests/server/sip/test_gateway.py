@@ -14,13 +14,8 @@ from callboard.server.app import EmbeddedServer, run_server
 from callboard.server.config import ServerConfig
 from tests.conftest import API_KEY, API_SECRET
 from tests.server.sip.raw_sip import OFFER, RawSipClient, request
-from tests.server.sip.test_calls import legs, provision
-
-
-@pytest.fixture
-async def gateway() -> AsyncIterator[EmbeddedServer]:
-    async with run_server(ServerConfig(port=0, sip_port=0)) as srv:
-        yield srv
+from tests.server.sip.room_agent import RoomAgent
+from tests.server.sip.test_calls import one_call, provision
 
 
 @pytest.fixture
@@ -115,7 +110,7 @@ async def test_bye_for_no_call_is_481(gateway: EmbeddedServer, phone: RawSipClie
 
 
 async def test_a_hold_reinvite_is_answered_recvonly(
-    gateway: EmbeddedServer, phone: RawSipClient
+    gateway: EmbeddedServer, agent: RoomAgent, phone: RawSipClient
 ) -> None:
     await provision(gateway)
     invite = request("INVITE", port_of(gateway), body=OFFER)
@@ -161,7 +156,7 @@ async def test_an_invite_flood_is_shed_with_503_and_calls_go_on(
 
 
 async def test_invite_headers_become_attributes(
-    gateway: EmbeddedServer, phone: RawSipClient
+    gateway: EmbeddedServer, agent: RoomAgent, phone: RawSipClient
 ) -> None:
     """livekit-sip HeadersToAttrs: with include_headers X- headers, each X- header is
     `sip.h.<name>`; provider headers get their names; the trunk's mapping applies."""
@@ -185,9 +180,9 @@ async def test_invite_headers_become_attributes(
     invite = request("INVITE", port_of(gateway), body=OFFER, extra=extra)
     *_, ok = await phone.request(invite)
     assert ok.status == 200
-    [leg] = legs(gateway)
-    assert leg.room_name == "r"
-    attrs = leg.attributes
+    seen = await one_call(agent)
+    assert seen.room == "r"
+    attrs = seen.info.attributes
     assert attrs["customer"] == "42" and attrs["sip.twilio.callSid"] == "CA123"
     assert attrs["sip.h.x-customer"] == "42" and "sip.h.subject" not in attrs
     assert attrs["sip.callIDFull"] == ok.call_id and attrs["sip.callTag"] == ok.from_.tag
