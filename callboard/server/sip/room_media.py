@@ -234,5 +234,3 @@ class RoomMediaRooms:
         participant = live.join(info, member, auto_subscribe=True)
         live.activate(participant)
         return RoomMediaLeg(live, participant, member)
-
-
