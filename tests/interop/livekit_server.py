@@ -173,7 +173,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _became_healthy(server: ServerProcess) -> bool:
+def became_healthy(server: ServerProcess) -> bool:
     """Wait until `GET /` answers OK; False (the process stopped) if it died or took too long."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and server.proc.poll() is None:
@@ -217,7 +217,7 @@ def start_until_healthy(
                 env=clean_env(),
             )
         server = ServerProcess(kind, port, proc, log_path)
-        if _became_healthy(server):
+        if became_healthy(server):
             return server
         failures.append(f"attempt {attempt + 1} (port {port}):\n{server.log_tail(1500)}")
     raise RuntimeError(f"{label} did not become healthy:\n" + "\n".join(failures))
@@ -275,6 +275,6 @@ def start_livekit_server_with_redis(log_dir: Path, redis_address: str) -> Server
             env=clean_env(),
         )
     server = ServerProcess("livekit-server", port, proc, log_path)
-    if _became_healthy(server):
+    if became_healthy(server):
         return server
     raise RuntimeError(f"livekit-server with Redis did not become healthy:\n{server.log_tail()}")

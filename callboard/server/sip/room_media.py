@@ -79,8 +79,10 @@ class AudioFromRoom:
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         self._pending = np.zeros(0, dtype=np.int16)
         self.frames: deque[Pcm] = deque(maxlen=MAX_BUFFERED_FRAMES)
+        self.received = 0
 
     def push(self, frame: Frame) -> None:
+        self.received += 1
         try:
             decoded = self._decode(frame)
         except av.FFmpegError as e:
@@ -120,10 +122,22 @@ class SipMember:
 
     def subscribe(self, publisher: models.ParticipantInfo, track: models.TrackInfo) -> FrameSink:
         source = self.tracks[track.sid] = AudioFromRoom()
+        log.info(
+            "sip participant hears a track",
+            extra={"publisher": publisher.identity, "track_sid": track.sid},
+        )
         return source.push
 
     def unsubscribe(self, track_sid: str) -> None:
-        self.tracks.pop(track_sid, None)
+        source = self.tracks.pop(track_sid, None)
+        if source is not None:
+            log.info(
+                "sip participant stops hearing a track",
+                extra={"track_sid": track_sid, "frames": source.received},
+            )
+
+    def on_track_subscribed(self, track_sid: str) -> None:
+        self.subscribed.set()
 
     def on_removed(self, reason: int) -> None:
         self._removed(reason)
@@ -138,20 +152,6 @@ class SipMember:
         mixed = np.sum([f.astype(np.int32) for f in ready], axis=0)
         clipped: Pcm = np.clip(mixed, -32768, 32767).astype(np.int16)
         return clipped
-
-
-class _Subscribers(dict[str, FrameSink]):
-    """A publication's sinks that set `event` when the first subscriber arrives."""
-
-    def __init__(self, sinks: Mapping[str, FrameSink], event: asyncio.Event) -> None:
-        super().__init__(sinks)
-        self._event = event
-        if self:
-            event.set()
-
-    def __setitem__(self, key: str, value: FrameSink) -> None:
-        super().__setitem__(key, value)
-        self._event.set()
 
 
 class RoomMediaLeg:
@@ -170,7 +170,6 @@ class RoomMediaLeg:
             mime_type="audio/opus",
         )
         self.publication = live.publish(participant, track)
-        self.publication.sinks = _Subscribers(self.publication.sinks, member.subscribed)
         self.left: int | None = None
 
     @property

@@ -87,6 +87,9 @@ class AgentMember:
     def unsubscribe(self, track_sid: str) -> None:
         pass
 
+    def on_track_subscribed(self, track_sid: str) -> None:
+        pass
+
     def on_removed(self, reason: int) -> None:
         pass
 
