@@ -6,9 +6,11 @@ this process (callboard's own SIP phone), each sending a tone for `--seconds` an
 It prints: call set-up time INVITE → 200 OK (p50/p99), frames lost each way (from the phones'
 counts and the server's per-call log line), and the server's CPU per call.
 
-There is no reference side: livekit-sip is not served by the Go module proxy here, so it cannot
-run next to ours. Until the embedded server carries room media, a call is answered once its
-room and dispatch exist, so no agent join or subscribe is inside the set-up time.
+The agent is a server-side stand-in (tests/server/sip/room_agent.py, echo mode) that joins
+each call's room, subscribes to the phone, which is what makes the gateway answer (so its join
+and subscribe are inside the set-up time), and publishes back what it hears: audio goes both
+ways through the room. There is no reference side: livekit-sip is not served by the Go module
+proxy here, so it cannot run next to ours.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import time
 import warnings
@@ -28,6 +31,7 @@ from livekit import api
 from livekit.protocol import sip
 
 from bench._common import LOOPBACK, ServerProcess, free_port, machine_summary, percentile
+from callboard.log import setup_logging
 from callboard.server.config import DEV_API_KEY, DEV_API_SECRET
 from callboard.server.sip.codecs import FRAME_SAMPLES
 from callboard.server.sip.phone import SipPhone
@@ -40,19 +44,40 @@ MAX_CALLS: Final = 200
 
 @dataclass
 class SipServerProcess(ServerProcess):
-    """The server with its SIP gateway on `sip_port`, logging each call's end (INFO)."""
+    """The server with its SIP gateway on `sip_port` and a stand-in agent that echoes each
+    caller (`serve()` below), logging each call's end (INFO)."""
 
     sip_port: int = field(default_factory=lambda: free_port())
     log_level: str = "INFO"
 
     def command(self) -> list[str]:
-        return [*super().command(), "--sip-port", str(self.sip_port)]
+        ports = ["--http-port", str(self.port), "--sip-port", str(self.sip_port)]
+        return [sys.executable, "-m", "bench.sip", "--serve", *ports]
+
+
+async def serve(http_port: int, sip_port: int) -> None:
+    """`callboard server` with SIP, plus a server-side member in every called room that
+    subscribes to the phone (so the call is answered) and says back what it hears."""
+    from callboard.server.app import run_server
+    from callboard.server.config import ServerConfig
+    from tests.server.sip.room_agent import room_agent
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    async with (
+        run_server(ServerConfig(port=http_port, sip_port=sip_port)) as srv,
+        room_agent(srv, echo=True),
+    ):
+        await stop.wait()
 
 
 @dataclass
 class CallFigures:
     setup_s: float
     heard_frames: int
+    echo_s: float
     lost_frames: int
     sent_packets: int
 
@@ -94,7 +119,9 @@ async def one_call(server: SipServerProcess, number: int, seconds: float) -> Cal
     if result.status != 200 or not answered_at:
         raise RuntimeError(f"call {number}: {result.status} {result.reason}")
     heard = len(result.audio) // FRAME_SAMPLES
-    return CallFigures(answered_at[0] - started, heard, result.lost, result.sent)
+    return CallFigures(
+        answered_at[0] - started, heard, result.sound_seconds, result.lost, result.sent
+    )
 
 
 def server_call_stats(server: SipServerProcess) -> list[dict[str, int]]:
@@ -122,6 +149,7 @@ async def run(calls: int, seconds: float) -> None:
     setups = sorted(f.setup_s for f in figures)
     heard = sum(f.heard_frames for f in figures)
     lost_heard = sum(f.lost_frames for f in figures)
+    echo_s = sorted(f.echo_s for f in figures)
     sent_by_phones = sum(f.sent_packets for f in figures)
     received = sum(s.get("rtp_received", 0) for s in stats)
     lost = sum(s.get("rtp_lost", 0) for s in stats)
@@ -133,7 +161,8 @@ async def run(calls: int, seconds: float) -> None:
     )
     print(
         f"gateway -> phones: {heard} frames heard, {lost_heard} lost "
-        f"({100 * lost_heard / max(heard, 1):.2f} %)"
+        f"({100 * lost_heard / max(heard, 1):.2f} %); each phone heard its {seconds:g} s tone "
+        f"echoed for {echo_s[0]:.1f}-{echo_s[-1]:.1f} s"
     )
     print(
         f"phones -> gateway: {received} RTP packets received of {sent_by_phones} sent, "
@@ -150,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sip", description=__doc__)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--http-port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--sip-port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve:
+        setup_logging("json", "INFO")
+        asyncio.run(serve(args.http_port, args.sip_port))
+        return 0
     if not 1 <= args.calls <= MAX_CALLS or not 0 < args.seconds <= 60:
         parser.error(f"--calls in 1..{MAX_CALLS}, --seconds in (0, 60]")
     try:

@@ -1,6 +1,7 @@
-"""A server-side member standing in for the agent in the SIP tests: it joins every room where a
-phone participant appears, subscribes to it (which is what makes the gateway answer), keeps
-what it sees of the caller, and can talk back (a tone) and send DTMF."""
+"""A server-side member standing in for the agent in the SIP tests (and bench/sip.py): it joins
+every room where a phone participant appears, subscribes to it (which is what makes the gateway
+answer), keeps what it sees of the caller, and can talk back (a tone, or an echo of the caller)
+and send DTMF."""
 
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ from livekit.protocol import models, room
 from callboard.server.app import EmbeddedServer
 from callboard.server.auth import Grants
 from callboard.server.ids import new_id
-from callboard.server.rtc.model import TRACK_PREFIX, LiveRoom, Participant, participant_info
+from callboard.server.rtc.model import (
+    TRACK_PREFIX,
+    LiveRoom,
+    Participant,
+    Publication,
+    participant_info,
+)
 from callboard.server.rtc.relay import Frame, FrameSink
 
 AGENT: Final = "agent"
@@ -53,12 +60,14 @@ class CallSeen:
 
 
 class AgentMember:
-    """The agent's membership in one room."""
+    """The agent's membership in one room; with `echo`, it says back what the phone says."""
 
-    def __init__(self, calls: dict[str, CallSeen], live: LiveRoom) -> None:
+    def __init__(self, calls: dict[str, CallSeen], live: LiveRoom, echo: bool = False) -> None:
         self._calls = calls
         self.live = live
+        self.echo = echo
         self.participant: Participant | None = None
+        self.echo_publication: Publication | None = None
 
     def on_participants(self, updates: list[models.ParticipantInfo]) -> None:
         for info in updates:
@@ -77,12 +86,26 @@ class AgentMember:
 
     def subscribe(self, publisher: models.ParticipantInfo, track: models.TrackInfo) -> FrameSink:
         seen = self._call(publisher)
+        if self.echo:
+            return self._echo_sink()
 
         def sink(frame: Frame) -> None:
             if isinstance(frame, av.AudioFrame):
                 seen.samples.append(frame.to_ndarray().reshape(-1).astype(np.int16))
 
         return sink
+
+    def _echo_sink(self) -> FrameSink:
+        def echo(frame: Frame) -> None:
+            if self.echo_publication is None and self.participant is not None:
+                track = models.TrackInfo(
+                    sid=new_id(TRACK_PREFIX), type=models.AUDIO, name="echo", mime_type="audio/opus"
+                )
+                self.echo_publication = self.live.publish(self.participant, track)
+            if self.echo_publication is not None:
+                self.echo_publication.push(frame)
+
+        return echo
 
     def unsubscribe(self, track_sid: str) -> None:
         pass
@@ -103,8 +126,9 @@ def _copy(info: models.ParticipantInfo) -> models.ParticipantInfo:
 class RoomAgent:
     """Joins every room that has a phone participant; `calls` by the phone's identity."""
 
-    def __init__(self, server: EmbeddedServer) -> None:
+    def __init__(self, server: EmbeddedServer, echo: bool = False) -> None:
         self.server = server
+        self.echo = echo
         self.calls: dict[str, CallSeen] = {}
         self.members: dict[str, AgentMember] = {}
 
@@ -122,7 +146,7 @@ class RoomAgent:
         ]
         if not phones:
             return
-        member = self.members[live.name] = AgentMember(self.calls, live)
+        member = self.members[live.name] = AgentMember(self.calls, live, self.echo)
         member.on_participants([p.info for p in phones])
         kind = models.ParticipantInfo.AGENT
         member.participant = live.join(participant_info(AGENT, kind=kind), member, True)
@@ -159,8 +183,8 @@ class RoomAgent:
 
 
 @contextlib.asynccontextmanager
-async def room_agent(server: EmbeddedServer) -> AsyncIterator[RoomAgent]:
-    agent = RoomAgent(server)
+async def room_agent(server: EmbeddedServer, echo: bool = False) -> AsyncIterator[RoomAgent]:
+    agent = RoomAgent(server, echo)
     task = asyncio.get_running_loop().create_task(agent._scan_task())
     try:
         yield agent
