@@ -27,15 +27,13 @@ from typing import Final
 
 import numpy as np
 import psutil
-from livekit import api
-from livekit.protocol import sip
 
 from bench._common import LOOPBACK, ServerProcess, free_port, machine_summary, percentile
 from callboard.log import setup_logging
-from callboard.server.config import DEV_API_KEY, DEV_API_SECRET
 from callboard.server.sip.codecs import FRAME_SAMPLES
 from callboard.server.sip.phone import SipPhone
 from callboard.server.sip.uac import DialTarget
+from tests.server.sip.provisioning import trunk_and_rule
 
 CALLED: Final = "+15550100"
 TIMEOUT_S: Final = 300.0
@@ -82,23 +80,6 @@ class CallFigures:
     sent_packets: int
 
 
-async def provision(server: SipServerProcess) -> None:
-    async with api.LiveKitAPI(server.http_url, DEV_API_KEY, DEV_API_SECRET) as lk:
-        trunk = await lk.sip.create_inbound_trunk(
-            sip.CreateSIPInboundTrunkRequest(
-                trunk=sip.SIPInboundTrunkInfo(numbers=[CALLED], allowed_addresses=[LOOPBACK])
-            )
-        )
-        rule = sip.SIPDispatchRule(
-            dispatch_rule_individual=sip.SIPDispatchRuleIndividual(room_prefix="call-")
-        )
-        await lk.sip.create_dispatch_rule(
-            sip.CreateSIPDispatchRuleRequest(
-                dispatch_rule=sip.SIPDispatchRuleInfo(rule=rule, trunk_ids=[trunk.sip_trunk_id])
-            )
-        )
-
-
 async def one_call(server: SipServerProcess, number: int, seconds: float) -> CallFigures:
     t = np.arange(int(8000 * seconds)) / 8000
     tone = (6000 * np.sin(2 * np.pi * (300 + number) * t)).astype(np.int16)
@@ -137,7 +118,7 @@ async def run(calls: int, seconds: float) -> None:
     server = SipServerProcess()
     server.start()
     try:
-        await provision(server)
+        await trunk_and_rule(server.http_url, CALLED)
         process = psutil.Process(server.pid)
         cpu_before = sum(process.cpu_times()[:2])
         figures = await asyncio.gather(*(one_call(server, i, seconds) for i in range(calls)))

@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-from livekit import api
-from livekit.protocol import sip
 
 from callboard.plugins.local import models
 from callboard.server.sip.audio import resample
@@ -48,6 +46,7 @@ from tests.interop.media_call import REPORT_FILE, SKIP_EXIT, server_job_ended
 from tests.interop.netns import NetnsUnavailable, enter_private_network
 from tests.interop.support import wait_until
 from tests.server.sip.agents.phone_receptionist import REPORT_ENV
+from tests.server.sip.provisioning import trunk_and_rule
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 AGENT_SCRIPT: Final = REPO_ROOT / "tests" / "server" / "sip" / "agents" / "phone_receptionist.py"
@@ -117,23 +116,6 @@ def agent_events(workdir: Path, event: str) -> list[dict[str, Any]]:
     return [e for e in map(json.loads, filter(None, lines)) if e["event"] == event]
 
 
-async def provision(server: ServerProcess) -> None:
-    async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
-        trunk = await lk.sip.create_inbound_trunk(
-            sip.CreateSIPInboundTrunkRequest(
-                trunk=sip.SIPInboundTrunkInfo(numbers=[CALLED], allowed_addresses=[HOST])
-            )
-        )
-        rule = sip.SIPDispatchRule(
-            dispatch_rule_individual=sip.SIPDispatchRuleIndividual(room_prefix="call-")
-        )
-        await lk.sip.create_dispatch_rule(
-            sip.CreateSIPDispatchRuleRequest(
-                dispatch_rule=sip.SIPDispatchRuleInfo(rule=rule, trunk_ids=[trunk.sip_trunk_id])
-            )
-        )
-
-
 def utterance(heard: list[Pcm], since: int) -> tuple[int, int] | None:
     """(first, end) frame indices of the first thing said at or after frame `since`, once
     QUIET_FRAMES of quiet followed it."""
@@ -188,7 +170,7 @@ async def run(workdir: Path, report: dict[str, Any]) -> None:
             REGISTER_TIMEOUT_S,
         )
         assert worker.poll() is None, worker_log()[-3000:]
-        await provision(server)
+        await trunk_and_rule(server.http_url, CALLED)
         async with SipPhone() as phone:
             target = DialTarget(HOST, sip_port, CALLED, CALLER)
             invited = time.monotonic()

@@ -16,6 +16,7 @@ from livekit.protocol import models, room, sip
 from callboard.server.app import EmbeddedServer
 from tests.conftest import API_KEY, API_SECRET
 from tests.server.sip import sipp
+from tests.server.sip.provisioning import trunk_and_rule
 from tests.server.sip.room_agent import LIST_ROOMS, CallSeen, RoomAgent
 from tests.server.support import wait_until
 
@@ -26,30 +27,15 @@ async def provision(
     srv: EmbeddedServer, *, auth: tuple[str, str] | None = None, rule: bool = True
 ) -> tuple[str, str]:
     """An inbound trunk for the called number and an individual rule (prefix `call-`) with an
-    agent, through the official client: (trunk id, rule id)."""
-    async with api.LiveKitAPI(srv.http_url, API_KEY, API_SECRET) as lk:
-        trunk = sip.SIPInboundTrunkInfo(name="acme", numbers=[sipp.CALLED])
-        if auth:
-            trunk.auth_username, trunk.auth_password = auth
-        else:
-            trunk.allowed_addresses.append("127.0.0.1")
-        created = await lk.sip.create_inbound_trunk(sip.CreateSIPInboundTrunkRequest(trunk=trunk))
-        if not rule:
-            return created.sip_trunk_id, ""
-        info = sip.SIPDispatchRuleInfo(
-            rule=sip.SIPDispatchRule(
-                dispatch_rule_individual=sip.SIPDispatchRuleIndividual(room_prefix="call-")
-            ),
-            trunk_ids=[created.sip_trunk_id],
-            attributes={"team": "sales"},
-            room_config=room.RoomConfiguration(
-                agents=[api.RoomAgentDispatch(agent_name="assistant")]
-            ),
-        )
-        made = await lk.sip.create_dispatch_rule(
-            sip.CreateSIPDispatchRuleRequest(dispatch_rule=info)
-        )
-        return created.sip_trunk_id, made.sip_dispatch_rule_id
+    agent and an attribute: (trunk id, rule id)."""
+    return await trunk_and_rule(
+        srv.http_url,
+        sipp.CALLED,
+        auth=auth,
+        rule=rule,
+        attributes={"team": "sales"},
+        agents=["assistant"],
+    )
 
 
 def sip_port(srv: EmbeddedServer) -> int:
