@@ -21,7 +21,7 @@ from callboard.server.rooms import RoomRegistry
 from callboard.server.rtc.signal import RtcEndpoint
 from callboard.server.sip.config import SipConfig
 from callboard.server.sip.gateway import SipGateway
-from callboard.server.sip.room_leg import DispatchRooms
+from callboard.server.sip.room_media import RoomMediaRooms
 from callboard.server.sip.service import SipService
 from callboard.server.sip.store import SipStore
 from callboard.server.twirp import TwirpRouter
@@ -79,7 +79,7 @@ class EmbeddedServer:
         self.sip: SipGateway | None = None
         if config.sip_port is not None:
             sip_config = SipConfig(host=config.host, port=config.sip_port)
-            self.sip = SipGateway(sip_config, self.sip_store, DispatchRooms(self.rooms))
+            self.sip = SipGateway(sip_config, self.sip_store, RoomMediaRooms(self.rooms))
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._sweeper: asyncio.Task[None] | None = None
