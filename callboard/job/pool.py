@@ -138,6 +138,11 @@ class ProcessExecutor:
             self._wake.set()
 
     @property
+    def idle_memory_mb(self) -> float:
+        """PSS the idle processes hold, as last sampled."""
+        return sum(p.memory_mb or 0.0 for p in self._idle)
+
+    @property
     def idle_target(self) -> int:
         """The idle processes the pool keeps: the worker's target within the memory budget."""
         measured = [m for p in self._idle if (m := p.memory_mb) is not None]

@@ -309,6 +309,7 @@ class LoadTracker:
         """The measured load (share of budgets.cpus), without reservations."""
         self.capacity: int | None = None
         """How many jobs fit on this worker at the current cost (None: no limit)."""
+        self._estimate_capacity()
 
     def start(self) -> None:
         if self._cpu is not None:
@@ -467,12 +468,19 @@ class LoadTracker:
             return f"load {load:.2f} + {step:.2f} a job > load_threshold {b.threshold:g}"
         return None
 
+    def background(self) -> float:
+        """Cores used by neither the jobs nor the processes shared among them (the worker
+        itself, the zygote, idle processes, and whatever else the measure sees)."""
+        snap = self._snapshot
+        shared = sum(snap.pids.get(p, 0.0) for p in self._shared)
+        return max(0.0, snap.total - snap.jobs - shared)
+
     def _estimate_capacity(self) -> bool:
-        """Jobs that fit on this worker when nothing else runs; True if that changed."""
+        """Jobs that fit on this worker beside its measured background; True if changed."""
         b, cost = self.budgets, self.cost
         raw = math.inf if b.memory_mb == math.inf else b.memory_mb / cost.memory_mb
         if self._cpu is not None and not math.isinf(b.threshold):
-            raw = min(raw, b.threshold * b.cpus / cost.cpu)
+            raw = min(raw, max(0.0, b.threshold * b.cpus - self.background()) / cost.cpu)
         if b.max_jobs:
             raw = min(raw, float(b.max_jobs))
         new = None if math.isinf(raw) else settle(self.capacity, raw)

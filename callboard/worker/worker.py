@@ -174,6 +174,7 @@ class Worker:
             _collect_startup_garbage()
             self._load.set_shared_pids(self._executor.shared_pids())
             self._load.start()
+            self._log_capacity()
             self.spawn(self._status.run(self._opts.status_interval), "worker-status")
             self.spawn(self._load_task(), "worker-load")
             if self._register:
@@ -472,10 +473,11 @@ class Worker:
             self.update_state()
 
     def _log_capacity(self) -> None:
-        """One line when the capacity estimate changes (learning a job's cost moves it)."""
+        """One line at start and when the capacity estimate changes (as a job's cost is
+        learned)."""
         cost, b = self._load.cost, self._load.budgets
         log.info(
-            "capacity changed",
+            "capacity",
             extra=self.log_fields(
                 capacity=self._load.capacity,
                 job_cpu=round(cost.cpu, 3),

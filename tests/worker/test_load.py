@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 
 import pytest
 from livekit.protocol import agent
 
 from callboard import Worker
 from callboard.server.app import EmbeddedServer
-from callboard.worker.load import DEFAULT_JOB_LOAD, CpuLoadMonitor, custom_effective_load
+from callboard.worker.load import DEFAULT_JOB_LOAD, custom_effective_load
 from callboard.worker.options import LOAD_SAMPLE_INTERVAL_S
 from callboard.worker.worker import WorkerState
 from tests.worker.support import (
@@ -95,5 +94,3 @@ def test_a_custom_load_reserves_for_jobs_not_yet_visible_in_it() -> None:
     assert custom_effective_load(0.4, 2, 1) == pytest.approx(0.6)
     assert custom_effective_load(0.9, 1, 5) == 1.0
     assert custom_effective_load(-0.5, 0, 0) == 0.0
-
-
