@@ -349,9 +349,9 @@ class LoadTracker:
         if self._cpu is not None:
             self._snapshot = self._cpu.snapshot(self._shared)
             self.measured = min(1.0, self._snapshot.total / self.budgets.cpus)
-            self._learn()
         else:
             await self._sample_load_fnc()
+        self._learn()
         return self._estimate_capacity()
 
     async def _sample_load_fnc(self) -> None:

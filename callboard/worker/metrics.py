@@ -39,19 +39,6 @@ class WorkerMetrics:
             "Measured load without reservations (0-1)",
             registry=self.registry,
         )
-        self.capacity = Gauge(
-            "callboard_worker_capacity_jobs",
-            "Jobs that fit at the learned cost (-1: no limit)",
-            registry=self.registry,
-        )
-        self.job_cpu = Gauge(
-            "callboard_job_cost_cpu_cores", "Learned CPU of one job", registry=self.registry
-        )
-        self.job_memory = Gauge(
-            "callboard_job_cost_memory_bytes",
-            "Learned memory (PSS) of one job",
-            registry=self.registry,
-        )
         self.idle_target = Gauge(
             "callboard_warm_pool_target", "Prewarmed processes asked for", registry=self.registry
         )
@@ -78,9 +65,6 @@ class WorkerMetrics:
     def sampled(self, tracker: LoadTracker, load: float) -> None:
         self.load.set(load)
         self.measured_load.set(tracker.measured)
-        self.capacity.set(-1 if tracker.capacity is None else tracker.capacity)
-        self.job_cpu.set(tracker.cost.cpu)
-        self.job_memory.set(tracker.cost.memory_mb * MB)
 
     def job_ended(self, outcome: JobOutcome) -> None:
         self.jobs.labels(outcome="success" if outcome.ok else "failed").inc()
@@ -101,6 +85,21 @@ class _LiveCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         w = self._worker
         yield GaugeMetricFamily("callboard_active_jobs", "Jobs running now", len(w.active_jobs))
+        admission = w.admission
+        capacity = -1 if admission.capacity is None else admission.capacity
+        yield GaugeMetricFamily(
+            "callboard_worker_capacity_jobs",
+            "Jobs that fit at the learned cost (-1: no limit)",
+            capacity,
+        )
+        yield GaugeMetricFamily(
+            "callboard_job_cost_cpu_cores", "Learned CPU of one job", admission.cost.cpu
+        )
+        yield GaugeMetricFamily(
+            "callboard_job_cost_memory_bytes",
+            "Learned memory (PSS) of one job",
+            admission.cost.memory_mb * MB,
+        )
         pids = w.executor.process_pids()
         procs = GaugeMetricFamily("callboard_processes", "Job processes", labels=["state"])
         procs.add_metric(["idle"], w.executor.idle_count)
