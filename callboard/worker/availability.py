@@ -132,7 +132,9 @@ class Offer:
                 log.info("offer withdrawn before assignment", extra=self._fields)
                 return
             raise
-        await self._worker.launch(self._accepted, assignment, self._received_at, self._accepted_at)
+        await self._worker.running.launch(
+            self._accepted, assignment, self._received_at, self._accepted_at
+        )
 
     @property
     def assigned(self) -> bool:

@@ -17,7 +17,6 @@ from typing import Any, Final
 
 from livekit.protocol import agent, models
 
-from callboard.job.context import JobAcceptArguments
 from callboard.job.executor import JobExecutor
 from callboard.job.runner import JobOutcome, failed
 from callboard.log import get_logger, redact_secret
@@ -405,15 +404,10 @@ class Worker:
             return
         log.info("termination for an unknown job, ignored", extra=self.log_fields(job_id=job_id))
 
-    async def launch(
-        self,
-        args: JobAcceptArguments,
-        assignment: agent.JobAssignment,
-        received_at: float,
-        accepted_at: float,
-    ) -> None:
-        """Start an assigned job through the executor and watch it to its end."""
-        await self._running.launch(args, assignment, received_at, accepted_at)
+    @property
+    def running(self) -> RunningJobs:
+        """The jobs assigned to this worker, from launch to their reported end."""
+        return self._running
 
     async def run_local_job(self, room: models.Room, identity: str) -> None:
         """Run one job for `room` without a dispatch from the server (`connect --room`)."""
