@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Final
 
 import psutil
@@ -22,17 +23,11 @@ from callboard.worker.cost import (
 )
 from callboard.worker.load import CpuLoadMonitor
 
-BURNER: Final = """
-import time
-period, duty = 0.1, {duty}
-next_slice = time.monotonic()
-while True:
-    start = time.thread_time()
-    while time.thread_time() - start < duty * period:
-        pass
-    next_slice += period
-    time.sleep(max(0.0, next_slice - time.monotonic()))
-"""
+BURNER: Final = (
+    "import asyncio; from tests.worker.agents.jobs import burn; asyncio.run(burn({duty}))"
+)
+"""A process keeping `duty` of a core busy, as the burning test jobs do."""
+REPO: Final = Path(__file__).resolve().parents[2]
 
 
 def test_the_prior_holds_until_a_job_is_measured_then_the_measure_replaces_it() -> None:
@@ -75,7 +70,7 @@ def test_the_capacity_estimate_changes_only_past_a_margin() -> None:
 def test_the_cpu_monitor_measures_a_process_own_share_of_a_core() -> None:
     """Compared with the process's own CPU times over the same span (the machine may be too
     busy for the burner to get its 0.3 core)."""
-    burner = psutil.Popen([sys.executable, "-c", BURNER.format(duty=0.3)])
+    burner = psutil.Popen([sys.executable, "-c", BURNER.format(duty=0.3)], cwd=REPO)
     monitor = CpuLoadMonitor(0.25, 100, tree=True)
     try:
         time.sleep(0.3)
