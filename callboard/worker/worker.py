@@ -26,7 +26,7 @@ from callboard.worker.connection import Connection, Registration
 from callboard.worker.errors import ConnectionGiveUp, WorkerStartError
 from callboard.worker.executors import build_executor
 from callboard.worker.jobs import ActiveJob, RunningJobs
-from callboard.worker.load import Budgets, LoadTracker, cgroup_cpu_limit, default_memory_budget_mb
+from callboard.worker.load import LoadTracker, budgets_for
 from callboard.worker.metrics import WorkerMetrics
 from callboard.worker.options import (
     LOAD_SAMPLE_INTERVAL_S,
@@ -73,7 +73,7 @@ class Worker:
             self,
             LOAD_SAMPLE_INTERVAL_S,
             LOAD_SAMPLES,
-            budgets(self._r),
+            budgets_for(self._r),
             self._opts.initial_job_cost,
             own_tree=self._opts.cpu_budget is not None,
         )
@@ -173,7 +173,7 @@ class Worker:
             _collect_startup_garbage()
             self._load.set_shared_pids(self._executor.shared_pids())
             self._load.start()
-            self._log_capacity()
+            self._load.log_capacity(self.log_fields())
             self.spawn(self._status.run(self._opts.status_interval), "worker-status")
             self.spawn(self._load_task(), "worker-load")
             if self._register:
@@ -462,38 +462,9 @@ class Worker:
             await asyncio.sleep(LOAD_SAMPLE_INTERVAL_S)
             self._load.set_shared_pids(self._executor.shared_pids())
             if await self._load.sample():
-                self._log_capacity()
+                self._load.log_capacity(self.log_fields())
             self.metrics.sampled(self._load, self.load)
             self.update_state()
-
-    def _log_capacity(self) -> None:
-        """One line at start and when the capacity estimate changes (as a job's cost is
-        learned)."""
-        cost, b = self._load.cost, self._load.budgets
-        log.info(
-            "capacity",
-            extra=self.log_fields(
-                capacity=self._load.capacity,
-                job_cpu=round(cost.cpu, 3),
-                job_memory_mb=round(cost.memory_mb, 1),
-                measured=self._load.model.cpu_measured,
-                cpu_budget=b.cpus,
-                load_threshold=b.threshold,
-                memory_budget_mb=round(b.memory_mb),
-            ),
-        )
-
-
-def budgets(r: ResolvedOptions) -> Budgets:
-    """The CPU and memory a worker admits jobs against, from its options and this machine."""
-    o = r.opts
-    cpus = o.cpu_budget or cgroup_cpu_limit() or float(os.cpu_count() or 1)
-    return Budgets(
-        cpus=cpus,
-        threshold=r.load_threshold,
-        memory_mb=o.memory_budget_mb or default_memory_budget_mb(),
-        max_jobs=o.max_jobs,
-    )
 
 
 def _collect_startup_garbage() -> None:

@@ -21,7 +21,7 @@ from callboard.worker.cost import (
     jobs_that_fit,
     settle,
 )
-from callboard.worker.load import CpuLoadMonitor
+from callboard.worker.machine import CpuLoadMonitor
 
 BURNER: Final = (
     "import asyncio; from tests.worker.agents.jobs import burn; asyncio.run(burn({duty}))"
