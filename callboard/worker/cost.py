@@ -26,7 +26,7 @@ steady state, and a job's own CPU rate needs a few samples."""
 COST_TIME_CONSTANT_S: Final = 30.0
 """Time constant of the moving average of the measured cost (the first measure replaces the
 prior outright)."""
-CAPACITY_HYSTERESIS: Final = 0.05
+CAPACITY_HYSTERESIS: Final = 0.1
 """A capacity estimate changes only when the raw value moves this far past an integer."""
 SLOT_EPSILON: Final = 1e-9
 

@@ -21,7 +21,14 @@ from typing import Any, Final
 
 from callboard.job.executor import RunningJob
 from callboard.log import get_logger
-from callboard.worker.cost import COST_WARMUP_S, CostModel, JobCost, jobs_that_fit, settle
+from callboard.worker.cost import (
+    COST_TIME_CONSTANT_S,
+    COST_WARMUP_S,
+    CostModel,
+    JobCost,
+    jobs_that_fit,
+    settle,
+)
 from callboard.worker.machine import (
     CpuLoadMonitor,
     CpuSnapshot,
@@ -102,6 +109,7 @@ class LoadTracker:
         self._snapshot = CpuSnapshot()
         self._failing = False
         self._last_learn = time.monotonic()
+        self._background: float | None = None
         self.model = CostModel(initial_cost)
         self.measured = 0.0
         """The measured load (share of budgets.cpus), without reservations."""
@@ -171,6 +179,7 @@ class LoadTracker:
     def _learn(self) -> None:
         now = time.monotonic()
         dt, self._last_learn = now - self._last_learn, now
+        self._observe_background(dt)
         rates = self._snapshot.pids
         running = [j for j in self._jobs.values() if j.pid in rates]
         grown = [j for j in running if now - j.started >= COST_WARMUP_S]
@@ -286,10 +295,21 @@ class LoadTracker:
 
     def background(self) -> float:
         """Cores used by neither the jobs nor the processes shared among them (the worker
-        itself, the zygote, idle processes, and whatever else the measure sees)."""
+        itself, the zygote, idle processes, and whatever else the measure sees), averaged
+        over COST_TIME_CONSTANT_S so that the capacity estimate does not follow its noise."""
+        return self._background or 0.0
+
+    def _observe_background(self, dt: float) -> None:
         snap = self._snapshot
+        if snap.total <= 0:  # no sample yet
+            return
         shared = sum(snap.pids.get(p, 0.0) for p in self._shared)
-        return max(0.0, snap.total - snap.jobs - shared)
+        now = max(0.0, snap.total - snap.jobs - shared)
+        if self._background is None:
+            self._background = now
+        else:
+            alpha = 1.0 - math.exp(-max(0.0, dt) / COST_TIME_CONSTANT_S)
+            self._background += alpha * (now - self._background)
 
     def _estimate_capacity(self) -> bool:
         """Jobs that fit on this worker beside its measured background; True if changed."""
