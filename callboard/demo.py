@@ -77,19 +77,22 @@ class Ear:
             await stream.aclose()
 
 
+def tone_frame(hz: float, index: int) -> rtc.AudioFrame:
+    """The `index`-th 10 ms frame of a continuous sine at `hz`."""
+    t = np.arange(index * FRAME_SAMPLES, (index + 1) * FRAME_SAMPLES)
+    samples = (TONE_AMPLITUDE * np.sin(2 * np.pi * hz * t / SAMPLE_RATE)).astype(np.int16)
+    return rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, FRAME_SAMPLES)
+
+
 async def speak(room: rtc.Room, name: str, hz: float) -> None:
     """Publish a microphone track and say a tone into it, in real time."""
     source = rtc.AudioSource(SAMPLE_RATE, 1)
     track = rtc.LocalAudioTrack.create_audio_track(name, source)
     options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
     await room.local_participant.publish_track(track, options)
-    n = np.arange(FRAME_SAMPLES)
     try:
         for i in range(int(MAX_SPEAK_S * 100)):
-            t = n + i * FRAME_SAMPLES
-            samples = (TONE_AMPLITUDE * np.sin(2 * np.pi * hz * t / SAMPLE_RATE)).astype(np.int16)
-            frame = rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, FRAME_SAMPLES)
-            await source.capture_frame(frame)
+            await source.capture_frame(tone_frame(hz, i))
     finally:
         await source.aclose()
 
@@ -98,7 +101,9 @@ def audio_of(room: rtc.Room, identity: str) -> asyncio.Future[rtc.Track]:
     """The first audio track of `identity` this room subscribes to."""
     found: asyncio.Future[rtc.Track] = asyncio.get_running_loop().create_future()
 
-    def subscribed(track: rtc.Track, _: rtc.RemoteTrackPublication, p: rtc.RemoteParticipant) -> None:
+    def subscribed(
+        track: rtc.Track, _: rtc.RemoteTrackPublication, p: rtc.RemoteParticipant
+    ) -> None:
         if p.identity == identity and track.kind == rtc.TrackKind.KIND_AUDIO and not found.done():
             found.set_result(track)
 
@@ -106,7 +111,7 @@ def audio_of(room: rtc.Room, identity: str) -> asyncio.Future[rtc.Track]:
     for p in room.remote_participants.values():
         for pub in p.track_publications.values():
             if pub.track is not None:
-                subscribed(pub.track, pub, p)  # type: ignore[arg-type]
+                subscribed(pub.track, pub, p)
     return found
 
 

@@ -12,14 +12,15 @@ import pytest
 
 from tests.interop.netns import SKIP_EXIT, unavailable_reason
 
+NETNS = (sys.executable, "-m", "tests.interop.netns")
+
 
 def test_demo_answers_every_call_with_a_job_process_and_audio_both_ways() -> None:
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
     done = subprocess.run(
-        [sys.executable, "-m", "tests.interop.netns"]
-        + [sys.executable, "-m", "callboard.cli", "demo", "--calls", "2"],
+        [*NETNS, sys.executable, "-m", "callboard.cli", "demo", "--calls", "2"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -173,6 +173,17 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def became_healthy(server: ServerProcess) -> bool:
+    """Wait until `GET /` answers OK; False (the process stopped) if it died or took too long."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        if _healthy(server.http_url):
+            return True
+        time.sleep(0.1)
+    stop_process(server.proc)
+    return False
+
+
 def start_server(kind: str, log_dir: Path, media_ip: str | None = None) -> ServerProcess:
     """Start `kind` ("callboard" or "livekit-server") and wait until `GET /` answers OK.
 
@@ -206,12 +217,8 @@ def start_until_healthy(
                 env=clean_env(),
             )
         server = ServerProcess(kind, port, proc, log_path)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _healthy(server.http_url):
-                return server
-            time.sleep(0.1)
-        stop_process(proc)
+        if became_healthy(server):
+            return server
         failures.append(f"attempt {attempt + 1} (port {port}):\n{server.log_tail(1500)}")
     raise RuntimeError(f"{label} did not become healthy:\n" + "\n".join(failures))
 
