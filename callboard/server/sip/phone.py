@@ -25,6 +25,30 @@ from callboard.server.sip.uac import ClientTransactions, DialTarget, OutgoingDia
 
 SPEECH_LEVEL: Final = 500
 """Mean absolute sample above which a 20 ms frame counts as sound rather than silence."""
+VOICED_RMS: Final = 300.0
+"""A 20 ms frame louder than this (RMS) is speech."""
+QUIET_FRAMES: Final = 60
+"""1.2 s of quiet (20 ms frames) ends an utterance."""
+GREETING_WAIT_S: Final = 15.0
+
+
+def rms(frame: Pcm) -> float:
+    return float(np.sqrt(np.mean(frame.astype(np.float64) ** 2)))
+
+
+def utterance(heard: list[Pcm], since: int) -> tuple[int, int] | None:
+    """(first, end) frame indices of the first thing said at or after frame `since`, once
+    QUIET_FRAMES of quiet followed it; None until then."""
+    loud = [i for i in range(since, len(heard)) if rms(heard[i]) > VOICED_RMS]
+    if not loud or len(heard) - loud[-1] < QUIET_FRAMES:
+        return None
+    first = end = loud[0]
+    for i in loud:
+        if i - end > QUIET_FRAMES:
+            break
+        end = i
+    return first, end + 1
+
 
 Say = Callable[[str], None]
 
@@ -126,11 +150,17 @@ class SipPhone:
         listen: float,
         dtmf: str = "",
         say: Say = lambda _: None,
+        wait_greeting: bool = False,
     ) -> CallResult:
-        """Dial `target`, play `audio`, keep listening `listen` s after it, then hang up."""
+        """Dial `target`, (let the other side greet first,) play `audio`, keep listening
+        `listen` s after it, then hang up."""
         call = await self.dial(target, say)
         if not call.answered:
             return call.result
+        if wait_greeting:
+            greeting = await call.wait_utterance(0, GREETING_WAIT_S)
+            if greeting is not None:
+                say(f"heard a greeting of {(greeting[1] - greeting[0]) * FRAME_S:.1f} s")
         call.media.play(audio)
         for digit in dtmf:
             call.media.send_digit(digit)
@@ -157,6 +187,18 @@ class ActiveCall:
     @property
     def answered(self) -> bool:
         return 200 <= self.result.status < 300
+
+    async def wait_utterance(self, since: int, timeout: float) -> tuple[int, int] | None:
+        """The frames of the next thing the other side says (after frame `since`), once it
+        has finished; None if nothing was said within `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and not self.hung_up.is_set():
+            found = utterance(self.result.heard, since)
+            if found is not None:
+                return found
+            await asyncio.sleep(FRAME_S)
+        return None
 
     async def wait_hangup(self, timeout: float) -> bool:
         """Whether the other side hung up within `timeout` seconds."""
@@ -201,6 +243,8 @@ class CallOptions:
     dtmf: str = ""
     username: str = ""
     password: str = ""
+    wait_greeting: bool = True
+    """Let the other side say its greeting before speaking (up to 15 s)."""
 
     def __post_init__(self) -> None:
         host, _, port = self.address.rpartition(":")

@@ -30,7 +30,7 @@ import numpy as np
 from callboard.plugins.local import models
 from callboard.server.sip.audio import resample
 from callboard.server.sip.codecs import FRAME_SAMPLES, SAMPLE_RATE, Pcm
-from callboard.server.sip.phone import ActiveCall, SipPhone
+from callboard.server.sip.phone import ActiveCall, SipPhone, rms, utterance
 from callboard.server.sip.uac import DialTarget
 from tests.interop.livekit_server import (
     API_KEY,
@@ -54,9 +54,6 @@ CALLER: Final = "+56975231235"
 CALLED: Final = "+15550100"
 CALLER_SAYS: Final = "Hello, I would like to book an appointment for Monday, please."
 DIGIT: Final = "5"
-VOICED_RMS: Final = 300.0
-QUIET_FRAMES: Final = 60
-"""1.2 s of quiet (20 ms frames) ends an utterance."""
 REGISTER_TIMEOUT_S: Final = 90.0
 REPLY_TIMEOUT_S: Final = 40.0
 JOB_END_TIMEOUT_S: Final = 30.0
@@ -114,25 +111,6 @@ def agent_events(workdir: Path, event: str) -> list[dict[str, Any]]:
     path = workdir / "agent.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return [e for e in map(json.loads, filter(None, lines)) if e["event"] == event]
-
-
-def utterance(heard: list[Pcm], since: int) -> tuple[int, int] | None:
-    """(first, end) frame indices of the first thing said at or after frame `since`, once
-    QUIET_FRAMES of quiet followed it."""
-    loud = [i for i in range(since, len(heard)) if rms(heard[i]) > VOICED_RMS]
-    if not loud or len(heard) - loud[-1] < QUIET_FRAMES:
-        return None
-    first = loud[0]
-    end = first
-    for i in loud:
-        if i - end > QUIET_FRAMES:
-            break
-        end = i
-    return first, end + 1
-
-
-def rms(frame: Pcm) -> float:
-    return float(np.sqrt(np.mean(frame.astype(np.float64) ** 2)))
 
 
 def transcribe(frames: list[Pcm]) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from callboard.server.app import EmbeddedServer
 from callboard.server.sip.audio import read_wav, resample, write_wav
-from callboard.server.sip.phone import CallOptions, CallOptionsError, SipPhone
+from callboard.server.sip.phone import CallOptions, CallOptionsError, SipPhone, utterance
 from callboard.server.sip.uac import DialTarget
 from tests.server.sip import sipp
 from tests.server.sip.room_agent import RoomAgent
@@ -76,6 +76,7 @@ async def test_callboard_call_from_the_terminal(
         "0.5",
         "--save",
         str(saved),
+        "--no-wait-greeting",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -89,6 +90,15 @@ async def test_callboard_call_from_the_terminal(
     )
     with wave.open(str(saved)) as heard:
         assert heard.getframerate() == 8000 and heard.getnframes() > 8000
+
+
+def test_an_utterance_ends_after_a_second_of_quiet() -> None:
+    quiet, loud = np.zeros(160, dtype=np.int16), np.full(160, 2000, dtype=np.int16)
+    heard = [quiet] * 10 + [loud] * 20 + [quiet] * 30 + [loud] * 5 + [quiet] * 58
+    assert utterance(heard, 0) is None, "still within 1.2 s of the last sound"
+    heard.append(quiet)
+    assert utterance(heard, 0) == (10, 65), "a pause under 1.2 s does not end it"
+    assert utterance(heard, 65) is None
 
 
 def test_call_options_are_checked() -> None:
