@@ -135,7 +135,10 @@ class AgentProcess:
         load_threshold: str | None = None,
         zero_load: bool = False,
         num_idle: int | None = None,
+        script: str = "agent",
+        extra_env: dict[str, str] | None = None,
     ) -> None:
+        """`script`: bench/agents/<side>_<script>.py (`agent`, or `voice_agent`)."""
         if side not in SIDES or mode not in MODES:
             raise ValueError(f"unknown side {side!r} or mode {mode!r}")
         self.side = side
@@ -162,11 +165,12 @@ class AgentProcess:
             env[ZERO_LOAD_ENV] = "1"
         if num_idle is not None:
             env[NUM_IDLE_ENV] = str(num_idle)
-        script = AGENTS_DIR / f"{side}_agent.py"
+        env |= extra_env or {}
+        path = AGENTS_DIR / f"{side}_{script}.py"
         with open(self.log_path, "wb") as log_file:
             self.spawned_at = time.time()
             self.proc = subprocess.Popen(
-                [sys.executable, str(script), mode],
+                [sys.executable, str(path), mode],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

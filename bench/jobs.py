@@ -70,6 +70,10 @@ SINGLE_TARGET: Final = 0.5
 BURST_P99_TARGET_MS: Final = 100.0
 BURST_TARGET_SIZE: Final = 50
 IDLE_PSS_TARGET: Final = 0.25
+DEFAULT_TRIALS: Final = 15
+DEFAULT_MEMORY_JOBS: Final = 10
+VOICE_TRIALS: Final = 5
+VOICE_JOBS: Final = 3
 ADDED_USS_TARGET: Final = 0.5
 
 
@@ -108,6 +112,7 @@ class Options:
     keep_logs: bool = False
     timeout: float = 1200.0
     json: bool = False
+    voice: bool = False
 
     def scenarios(self) -> list[Scenario]:
         out = [
@@ -442,7 +447,9 @@ async def run(opts: Options) -> JobsBench:
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench.jobs", description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=15, help="single jobs per side and mode (15)")
+    p.add_argument(
+        "--trials", type=int, default=DEFAULT_TRIALS, help="single jobs per side and mode (15)"
+    )
     p.add_argument("--bursts", default="10,50", help="burst sizes, comma-separated (10,50)")
     p.add_argument(
         "--burst-runs",
@@ -452,7 +459,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "reported (default 1)",
     )
     p.add_argument(
-        "--memory-jobs", type=int, default=10, help="jobs running for the memory figure (10)"
+        "--memory-jobs",
+        type=int,
+        default=DEFAULT_MEMORY_JOBS,
+        help="jobs running for the memory figure (10)",
     )
     p.add_argument(
         "--keep-logs", action="store_true", help="keep worker logs and job records (path printed)"
@@ -474,6 +484,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--quick", action="store_true", help="smoke run: 2 single jobs, one burst of 5, 5 jobs"
     )
     p.add_argument("--json", action="store_true", help="also print every measure as JSON")
+    p.add_argument(
+        "--voice",
+        action="store_true",
+        help="instead: the voice agent (examples/receptionist.py) on the real livekit-server, "
+        "in a private network namespace (root; see bench/voice.py); --trials default 5, "
+        "--memory-jobs default 3",
+    )
     a = p.parse_args(argv)
     try:
         bursts = tuple(int(x) for x in a.bursts.split(",") if x.strip())
@@ -489,7 +506,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         keep_logs=a.keep_logs,
         timeout=a.timeout,
         json=a.json,
+        voice=a.voice,
     )
+    if a.voice:
+        opts.trials = a.trials if a.trials != DEFAULT_TRIALS else VOICE_TRIALS
+        opts.memory_jobs = a.memory_jobs if a.memory_jobs != DEFAULT_MEMORY_JOBS else VOICE_JOBS
     if a.quick:
         opts.trials, opts.bursts, opts.memory_jobs = 2, (5,), 5
     if opts.trials < 1 or not opts.bursts or min(opts.bursts) < 1:
@@ -503,6 +524,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
+    if opts.voice:
+        from bench import voice
+
+        print(f"{time.strftime('%Y-%m-%d %H:%M')}, {machine_summary()}")
+        return voice.main(opts.trials, opts.memory_jobs, opts.json)
     started = time.strftime("%Y-%m-%d %H:%M")
     bench = run_bench("jobs", run(opts), opts.timeout)
     if bench is None:

@@ -14,14 +14,14 @@ import asyncio
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
-
-from livekit.protocol import agent
+from typing import TYPE_CHECKING, Final
 
 from callboard.log import LogFormat, get_logger, setup_logging
 from callboard.server.config import DEFAULT_PORT, ConfigError, ServerConfig, parse_keys
@@ -29,9 +29,6 @@ from callboard.worker.errors import ConnectionGiveUp, WorkerStartError
 from callboard.worker.options import OptionsError, WorkerOptions
 
 if TYPE_CHECKING:
-    from livekit import api
-
-    from callboard.job.runner import JobOutcome
     from callboard.worker.worker import Worker
 
 log = get_logger("cli")
@@ -39,6 +36,7 @@ log = get_logger("cli")
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
+DEV_MODE_ENV: Final = "LIVEKIT_DEV_MODE"
 
 
 def _server_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,6 +52,9 @@ def _server_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--dev", action="store_true", help="allow the dev keys on a non-loopback address"
     )
     p.add_argument("--region", default="local", help="region reported to workers")
+    p.add_argument(
+        "--sip-port", type=int, default=None, help="run the SIP gateway on this UDP/TCP port"
+    )
 
 
 def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,6 +64,20 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--calls", type=int, default=3, help="how many calls to place (default 3)")
 
 
+def _call_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("call", help="place a SIP call from this terminal (e.g. to the gateway)")
+    p.add_argument("address", nargs="?", default="127.0.0.1:5060", help="SIP server host:port")
+    p.add_argument("--to", default="+15550100", help="number to call")
+    p.add_argument("--from", dest="caller", default="+56975231235", help="calling number")
+    p.add_argument("--wav", type=Path, help="16-bit WAV file to play")
+    p.add_argument("--say", default="", help="text to speak (espeak-ng) instead of --wav")
+    p.add_argument("--save", type=Path, help="save what the other side says to this WAV")
+    p.add_argument("--listen", type=float, default=5.0, help="seconds to listen after speaking")
+    p.add_argument("--dtmf", default="", help="digits to send (RFC 4733)")
+    p.add_argument("--username", default="", help="digest username, if the trunk asks")
+    p.add_argument("--password", default="", help="digest password, if the trunk asks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="callboard", description=__doc__)
     parser.add_argument("--log-format", choices=["json", "pretty"], default=None)
@@ -70,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _server_parser(sub)
     _demo_parser(sub)
+    _call_parser(sub)
     return parser
 
 
@@ -101,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keys=parse_keys(args.keys) if args.keys else None,
                 dev=args.dev,
                 region=args.region,
+                sip_port=args.sip_port,
             )
             asyncio.run(_run_server(config))
         elif args.command == "demo":
@@ -109,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.calls < 1:
                 raise ConfigError("--calls must be at least 1")
             return asyncio.run(run_demo(calls=args.calls))
+        elif args.command == "call":
+            return _call(args)
     except ConfigError as e:
         print(f"callboard: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -120,6 +139,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
+def _call(args: argparse.Namespace) -> int:
+    from callboard.server.sip.phone import CallOptions, CallOptionsError, run_call
+
+    fields = ("address", "to", "caller", "wav", "say", "save", "listen", "dtmf")
+    try:
+        options = CallOptions(
+            **{name: getattr(args, name) for name in (*fields, "username", "password")}
+        )
+    except CallOptionsError as e:
+        raise ConfigError(str(e)) from None
+    # the phone's own SIP socket is not news to a person placing a call
+    logging.getLogger("callboard.server.sip.transport").setLevel(logging.WARNING)
+    return asyncio.run(run_call(options))
+
+
 # -- cli.run_app: `python agent.py start | dev | connect --room NAME` ---------------------------
 
 
@@ -129,7 +163,7 @@ def _app_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("start", "production: JSON logs, production defaults"),
         ("dev", "development: readable debug logs, dev defaults"),
-        ("connect", "dispatch this agent to one room, run that job, exit"),
+        ("connect", "run one job for a room (created if missing) without registering, exit"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--url", help="LiveKit server URL (default: LIVEKIT_URL)")
@@ -180,8 +214,14 @@ def app_main(opts: WorkerOptions, argv: Sequence[str] | None = None) -> int:
     }
     from callboard.worker.worker import Worker  # the agent module imports this file cheaply
 
+    if args.command == "dev":
+        os.environ[DEV_MODE_ENV] = "1"  # as livekit-agents' dev: some plugins read it
     try:
-        worker = Worker(dataclasses.replace(opts, **overrides), devmode=devmode)
+        worker = Worker(
+            dataclasses.replace(opts, **overrides),
+            devmode=devmode,
+            register=args.command != "connect",
+        )
     except OptionsError as e:
         print(f"callboard: error: invalid worker options: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -238,66 +278,39 @@ async def _reload_on_change(worker: Worker) -> None:
         await reload()
 
 
-CONNECT_POLL_S: Final = 0.5
-"""How often `connect` asks the server whether its dispatch failed before reaching the worker."""
-
-
 async def _connect_one(worker: Worker, room: str) -> int:
-    """Run the worker, dispatch it to `room`, return when that job has ended (or, with exit 1,
-    when the server says the job will never run here)."""
+    """`connect --room`, as livekit-agents does it: the worker does not register, the room is
+    created if it does not exist, and exactly one job for it runs here; returns when it ended."""
     from livekit import api
 
     _install_worker_signals(worker)
     run = asyncio.create_task(worker.run())
-    ended = asyncio.ensure_future(worker.wait_first_job_end())
+    started = asyncio.create_task(worker.started.wait())
+    await asyncio.wait({run, started}, return_when=asyncio.FIRST_COMPLETED)
+    if run.done():
+        started.cancel()
+        await run  # a WorkerStartError surfaces here
+        return EXIT_FAILURE
     r = worker.options
     try:
         async with api.LiveKitAPI(r.ws_url, r.api_key, r.api_secret) as lk:
-            while not worker.registered:
-                if run.done():
-                    await run
-                    return EXIT_FAILURE
-                await asyncio.sleep(0.05)
-            dispatch = await lk.agent_dispatch.create_dispatch(
-                api.CreateAgentDispatchRequest(agent_name=r.agent_name, room=room)
+            listed = await lk.room.list_rooms(api.ListRoomsRequest(names=[room]))
+            info = (
+                listed.rooms[0]
+                if listed.rooms
+                else await lk.room.create_room(api.CreateRoomRequest(name=room))
             )
-            problem = await _watch_dispatch(lk, worker, dispatch, ended, run)
-    finally:
-        if not ended.done():
-            ended.cancel()
-    if problem is not None:
-        print(f"callboard: error: {problem}", file=sys.stderr)
+        ended = asyncio.ensure_future(worker.wait_first_job_end())
+        await worker.run_local_job(info, f"agent-{secrets.token_hex(6)}")
+        await asyncio.wait({ended, run}, return_when=asyncio.FIRST_COMPLETED)
+    except Exception as e:
+        print(f"callboard: error: connect to room {room!r} failed: {e}", file=sys.stderr)
+        worker.request_shutdown(fast=True)
+        await run
+        return EXIT_FAILURE
     worker.request_shutdown()
     await run
-    if problem is not None:
-        return EXIT_FAILURE
-    return EXIT_OK if ended.result().ok else EXIT_FAILURE
-
-
-async def _watch_dispatch(
-    lk: api.LiveKitAPI,
-    worker: Worker,
-    dispatch: api.AgentDispatch,
-    ended: asyncio.Future[JobOutcome],
-    run: asyncio.Task[None],
-) -> str | None:
-    """None once the worker's first job has ended; otherwise why it never will."""
-    watched: set[asyncio.Future[Any]] = {ended, run}
-    while True:
-        done, _ = await asyncio.wait(
-            watched, timeout=CONNECT_POLL_S, return_when=asyncio.FIRST_COMPLETED
-        )
-        if ended in done:
-            return None
-        if run in done:
-            await run  # a ConnectionGiveUp surfaces here
-            return "the worker stopped before the job ended"
-        if worker.active_jobs:
-            continue
-        listed = await lk.agent_dispatch.list_dispatch(dispatch.room)
-        for job in (j for d in listed if d.id == dispatch.id for j in d.state.jobs):
-            if job.state.status == agent.JS_FAILED and not ended.done():
-                return f"the job for room {dispatch.room!r} did not run: {job.state.error}"
+    return EXIT_OK if ended.done() and ended.result().ok else EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -26,15 +26,10 @@ from typing import Any, Final
 from livekit.protocol import agent, models
 
 from callboard.job import ipc
-from callboard.job.context import (
-    JobAcceptArguments,
-    JobContext,
-    JobExecutorType,
-    JobProcess,
-    RunningJobInfo,
-)
-from callboard.job.inference import InferenceClient, InferenceRunner, socket_name
-from callboard.job.runner import Entrypoint, run_job
+from callboard.job.context import JobAcceptArguments, JobExecutorType, JobProcess, RunningJobInfo
+from callboard.job.flavour import new_job_context, new_job_process
+from callboard.job.inference import InferenceClient, registered_runners, socket_name
+from callboard.job.runner import Entrypoint, RunnableJob, run_job
 from callboard.log import extra_fields, root_logging_kept
 
 EXIT_OK: Final = 0
@@ -184,7 +179,7 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
     root.addHandler(IpcLogHandler(writer, loop))
     root.setLevel(spec.log_level)
 
-    proc = JobProcess(executor_type=JobExecutorType.PROCESS)
+    proc = new_job_process(JobExecutorType.PROCESS)
     error = ""
     if spec.prewarm is not None:
         try:
@@ -199,9 +194,9 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
         return EXIT_PREWARM_FAILED
 
     inference = None
-    if InferenceRunner.registered_runners:
+    if registered_runners():
         inference = InferenceClient(socket_name(spec.zygote_pid))
-    ctx: JobContext | None = None
+    ctx: RunnableJob | None = None
     job: asyncio.Task[Any] | None = None
     while True:
         reader_task = asyncio.ensure_future(ipc.read_message(reader))
@@ -230,7 +225,7 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
         if isinstance(msg, ipc.Ping):
             writer.write(ipc.encode(ipc.Pong(msg.timestamp, time.time())))
         elif isinstance(msg, ipc.StartJob) and job is None:
-            ctx = JobContext(proc=proc, info=msg.running_info(), inference_executor=inference)
+            ctx = new_job_context(proc, msg.running_info(), inference)
             job = asyncio.ensure_future(run_job(ctx, spec.entrypoint, spec.shutdown_timeout))
         elif isinstance(msg, ipc.Shutdown):
             if ctx is None:
@@ -243,7 +238,7 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
 REHEARSAL_JOB_ID: Final = "AJ_zygote_rehearsal"
 
 
-async def _rehearsal_entrypoint(ctx: JobContext) -> None:
+async def _rehearsal_entrypoint(ctx: RunnableJob) -> None:
     ctx.shutdown("rehearsal")
 
 
@@ -273,8 +268,8 @@ async def _rehearse_job_start(shutdown_timeout: float) -> None:
     pages that path writes are copied from the zygote now, not when a call is waiting."""
     start = ipc.decode(_rehearsal_start())
     assert isinstance(start, ipc.StartJob)
-    proc = JobProcess(executor_type=JobExecutorType.PROCESS)
-    ctx = JobContext(proc=proc, info=start.running_info())
+    proc = new_job_process(JobExecutorType.PROCESS)
+    ctx = new_job_context(proc, start.running_info(), None)
     await run_job(ctx, _rehearsal_entrypoint, shutdown_timeout)
 
 

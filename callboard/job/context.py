@@ -6,24 +6,30 @@ livekit-agents so that agents port by changing one import.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from livekit.protocol import agent, models
 
+from callboard.job.runner import run_shutdown_callbacks
 from callboard.log import get_logger
 
 if TYPE_CHECKING:
     from livekit import api, rtc
+    from livekit import api as lk_api  # the JobContext.api property shadows `api` in the class
+    from livekit.api.access_token import Claims
 
 log = get_logger("job")
 
 PARTICIPANT_DISCONNECT_MESSAGE: Final = "closing agent session due to participant disconnect"
-DEFAULT_PARTICIPANT_KINDS: Final = (5, 3, 0)
+DEFAULT_PARTICIPANT_KINDS: Final = [5, 3, 0]
 """rtc.ParticipantKind CONNECTOR, SIP, STANDARD (the rtc SDK's numbers: livekit.protocol's
 ParticipantInfo.Kind has CONNECTOR = 7): whom `wait_for_participant` waits for by default, as in
 livekit-agents; not other agents, egress or ingress."""
@@ -61,6 +67,8 @@ class RunningJobInfo:
     received_at: float = 0.0
     accepted_at: float = 0.0
     assigned_at: float = 0.0
+    fake_job: bool = False
+    """A job that no server dispatched (livekit-agents' console); callboard never makes one."""
 
 
 class JobProcess:
@@ -133,8 +141,9 @@ class JobRequest:
     def agent_name(self) -> str:
         return self._job.agent_name
 
-    async def reject(self, *, terminate: bool = False) -> None:
-        """Decline; with `terminate=True` the server ends the job instead of offering it on."""
+    async def reject(self, *, terminate: bool = True) -> None:
+        """Decline; with `terminate=True` (the default, as in livekit-agents) the server ends
+        the job instead of offering it to another worker."""
         await self._on_reject(terminate)
 
     async def accept(
@@ -157,6 +166,11 @@ class JobRequest:
 
 
 ShutdownCallback = Callable[[str], Coroutine[None, None, None]]
+ParticipantEntrypoint = Callable[["JobContext", "rtc.RemoteParticipant"], Awaitable[None]]
+NO_AGENT_SESSION: Final = (
+    "no AgentSession in this job: AgentSession runs with livekit-agents' job context, which "
+    "callboard uses when the agent imports livekit.agents (pip install 'callboard[agents]')"
+)
 
 
 @dataclass
@@ -166,7 +180,11 @@ class _ShutdownState:
 
 
 class JobContext:
-    """One running job: its `job` proto, `room`, `proc`, `api`, connection and shutdown."""
+    """One running job: its `job` proto, `room`, `proc`, `api`, connection and shutdown.
+
+    Every public member of livekit-agents' JobContext is here with the same signature. An agent
+    that imports livekit.agents gets livekit-agents' own JobContext instead (see
+    callboard/job/agents_bridge), so AgentSession and the plugins find what they expect."""
 
     def __init__(
         self,
@@ -180,11 +198,19 @@ class JobContext:
         self._inference_executor = inference_executor
         self._shutdown = _ShutdownState()
         self._shutdown_callbacks: list[ShutdownCallback] = []
+        self._participant_entrypoints: list[tuple[ParticipantEntrypoint, Sequence[int] | int]] = []
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._room: rtc.Room | None = None
         self._api: api.LiveKitAPI | None = None
         self._connected = False
         self._connect_lock = asyncio.Lock()
         self._linked_participant: str | None = None
+        self._tempdir: tempfile.TemporaryDirectory[str] | None = None
+        self._log_fields: dict[str, Any] = {
+            "job_id": info.job.id,
+            "room": info.job.room.name,
+            "pid": os.getpid(),
+        }
 
     # -- what the job is ----------------------------------------------------------------------
 
@@ -208,6 +234,9 @@ class JobContext:
     def info(self) -> RunningJobInfo:
         return self._info
 
+    def is_fake_job(self) -> bool:
+        return self._info.fake_job
+
     @property
     def inference_executor(self) -> Any:
         if self._inference_executor is None:
@@ -215,7 +244,23 @@ class JobContext:
         return self._inference_executor
 
     @property
+    def inference_headers(self) -> dict[str, str]:
+        """Extra headers for LiveKit Inference requests (livekit-agents sets some only for
+        simulations, which callboard does not run)."""
+        return {}
+
+    @property
     def log_context_fields(self) -> dict[str, Any]:
+        """Fields added to this job's log records (job_id, room, pid; assignable)."""
+        return self._log_fields
+
+    @log_context_fields.setter
+    def log_context_fields(self, fields: dict[str, Any]) -> None:
+        self._log_fields = fields
+
+    @property
+    def job_fields(self) -> dict[str, Any]:
+        """The ids the job engine logs with (whatever the agent did to log_context_fields)."""
         return {"job_id": self.job.id, "room": self.room_name, "pid": os.getpid()}
 
     @property
@@ -228,6 +273,20 @@ class JobContext:
         return self._room
 
     @property
+    def agent(self) -> rtc.LocalParticipant:
+        return self.room.local_participant
+
+    @property
+    def local_participant_identity(self) -> str:
+        return self.token_claims().identity or self.room.local_participant.identity
+
+    def token_claims(self) -> Claims:
+        """The claims of the job's room token (not verified: the server issued it)."""
+        from livekit import api
+
+        return api.TokenVerifier().verify(self._info.token, verify_signature=False)
+
+    @property
     def api(self) -> api.LiveKitAPI:
         """A LiveKitAPI client for the job's server (credentials from the environment)."""
         if self._api is None:
@@ -236,32 +295,81 @@ class JobContext:
             self._api = api.LiveKitAPI(self._info.url)
         return self._api
 
+    @property
+    def session_directory(self) -> Path:
+        """A per-job temporary directory, removed when the job ends."""
+        if self._tempdir is None:
+            self._tempdir = tempfile.TemporaryDirectory(prefix="callboard-job-")
+        return Path(self._tempdir.name)
+
+    # -- livekit-agents' session, recording and simulation hooks --------------------------------
+
+    @property
+    def primary_session(self) -> Any:
+        raise RuntimeError(NO_AGENT_SESSION)
+
+    def make_session_report(self, session: Any | None = None) -> Any:
+        raise RuntimeError(NO_AGENT_SESSION)
+
+    def init_recording(self, options: Any) -> None:
+        """Recording goes to LiveKit Cloud's observability, which callboard has no link to: the
+        options are checked as livekit-agents checks them, and nothing is recorded."""
+        redaction = self.job.enable_redaction or options.get("redaction", False)
+        if redaction and options.get("audio", True) and not options.get("transcript", True):
+            raise ValueError("audio upload requires transcript upload when redaction is enabled")
+
+    def simulation_context(self) -> Any | None:
+        return None
+
+    @property
+    def tagger(self) -> Any:
+        """livekit-agents' Tagger (tags and outcomes for LiveKit Cloud's session report)."""
+        try:
+            from livekit.agents.observability import Tagger
+        except ImportError:
+            raise RuntimeError(
+                "ctx.tagger needs livekit-agents (pip install 'callboard[agents]')"
+            ) from None
+        if not hasattr(self, "_tagger"):
+            self._tagger = Tagger()
+        return self._tagger
+
     # -- connection ---------------------------------------------------------------------------
 
     async def connect(
         self,
         *,
+        encryption: rtc.E2EEOptions | None = None,
         auto_subscribe: AutoSubscribe = AutoSubscribe.SUBSCRIBE_ALL,
-        rtc_config: Any | None = None,
+        rtc_config: rtc.RtcConfiguration | None = None,
+        single_peer_connection: bool | None = None,
+        e2ee: rtc.E2EEOptions | None = None,
     ) -> None:
-        """Join the room with the assignment's url and token (once, even if called concurrently)."""
-        async with self._connect_lock:
-            if not self._connected:
-                await self._connect(auto_subscribe, rtc_config)
-
-    async def _connect(self, auto_subscribe: AutoSubscribe, rtc_config: Any | None) -> None:
+        """Join the room with the assignment's url and token (once, even if called concurrently).
+        `e2ee` is the deprecated name of `encryption`."""
         from livekit import rtc
 
-        room = self.room
         options = rtc.RoomOptions(
-            auto_subscribe=auto_subscribe == AutoSubscribe.SUBSCRIBE_ALL, rtc_config=rtc_config
+            encryption=encryption or e2ee,
+            auto_subscribe=auto_subscribe == AutoSubscribe.SUBSCRIBE_ALL,
+            rtc_config=rtc_config,
+            single_peer_connection=single_peer_connection,
         )
+        async with self._connect_lock:
+            if not self._connected:
+                await self._connect(options, auto_subscribe)
+
+    async def _connect(self, options: rtc.RoomOptions, auto_subscribe: AutoSubscribe) -> None:
+        room = self.room
         await room.connect(self._info.url, self._info.token, options=options)
         self._connected = True
         _subscribe_by_kind(room, auto_subscribe)
+        room.on("participant_connected", self._participant_available)
         room.on("participant_disconnected", self._on_participant_disconnected)
         room.on("disconnected", self._on_room_disconnected)
-        log.info("connected to room", extra=self.log_context_fields)
+        for p in room.remote_participants.values():
+            self._participant_available(p)
+        log.info("connected to room", extra=self.job_fields)
 
     async def wait_for_participant(
         self,
@@ -274,10 +382,9 @@ class JobContext:
         if not self._connected:
             await self.connect()
         room = self.room
-        kinds = [kind] if isinstance(kind, int) else list(kind)
 
         def wanted(p: rtc.RemoteParticipant) -> bool:
-            return (identity is None or p.identity == identity) and p.kind in kinds
+            return (identity is None or p.identity == identity) and _kind_matches(p, kind)
 
         for p in room.remote_participants.values():
             if wanted(p):
@@ -297,18 +404,113 @@ class JobContext:
         self._linked_participant = self._linked_participant or p.identity
         return p
 
+    def add_participant_entrypoint(
+        self,
+        entrypoint_fnc: ParticipantEntrypoint,
+        *_: Any,
+        kind: Sequence[int] | int = DEFAULT_PARTICIPANT_KINDS,
+    ) -> None:
+        """Run `entrypoint_fnc(ctx, participant)` for every participant of `kind` in the room,
+        those already there and those to come."""
+        if any(fn is entrypoint_fnc for fn, _ in self._participant_entrypoints):
+            raise ValueError("entrypoints cannot be added more than once")
+        self._participant_entrypoints.append((entrypoint_fnc, kind))
+
+    def _participant_available(self, p: rtc.RemoteParticipant) -> None:
+        for fn, kind in self._participant_entrypoints:
+            if _kind_matches(p, kind):
+                name = f"part-entry-{p.identity}-{getattr(fn, '__name__', 'fn')}"
+                self._track(asyncio.ensure_future(fn(self, p)), name)
+
     def _on_participant_disconnected(self, p: rtc.RemoteParticipant) -> None:
         if self._linked_participant is None or p.identity != self._linked_participant:
             return
         reason = _disconnect_reason(p)
         log.info(
             PARTICIPANT_DISCONNECT_MESSAGE,
-            extra={**self.log_context_fields, "participant": p.identity, "reason": reason},
+            extra={**self.job_fields, "participant": p.identity, "reason": reason},
         )
         self.shutdown(f"participant {p.identity} disconnected ({reason})")
 
     def _on_room_disconnected(self, *args: Any) -> None:
         self.shutdown("room disconnected")
+
+    # -- server API shortcuts -----------------------------------------------------------------
+
+    def delete_room(
+        self, room_name: str | None = None
+    ) -> asyncio.Future[lk_api.DeleteRoomResponse]:
+        """Delete the room (this job's by default), which disconnects everyone in it."""
+        from livekit import api
+
+        async def delete() -> api.DeleteRoomResponse:
+            try:
+                req = api.DeleteRoomRequest(room=room_name or self.room_name)
+                return await self.api.room.delete_room(req)
+            except api.TwirpError as e:
+                if e.code != api.TwirpErrorCode.NOT_FOUND:
+                    fields = {**self.job_fields, "error": str(e)}
+                    log.warning("deleting the room failed", extra=fields)
+            return api.DeleteRoomResponse()
+
+        return self._track(asyncio.ensure_future(delete()), "delete_room")
+
+    def add_sip_participant(
+        self,
+        *,
+        call_to: str,
+        trunk_id: str,
+        participant_identity: str,
+        participant_name: str = "SIP-participant",
+    ) -> asyncio.Future[lk_api.SIPParticipantInfo]:
+        """Dial `call_to` through the outbound SIP trunk `trunk_id` into this room."""
+        from livekit import api
+
+        req = api.CreateSIPParticipantRequest(
+            room_name=self.room_name,
+            participant_identity=participant_identity,
+            sip_trunk_id=trunk_id,
+            sip_call_to=call_to,
+            participant_name=participant_name,
+        )
+        return self._track(
+            asyncio.ensure_future(self.api.sip.create_sip_participant(req)), "add_sip_participant"
+        )
+
+    def transfer_sip_participant(
+        self,
+        participant: rtc.RemoteParticipant | str,
+        transfer_to: str,
+        play_dialtone: bool = False,
+    ) -> asyncio.Future[lk_api.SIPParticipantInfo]:
+        """Transfer a SIP participant (or identity) of this room to `transfer_to`."""
+        from livekit import api
+
+        identity = participant if isinstance(participant, str) else participant.identity
+        req = api.TransferSIPParticipantRequest(
+            room_name=self.room_name,
+            participant_identity=identity,
+            transfer_to=transfer_to,
+            play_dialtone=play_dialtone,
+        )
+        return self._track(
+            asyncio.ensure_future(self.api.sip.transfer_sip_participant(req)),
+            "transfer_sip_participant",
+        )
+
+    def _track(self, task: asyncio.Future[Any], name: str) -> asyncio.Future[Any]:
+        """Keep a fire-and-forget task alive and log its failure if nobody awaits it."""
+        self._tasks.add(task)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error(
+                    f"error in {name}", extra={**self.job_fields, "error": repr(t.exception())}
+                )
+
+        task.add_done_callback(done)
+        return task
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -355,6 +557,19 @@ class JobContext:
     def shutdown_callbacks(self) -> list[ShutdownCallback]:
         return list(self._shutdown_callbacks)
 
+    @contextlib.asynccontextmanager
+    async def job_scope(self) -> AsyncIterator[None]:
+        """What surrounds the entrypoint and the shutdown (nothing for callboard's own)."""
+        yield
+
+    async def close_job(self, reason: str, timeout: float) -> None:
+        """After the entrypoint: shutdown callbacks, then leave the room and close clients."""
+        await run_shutdown_callbacks(self._shutdown_callbacks, reason, timeout, self.job_fields)
+        for task in list(self._tasks):
+            task.cancel()
+        async with asyncio.timeout(timeout):
+            await self.aclose()
+
     async def aclose(self) -> None:
         """Leave the room and close the API client (after the shutdown callbacks)."""
         if self._room is not None and self._connected:
@@ -362,6 +577,12 @@ class JobContext:
             self._connected = False
         if self._api is not None:
             await self._api.aclose()
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+
+
+def _kind_matches(p: rtc.RemoteParticipant, kind: Sequence[int] | int) -> bool:
+    return p.kind == kind if isinstance(kind, int) else p.kind in kind
 
 
 def _subscribe_by_kind(room: rtc.Room, auto_subscribe: AutoSubscribe) -> None:

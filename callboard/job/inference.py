@@ -1,7 +1,9 @@
 """Shared inference: one process holds the models every job uses (e.g. end-of-turn detection);
 jobs call `ctx.inference_executor.do_inference(method, data)`.
 
-Runners register by method name (`InferenceRunner.register_runner`, as in livekit-agents).
+Runners register by method name (`InferenceRunner.register_runner`, as in livekit-agents);
+the runners livekit-agents' plugins register (`_InferenceRunner.registered_runners`, e.g. the
+turn detector's) are served the same way when the agent imported livekit.agents.
 Under the PROCESS executor the zygote forks one inference process that listens on an abstract
 Unix socket named after the zygote's pid; job processes (its siblings) connect on first use.
 Under the THREAD executor runners are called in-process on a worker thread.
@@ -13,11 +15,12 @@ import asyncio
 import itertools
 import os
 import socket
+import sys
 import threading
 import traceback
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from callboard.job import ipc
 from callboard.log import get_logger
@@ -27,8 +30,12 @@ log = get_logger("job.inference")
 INFERENCE_THREADS: Final = 2
 
 
-class InferenceError(Exception):
-    """An inference call failed (unknown method, runner error, inference process gone)."""
+LIVEKIT_RUNNERS_MODULE: Final = "livekit.agents.inference_runner"
+
+
+class InferenceError(RuntimeError):
+    """An inference call failed (unknown method, runner error, inference process gone); a
+    RuntimeError, as livekit-agents raises for a failed inference."""
 
 
 class InferenceRunner(ABC):
@@ -64,8 +71,22 @@ def socket_name(zygote_pid: int) -> str:
     return f"\0callboard-inference-{zygote_pid}"
 
 
-def initialize_runners() -> dict[str, InferenceRunner]:
-    runners = {m: cls() for m, cls in InferenceRunner.registered_runners.items()}
+def registered_runners() -> dict[str, type[Any]]:
+    """Every runner to host: callboard's and, if the agent imported livekit.agents, those its
+    plugins registered with livekit-agents (looked up, never imported, from here)."""
+    runners: dict[str, type[Any]] = dict(InferenceRunner.registered_runners)
+    theirs = sys.modules.get(LIVEKIT_RUNNERS_MODULE)
+    if theirs is not None:
+        for method, cls in theirs._InferenceRunner.registered_runners.items():
+            if method in runners:
+                raise ValueError(f"an inference runner for {method!r} is registered twice")
+            runners[method] = cls
+    return runners
+
+
+def initialize_runners() -> dict[str, Any]:
+    """Instantiate and initialize every registered runner (in the inference process)."""
+    runners = {m: cls() for m, cls in registered_runners().items()}
     for runner in runners.values():
         runner.initialize()
     return runners
@@ -74,7 +95,7 @@ def initialize_runners() -> dict[str, InferenceRunner]:
 class LocalInference:
     """THREAD executor flavour: runners live in the worker process."""
 
-    def __init__(self, runners: dict[str, InferenceRunner]) -> None:
+    def __init__(self, runners: dict[str, Any]) -> None:
         self._runners = runners
         self._pool = ThreadPoolExecutor(INFERENCE_THREADS, thread_name_prefix="inference")
 
@@ -144,7 +165,7 @@ def inference_main(zygote_pid: int) -> int:
     return asyncio.run(_serve(socket_name(zygote_pid), runners))
 
 
-async def _serve(address: str, runners: dict[str, InferenceRunner]) -> int:
+async def _serve(address: str, runners: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(INFERENCE_THREADS, thread_name_prefix="inference")
 

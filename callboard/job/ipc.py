@@ -133,6 +133,8 @@ class ZygoteConfig(Message):
     shutdown_timeout: float
     start_method: str = "fork"
     """"fork" (from the zygote, milliseconds) or "spawn" (a fresh interpreter per process)."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Environment variables set for the zygote and every process it starts."""
 
 
 @register(21)

@@ -10,18 +10,45 @@ from __future__ import annotations
 
 import asyncio
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from livekit.protocol import agent
 
-from callboard.job.context import JobContext
 from callboard.log import get_logger
 
 log = get_logger("job")
 
-Entrypoint = Callable[[JobContext], Awaitable[None]]
+Entrypoint = Callable[[Any], Awaitable[None]]
+
+
+class RunnableJob(Protocol):
+    """What run_job drives: callboard's JobContext, or livekit-agents' through the bridge."""
+
+    @property
+    def job_fields(self) -> dict[str, Any]:
+        """job_id, room, pid: what the job engine's log lines carry."""
+        ...
+
+    @property
+    def shutdown_requested(self) -> asyncio.Event: ...
+
+    @property
+    def shutdown_reason(self) -> str: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    def shutdown(self, reason: str = ...) -> None: ...
+
+    def job_scope(self) -> AbstractAsyncContextManager[None]:
+        """Entered before the entrypoint starts, left after the job is closed."""
+        ...
+
+    async def close_job(self, reason: str, timeout: float) -> None:
+        """Everything after the entrypoint: sessions, callbacks, the room, clients."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +74,24 @@ def failed(error: str) -> JobOutcome:
     return JobOutcome(agent.JS_FAILED, error)
 
 
-async def run_job(ctx: JobContext, entrypoint: Entrypoint, shutdown_timeout: float) -> JobOutcome:
+async def run_job(ctx: RunnableJob, entrypoint: Entrypoint, shutdown_timeout: float) -> JobOutcome:
     """Drive `entrypoint(ctx)` to its one outcome."""
-    fields = ctx.log_context_fields
+    async with ctx.job_scope():
+        outcome, reason = await _run_entrypoint(ctx, entrypoint, shutdown_timeout)
+        try:
+            await ctx.close_job(reason, shutdown_timeout)
+        except Exception as e:
+            fields = {**ctx.job_fields, "error": repr(e)}
+            log.warning("closing the job context failed", extra=fields)
+    return outcome
+
+
+async def _run_entrypoint(
+    ctx: RunnableJob, entrypoint: Entrypoint, shutdown_timeout: float
+) -> tuple[JobOutcome, str]:
+    """The entrypoint's outcome, once it has returned (and a job that joined its room has been
+    asked to shut down), or once a shutdown cancelled it; and the shutdown reason."""
+    fields = ctx.job_fields
     entry: asyncio.Future[None] = asyncio.ensure_future(entrypoint(ctx))
     stop: asyncio.Future[Any] = asyncio.ensure_future(ctx.shutdown_requested.wait())
     outcome = SUCCESS
@@ -72,13 +114,7 @@ async def run_job(ctx: JobContext, entrypoint: Entrypoint, shutdown_timeout: flo
     finally:
         stop.cancel()
     reason = ctx.shutdown_reason or ("entrypoint failed" if not outcome.ok else "job finished")
-    await _run_shutdown_callbacks(ctx, reason, shutdown_timeout)
-    try:
-        async with asyncio.timeout(shutdown_timeout):
-            await ctx.aclose()
-    except Exception as e:
-        log.warning("closing the job context failed", extra={**fields, "error": repr(e)})
-    return outcome
+    return outcome, reason
 
 
 def _entry_outcome(entry: asyncio.Future[None], fields: dict[str, object]) -> JobOutcome:
@@ -95,24 +131,25 @@ def _entry_outcome(entry: asyncio.Future[None], fields: dict[str, object]) -> Jo
     return failed(f"entrypoint raised {type(exc).__name__}: {exc}")
 
 
-async def _run_shutdown_callbacks(ctx: JobContext, reason: str, timeout: float) -> None:
-    callbacks = ctx.shutdown_callbacks
-    if not callbacks:
+async def run_shutdown_callbacks(
+    callbacks: Iterable[Callable[[str], Coroutine[None, None, None]]],
+    reason: str,
+    timeout: float,
+    fields: dict[str, Any],
+) -> None:
+    """Run the job's shutdown callbacks together, each given the reason, within `timeout`."""
+    pending = [cb(reason) for cb in callbacks]
+    if not pending:
         return
     try:
         async with asyncio.timeout(timeout):
-            results = await asyncio.gather(
-                *(cb(reason) for cb in callbacks), return_exceptions=True
-            )
+            results = await asyncio.gather(*pending, return_exceptions=True)
     except TimeoutError:
         log.warning(
             "shutdown callbacks did not finish in time, abandoning them",
-            extra={**ctx.log_context_fields, "timeout_s": timeout},
+            extra={**fields, "timeout_s": timeout},
         )
         return
     for res in results:
         if isinstance(res, BaseException):
-            log.error(
-                "shutdown callback raised",
-                extra={**ctx.log_context_fields, "error": repr(res)},
-            )
+            log.error("shutdown callback raised", extra={**fields, "error": repr(res)})

@@ -11,9 +11,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from callboard.job.context import JobContext, JobExecutorType, JobProcess, RunningJobInfo
-from callboard.job.inference import InferenceRunner, LocalInference, initialize_runners
-from callboard.job.runner import Entrypoint, JobOutcome, failed, run_job
+from callboard.job.context import JobExecutorType, JobProcess, RunningJobInfo
+from callboard.job.flavour import new_job_context, new_job_process
+from callboard.job.inference import LocalInference, initialize_runners, registered_runners
+from callboard.job.runner import Entrypoint, JobOutcome, RunnableJob, failed, run_job
 from callboard.log import get_logger
 
 log = get_logger("job.thread")
@@ -36,7 +37,7 @@ class ThreadJob:
         self._prewarm = prewarm
         self._shutdown_timeout = shutdown_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ctx: JobContext | None = None
+        self._ctx: RunnableJob | None = None
         self._lock = threading.Lock()
         self._pending_stop: str | None = None
         self._owner = asyncio.get_running_loop()
@@ -49,6 +50,10 @@ class ThreadJob:
 
     @property
     def pid(self) -> int | None:
+        return None
+
+    @property
+    def memory_mb(self) -> float | None:
         return None
 
     def start(self) -> None:
@@ -67,18 +72,18 @@ class ThreadJob:
 
     async def _run(self) -> JobOutcome:
         self._loop = asyncio.get_running_loop()
-        proc = JobProcess(executor_type=JobExecutorType.THREAD)
+        proc = new_job_process(JobExecutorType.THREAD)
         try:
             self._prewarm(proc)
         except Exception as e:
             log.exception("prewarm failed", extra={"job_id": self._info.job.id})
             return failed(f"prewarm raised {type(e).__name__}: {e}")
-        ctx = JobContext(proc=proc, info=self._info, inference_executor=self._inference)
+        ctx = new_job_context(proc, self._info, self._inference)
         with self._lock:
             self._ctx = ctx
             if self._pending_stop is not None:
                 ctx.shutdown(self._pending_stop)
-        return await run_job(self._ctx, self._entrypoint, self._shutdown_timeout)
+        return await run_job(ctx, self._entrypoint, self._shutdown_timeout)
 
     def terminate(self, reason: str) -> None:
         with self._lock:
@@ -113,7 +118,7 @@ class ThreadExecutor:
 
     async def start(self) -> None:
         """Initialize the registered inference runners (in this process), if any."""
-        if InferenceRunner.registered_runners:
+        if registered_runners():
             runners = await asyncio.get_running_loop().run_in_executor(None, initialize_runners)
             self._inference = LocalInference(runners)
 
@@ -134,6 +139,9 @@ class ThreadExecutor:
         return None
 
     def process_pids(self) -> list[int]:
+        return []
+
+    def shared_pids(self) -> list[int]:
         return []
 
     @property

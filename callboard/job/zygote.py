@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from callboard.job import ipc
 from callboard.job.child import ChildSpec, after_fork, child_main, prepare_for_forks, rehearse
-from callboard.job.inference import InferenceRunner, inference_main
+from callboard.job.inference import inference_main, registered_runners
 
 EXIT_BOOT_FAILED: Final = 5
 """The agent module (or a preload) failed to import: respawning would fail the same way."""
@@ -86,7 +86,7 @@ class Zygote:
             error = f"agent import failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
             ipc.send_blocking(self._control, ipc.ZygoteReady(os.getpid(), error))
             return EXIT_BOOT_FAILED
-        methods = tuple(sorted(InferenceRunner.registered_runners))
+        methods = tuple(sorted(registered_runners()))
         ipc.send_blocking(self._control, ipc.ZygoteReady(os.getpid(), "", methods))
         return 0
 

@@ -27,11 +27,11 @@ class ZygoteError(Exception):
 SINGLE_THREAD_ENV: Final = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def zygote_env() -> dict[str, str]:
-    """The worker's environment, with numeric libraries held to one thread (unless the user
-    chose otherwise): the zygote must be single-threaded when it forks, and one job process
-    needs no BLAS thread pool of its own."""
-    env = dict(os.environ)
+def zygote_env(extra: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+    """The worker's environment plus `extra`, with numeric libraries held to one thread (unless
+    the user chose otherwise): the zygote must be single-threaded when it forks, and one job
+    process needs no BLAS thread pool of its own."""
+    env = {**os.environ, **dict(extra)}
     for name in SINGLE_THREAD_ENV:
         env.setdefault(name, "1")
     return env
@@ -62,7 +62,7 @@ class ZygoteClient:
             "callboard.job.zygote",
             str(theirs.fileno()),
             pass_fds=(theirs.fileno(),),
-            env=zygote_env(),
+            env=zygote_env(self._config.env),
         )
         theirs.close()
         self._control = ours

@@ -19,6 +19,11 @@ from callboard.server.dispatch import DispatchEngine
 from callboard.server.ids import new_id
 from callboard.server.rooms import RoomRegistry
 from callboard.server.rtc.signal import RtcEndpoint
+from callboard.server.sip.config import SipConfig
+from callboard.server.sip.gateway import SipGateway
+from callboard.server.sip.room_media import RoomMediaRooms
+from callboard.server.sip.service import SipService
+from callboard.server.sip.store import SipStore
 from callboard.server.twirp import TwirpRouter
 
 log = get_logger("server")
@@ -70,6 +75,11 @@ class EmbeddedServer:
         self.keys = KeyStore(config.effective_keys, config.token_leeway)
         self.engine = DispatchEngine(self.keys, config)
         self.rooms = RoomRegistry(self.engine)
+        self.sip_store = SipStore()
+        self.sip: SipGateway | None = None
+        if config.sip_port is not None:
+            sip_config = SipConfig(host=config.host, port=config.sip_port)
+            self.sip = SipGateway(sip_config, self.sip_store, RoomMediaRooms(self.rooms))
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -99,6 +109,7 @@ class EmbeddedServer:
         app.router.add_get("/", self._health)
         router = TwirpRouter(self.keys)
         self.rooms.install(router)
+        SipService(self.sip_store, self.sip).install(router)
         router.install(app)
         return app
 
@@ -129,6 +140,8 @@ class EmbeddedServer:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self._port = sockets[0].getsockname()[1] if sockets else self.config.port
+        if self.sip is not None:
+            await self.sip.start()
         self._sweeper = asyncio.get_running_loop().create_task(
             self.rooms.sweep_task(), name="room-sweeper"
         )
@@ -144,6 +157,8 @@ class EmbeddedServer:
         runner, self._runner = self._runner, None
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.sip is not None:
+            await self.sip.aclose()
         await self.engine.aclose()
         await runner.cleanup()
         log.info("server stopped", extra={"node_id": self.node_id})

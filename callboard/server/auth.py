@@ -83,6 +83,8 @@ class Grants:
     attributes: Mapping[str, str] = field(default_factory=dict)
     kind: str = ""
     """The participant kind claim (`agent`, `sip`, `ingress`, ...); empty means standard."""
+    sip: Mapping[str, Any] = field(default_factory=dict)
+    """The `sip` claim: `admin` (manage trunks and rules), `call` (dial out, transfer)."""
 
     def has(self, grant: str) -> bool:
         return bool(self.video.get(grant))
@@ -100,6 +102,9 @@ def grants_from_claims(api_key: str, claims: Mapping[str, Any]) -> Grants:
     attributes = claims.get("attributes") or {}
     if not isinstance(attributes, dict):
         raise AuthError("invalid token: 'attributes' must be an object")
+    sip = claims.get("sip") or {}
+    if not isinstance(sip, dict):
+        raise AuthError("invalid token: 'sip' grant must be an object")
     return Grants(
         api_key=api_key,
         identity=str(claims.get("sub", "")),
@@ -108,6 +113,7 @@ def grants_from_claims(api_key: str, claims: Mapping[str, Any]) -> Grants:
         metadata=str(claims.get("metadata", "")),
         attributes={str(k): str(v) for k, v in attributes.items()},
         kind=str(claims.get("kind", "")),
+        sip=sip,
     )
 
 

@@ -158,6 +158,12 @@ class RoomRegistry:
         self._open_room(req)
         return self._rooms[req.name].info
 
+    def ensure_room(self, req: room.CreateRoomRequest) -> models.Room:
+        """The room `req` names, opened with its config's dispatches if it does not exist yet
+        (how a SIP call's dispatch rule creates the caller's room)."""
+        existing = self._rooms.get(req.name)
+        return (existing or self._open_room(req)).info
+
     def _open_room(self, req: room.CreateRoomRequest) -> RoomState:
         """Create the room and its dispatches: its config's agents, or the automatic one."""
         state = self._new_room(req)

@@ -13,22 +13,20 @@ import gc
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Final
 
-from livekit.protocol import agent
+from livekit.protocol import agent, models
 
-from callboard.job.context import JobAcceptArguments, JobExecutorType, RunningJobInfo
-from callboard.job.executor import JobExecutor, RunningJob
+from callboard.job.executor import JobExecutor
 from callboard.job.runner import JobOutcome, failed
-from callboard.job.thread import ThreadExecutor
 from callboard.log import get_logger, redact_secret
 from callboard.version import __version__
 from callboard.worker.availability import Offer
 from callboard.worker.connection import Connection, Registration
 from callboard.worker.errors import ConnectionGiveUp, WorkerStartError
-from callboard.worker.load import LoadTracker
+from callboard.worker.executors import build_executor
+from callboard.worker.jobs import ActiveJob, RunningJobs
+from callboard.worker.load import LoadTracker, budgets_for
 from callboard.worker.metrics import WorkerMetrics
 from callboard.worker.options import (
     LOAD_SAMPLE_INTERVAL_S,
@@ -36,6 +34,8 @@ from callboard.worker.options import (
     ResolvedOptions,
     WorkerOptions,
 )
+from callboard.worker.status import StatusReporter, WorkerState
+from callboard.worker.warm_pool import Demand, idle_target
 
 log = get_logger("worker")
 
@@ -43,34 +43,6 @@ FINAL_STATUS_FLUSH_S: Final = 5.0
 TERMINAL: Final = frozenset({agent.JS_SUCCESS, agent.JS_FAILED})
 TASK_STOP_TIMEOUT_S: Final = 5.0
 """How long aclose() waits for its cancelled tasks (connection, status, load, watchers)."""
-
-
-def idle_target(default_idle: int, draining: bool, max_jobs: int, busy: int) -> int:
-    """How many prewarmed processes to keep: none while draining, never more than the job cap
-    leaves room for, else the configured pool size."""
-    if draining:
-        return 0
-    if max_jobs:
-        return min(default_idle, max(0, max_jobs - busy))
-    return default_idle
-
-
-class WorkerState(Enum):
-    STARTING = "starting"
-    CONNECTING = "connecting"
-    AVAILABLE = "available"
-    FULL = "full"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-
-
-@dataclass(eq=False)
-class ActiveJob:
-    info: RunningJobInfo
-    handle: RunningJob
-    started_at: float
-    outcome: JobOutcome | None = None
-    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 class Worker:
@@ -87,21 +59,27 @@ class Worker:
         self._r: ResolvedOptions = opts.resolve(devmode)
         self._opts = self._r.opts
         self._register = register
-        self._executor = executor or self._default_executor()
+        self._executor = executor or build_executor(self._r)
         self._conn = Connection(
             self._r, self._on_registered, self._on_server_message, self._on_disconnected
         )
         self.metrics = WorkerMetrics()
-        self._jobs: dict[str, ActiveJob] = {}
+        self._running = RunningJobs(self)
+        self._jobs = self._running.active
         self._offers: dict[str, Offer] = {}
-        self._stop_on_start: set[str] = set()
-        """Assigned jobs the server terminated while they were still launching."""
-        self._reported: tuple[int, int] | None = None
-        """(status, job_count) of the last UpdateWorkerStatus sent."""
-        self._load = LoadTracker(self._opts.load_fnc, self, LOAD_SAMPLE_INTERVAL_S, LOAD_SAMPLES)
+        self._status = StatusReporter(self)
+        self._load = LoadTracker(
+            self._opts.load_fnc,
+            self,
+            LOAD_SAMPLE_INTERVAL_S,
+            LOAD_SAMPLES,
+            budgets_for(self._r),
+            self._opts.initial_job_cost,
+            own_tree=self._opts.cpu_budget is not None,
+        )
+        self._demand = Demand(self._opts.idle_processes_window)
         self._state = WorkerState.STARTING
         self._draining = False
-        self._status_changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -110,18 +88,8 @@ class Worker:
         self._region = ""
         self._gave_up: str | None = None
         self.http_port = 0
-        self._first_end: asyncio.Future[JobOutcome] | None = None
-
-    def _default_executor(self) -> JobExecutor:
-        if self._opts.job_executor_type == JobExecutorType.THREAD:
-            return ThreadExecutor(
-                self._opts.entrypoint_fnc,
-                self._opts.prewarm_fnc,
-                self._opts.shutdown_process_timeout,
-            )
-        from callboard.job.pool import ProcessExecutor
-
-        return ProcessExecutor.from_options(self._r)
+        self.started = asyncio.Event()
+        """Set once the executor and the HTTP server are up."""
 
     # -- read-only views (HTTP, metrics, tests) -----------------------------------------------
 
@@ -165,7 +133,12 @@ class Worker:
     @property
     def load(self) -> float:
         """Effective load: measured plus reservations for jobs the measure cannot see yet."""
-        return self._load.effective(len(self._offers), len(self._jobs))
+        return self._load.effective(len(self._offers))
+
+    @property
+    def admission(self) -> LoadTracker:
+        """The load, the learned job cost and the capacity (read-only use)."""
+        return self._load
 
     def capacity_problem_for_accept(self) -> str | None:
         """Why an offer that reserved its slot may no longer be accepted (only a drain)."""
@@ -175,18 +148,15 @@ class Worker:
         """Why a new offer must be refused right now, or None."""
         if self._draining:
             return "worker is draining"
-        if self._opts.max_jobs and len(self._jobs) + len(self._offers) >= self._opts.max_jobs:
-            return f"at the job cap (max_jobs={self._opts.max_jobs})"
-        threshold = self._r.load_threshold
-        if not math.isinf(threshold) and self.load >= threshold:
-            return f"load {self.load:.2f} >= load_threshold {threshold:g}"
-        return None
+        return self._load.problem(len(self._offers))
 
     async def wait_first_job_end(self) -> JobOutcome:
         """The outcome of the first job that ends (used by `connect`)."""
-        if self._first_end is None:
-            self._first_end = asyncio.get_running_loop().create_future()
-        return await self._first_end
+        return await self._running.wait_first_end()
+
+    @property
+    def ws_url(self) -> str:
+        return self._r.ws_url
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -201,12 +171,15 @@ class Worker:
             await self._start_executor()
             await http.start()
             _collect_startup_garbage()
+            self._load.set_shared_pids(self._executor.shared_pids())
             self._load.start()
-            self._spawn(self._status_task(), "worker-status")
-            self._spawn(self._load_task(), "worker-load")
+            self._load.log_capacity(self.log_fields())
+            self.spawn(self._status.run(self._opts.status_interval), "worker-status")
+            self.spawn(self._load_task(), "worker-load")
             if self._register:
-                self._spawn(self._connection_task(), "worker-connection")
+                self.spawn(self._connection_task(), "worker-connection")
             self._state = WorkerState.CONNECTING
+            self.started.set()
             await self._stop.wait()
         finally:
             await self.aclose()
@@ -218,17 +191,17 @@ class Worker:
         try:
             await self._executor.start()
         except Exception as e:
-            log.error("the job executor could not start", extra=self._fields(error=str(e)))
+            log.error("the job executor could not start", extra=self.log_fields(error=str(e)))
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise WorkerStartError(f"the job executor could not start: {first_line}") from e
 
     def request_shutdown(self, fast: bool = False) -> None:
         """Begin an orderly stop: drain (fast: terminate jobs now). Safe from signal handlers."""
-        self._spawn(self._shutdown(fast), "worker-shutdown")
+        self.spawn(self._shutdown(fast), "worker-shutdown")
 
     async def _shutdown(self, fast: bool) -> None:
         if fast:
-            log.warning("fast shutdown requested: terminating running jobs", extra=self._fields())
+            log.warning("fast shutdown: terminating running jobs", extra=self.log_fields())
             await self._terminate_all("worker shutting down")
         else:
             await self.drain(self._opts.drain_timeout)
@@ -239,8 +212,8 @@ class Worker:
         if not self._draining:
             self._draining = True
             self._state = WorkerState.DRAINING
-            log.info("draining worker", extra={**self._fields(), "timeout": timeout})
-            self._send_status()
+            log.info("draining worker", extra={**self.log_fields(), "timeout": timeout})
+            self._status.send()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         # Re-read what is in flight after each change: an accepted offer becomes a job.
@@ -249,7 +222,7 @@ class Worker:
             if remaining is not None and remaining <= 0:
                 log.warning(
                     "drain timed out, terminating the jobs still running",
-                    extra={**self._fields(), "jobs": list(self._jobs), "timeout": timeout},
+                    extra={**self.log_fields(), "jobs": list(self._jobs), "timeout": timeout},
                 )
                 await self._terminate_all("drain timed out")
                 return
@@ -257,19 +230,14 @@ class Worker:
 
     def _in_flight(self) -> list[asyncio.Task[None]]:
         """Tasks that end when every running job and every pending offer is over."""
-        waits = [j.watcher for j in self._jobs.values() if j.watcher is not None]
+        waits = self._running.watchers()
         waits += [o.task for o in self._offers.values() if o.task is not None]
         return [t for t in waits if not t.done()]
 
     async def _terminate_all(self, reason: str) -> None:
         for offer in list(self._offers.values()):
             offer.cancel(refuse=True)
-        jobs = list(self._jobs.values())
-        for job in jobs:
-            job.handle.terminate(reason)
-        watchers = [j.watcher for j in jobs if j.watcher is not None]
-        if watchers:
-            await asyncio.wait(watchers)
+        await self._running.terminate_all(reason)
 
     async def aclose(self) -> None:
         """Close: terminate what still runs, flush final statuses, stop every task."""
@@ -287,7 +255,7 @@ class Worker:
         self._load.stop()
         self._state = WorkerState.STOPPED
         self._stop.set()
-        log.info("worker stopped", extra=self._fields())
+        log.info("worker stopped", extra=self.log_fields())
 
     async def _cancel_tasks(self) -> None:
         """Cancel every task of ours but the caller; a task that will not stop is logged and
@@ -301,16 +269,17 @@ class Worker:
         if stuck:
             log.error(
                 "tasks did not stop when cancelled; closing without them",
-                extra=self._fields(tasks=sorted(t.get_name() for t in stuck)),
+                extra=self.log_fields(tasks=sorted(t.get_name() for t in stuck)),
             )
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Run `coro` as one of the worker's tasks (cancelled by aclose)."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _fields(self, **more: Any) -> dict[str, Any]:
+    def log_fields(self, **more: Any) -> dict[str, Any]:
         return {"worker_id": self._worker_id, "agent_name": self._r.agent_name, **more}
 
     # -- connection ---------------------------------------------------------------------------
@@ -320,12 +289,12 @@ class Worker:
             await self._conn.run()
         except Exception as e:
             if not isinstance(e, ConnectionGiveUp):
-                log.exception("the server connection failed", extra=self._fields())
+                log.exception("the server connection failed", extra=self.log_fields())
                 e = ConnectionGiveUp(f"the server connection failed: {e!r}")
             self._gave_up = str(e)
             log.error(
                 "giving up on the server: draining and exiting",
-                extra={**self._fields(), "reason": str(e)},
+                extra={**self.log_fields(), "reason": str(e)},
             )
             await self.drain(self._opts.drain_timeout)
             self._stop.set()
@@ -349,9 +318,9 @@ class Worker:
         if reg.reconnect and ours:
             migrate = agent.MigrateJobRequest(job_ids=ours)
             first.append(agent.WorkerMessage(migrate_job=migrate))
-            log.info("migrating running jobs", extra=self._fields(jobs=ours))
-        first.append(self._status_message())
-        self._update_state()
+            log.info("migrating running jobs", extra=self.log_fields(jobs=ours))
+        first.append(self._status.message())
+        self.update_state()
         return first
 
     def _owned_job_ids(self) -> list[str]:
@@ -369,7 +338,7 @@ class Worker:
     def _on_disconnected(self, reason: str) -> None:
         for offer in list(self._offers.values()):
             offer.server_lost()
-        self._update_state()
+        self.update_state()
 
     def _on_server_message(self, msg: agent.ServerMessage) -> None:
         which = msg.WhichOneof("message")
@@ -382,7 +351,7 @@ class Worker:
         elif which == "pong":
             return
         else:
-            log.debug("ignored server message", extra=self._fields(message=which))
+            log.debug("ignored server message", extra=self.log_fields(message=which))
 
     # -- offers and assignments ---------------------------------------------------------------
 
@@ -390,148 +359,80 @@ class Worker:
         job = req.job
         log.info(
             "received job request",
-            extra=self._fields(job_id=job.id, room_name=job.room.name, room=job.room.name),
+            extra=self.log_fields(job_id=job.id, room_name=job.room.name, room=job.room.name),
         )
+        received = time.monotonic()
         self.metrics.offers.inc()
         problem = self.capacity_problem()
         if problem is not None or job.id in self._offers or job.id in self._jobs:
             why = problem or "duplicate offer for a job already offered or running"
-            log.info("rejecting job", extra=self._fields(job_id=job.id, reason=why))
-            self._answer(agent.AvailabilityResponse(job_id=job.id, available=False))
+            log.info("rejecting job", extra=self.log_fields(job_id=job.id, reason=why))
+            self.send_answer(agent.AvailabilityResponse(job_id=job.id, available=False), received)
             return
-        offer = Offer(self, job)
+        offer = Offer(self, job, received)
         self._offers[job.id] = offer
-        offer.task = self._spawn(offer.run(), f"offer-{job.id}")
-        self._update_state()
-
-    def _answer(self, resp: agent.AvailabilityResponse) -> None:
-        self._conn.send(agent.WorkerMessage(availability=resp))
+        self._demand.admitted(received)
+        offer.task = self.spawn(offer.run(), f"offer-{job.id}")
+        self.update_state()
 
     def offer_finished(self, job_id: str) -> None:
         self._offers.pop(job_id, None)
-        self._update_state()
+        self.update_state()
 
     def _on_assignment(self, assignment: agent.JobAssignment) -> None:
         offer = self._offers.get(assignment.job.id)
         if offer is None or not offer.assign(assignment):
             log.warning(
                 "assignment for a job this worker did not accept, reporting it failed",
-                extra=self._fields(job_id=assignment.job.id),
+                extra=self.log_fields(job_id=assignment.job.id),
             )
-            self._report(assignment.job.id, failed("worker had not accepted this job"))
+            self._running.report(assignment.job.id, failed("worker had not accepted this job"))
 
     def _on_termination(self, job_id: str) -> None:
-        job = self._jobs.get(job_id)
-        if job is not None:
-            log.info("job termination requested by the server", extra=self._job_fields(job))
-            job.handle.terminate("terminated by the server")
+        if self._running.terminate(job_id, "terminated by the server"):
             return
         offer = self._offers.get(job_id)
         if offer is not None and offer.assigned:
             log.info(
                 "termination for a job still launching: it stops as soon as it starts",
-                extra=self._fields(job_id=job_id),
+                extra=self.log_fields(job_id=job_id),
             )
-            self._stop_on_start.add(job_id)
+            self._running.stop_on_start.add(job_id)
             return
         if offer is not None:
             offer.cancel()
             return
-        log.info("termination for an unknown job, ignored", extra=self._fields(job_id=job_id))
+        log.info("termination for an unknown job, ignored", extra=self.log_fields(job_id=job_id))
 
-    async def launch(
-        self,
-        args: JobAcceptArguments,
-        assignment: agent.JobAssignment,
-        received_at: float,
-        accepted_at: float,
-    ) -> None:
-        """Start an assigned job through the executor and watch it to its end."""
-        info = RunningJobInfo(
-            accept_arguments=args,
-            job=assignment.job,
-            url=assignment.url if assignment.HasField("url") and assignment.url else self._r.ws_url,
-            token=assignment.token,
-            worker_id=self._worker_id,
-            received_at=received_at,
-            accepted_at=accepted_at,
-            assigned_at=time.time(),
-        )
-        job_id = assignment.job.id
-        try:
-            handle = await self._executor.launch(info)
-        except Exception as e:
-            self._stop_on_start.discard(job_id)
-            log.exception("could not launch job", extra=self._fields(job_id=job_id))
-            self._report(job_id, failed(f"launch failed: {e}"))
-            return
-        active = ActiveJob(info=info, handle=handle, started_at=time.time())
-        self._jobs[job_id] = active
-        self._load.job_started(job_id)
-        self.metrics.job_started(time.time() - received_at if received_at else 0.0)
-        self._report_status(job_id, agent.JS_RUNNING)
-        active.watcher = self._spawn(self._watch(active), f"job-{job_id}")
-        if job_id in self._stop_on_start:
-            self._stop_on_start.discard(job_id)
-            handle.terminate("terminated by the server")
-        self._update_state()
+    @property
+    def running(self) -> RunningJobs:
+        """The jobs assigned to this worker, from launch to their reported end."""
+        return self._running
 
-    async def _watch(self, job: ActiveJob) -> None:
-        try:
-            outcome = await job.handle.wait()
-        except Exception as e:
-            outcome = failed(f"job supervision failed: {e!r}")
-        job.outcome = outcome
-        if self._first_end is not None and not self._first_end.done():
-            self._first_end.set_result(outcome)
-        self._jobs.pop(job.info.job.id, None)
-        self._load.job_ended(job.info.job.id)
-        self._report(job.info.job.id, outcome)
+    async def run_local_job(self, room: models.Room, identity: str) -> None:
+        """Run one job for `room` without a dispatch from the server (`connect --room`)."""
+        await self._running.launch_local(room, identity)
+
+    def job_started(self, job_id: str, dispatch_s: float) -> None:
+        self._load.job_started(job_id, self._jobs[job_id].handle)
+        self.metrics.job_started(dispatch_s)
+
+    def job_ended(self, job_id: str, outcome: JobOutcome) -> None:
+        self._load.job_ended(job_id)
         self.metrics.job_ended(outcome)
-        level_ok = outcome.ok
-        (log.info if level_ok else log.warning)(
-            "job ended",
-            extra={**self._job_fields(job), "status": outcome.status_name, "error": outcome.error},
-        )
-        self._update_state()
 
-    def _job_fields(self, job: ActiveJob) -> dict[str, Any]:
-        return self._fields(job_id=job.info.job.id, room=job.info.job.room.name, pid=job.handle.pid)
+    def send(self, msg: agent.WorkerMessage) -> None:
+        """Queue a message for the server (sent in order, kept across a reconnect)."""
+        self._conn.send(msg)
 
-    def _report(self, job_id: str, outcome: JobOutcome) -> None:
-        self._report_status(job_id, outcome.status, outcome.error)
+    def send_answer(self, resp: agent.AvailabilityResponse, received: float) -> None:
+        """Answer an offer received at `received` (time.monotonic()), timed in the metrics."""
+        self._conn.send(agent.WorkerMessage(availability=resp))
+        self.metrics.answered(resp.available, time.monotonic() - received)
 
-    def _report_status(self, job_id: str, status: int, error: str = "") -> None:
-        upd = agent.UpdateJobStatus(job_id=job_id, status=status, error=error)  # type: ignore[arg-type]
-        self._conn.send(agent.WorkerMessage(update_job=upd))
+    # -- state and load -----------------------------------------------------------------------
 
-    def send_answer(self, resp: agent.AvailabilityResponse) -> None:
-        self._answer(resp)
-
-    # -- status and load ----------------------------------------------------------------------
-
-    def _status_now(self) -> tuple[int, int]:
-        """(status, job_count) as the server should see them now."""
-        full = self.capacity_problem() is not None
-        return (agent.WS_FULL if full else agent.WS_AVAILABLE), len(self._jobs)
-
-    def _status_message(self) -> agent.WorkerMessage:
-        """The UpdateWorkerStatus to send now; remembered as the last one reported."""
-        status, job_count = self._status_now()
-        self._reported = (status, job_count)
-        upd = agent.UpdateWorkerStatus(
-            status=status,  # type: ignore[arg-type]
-            load=self.load,
-            job_count=job_count,
-            draining=self._draining,
-        )
-        return agent.WorkerMessage(update_worker=upd)
-
-    def _send_status(self) -> None:
-        if self.registered:
-            self._conn.send(self._status_message())
-
-    def _update_state(self) -> None:
+    def update_state(self) -> None:
         """Recompute AVAILABLE/FULL and log a transition; when the status or the job count
         differs from what the server last heard, tell it at once (not at the next tick)."""
         if self._draining:
@@ -544,35 +445,26 @@ class Worker:
             old, self._state = self._state, new
             log.info(
                 "worker state changed",
-                extra=self._fields(**{"from": old.value, "to": new.value, "jobs": len(self._jobs)}),
+                extra=self.log_fields(
+                    **{"from": old.value, "to": new.value, "jobs": len(self._jobs)}
+                ),
             )
-        if self.registered and self._reported != self._status_now():
-            self._status_changed.set()
-        self._executor.set_idle_target(
-            idle_target(
-                self._r.num_idle_processes,
-                self._draining,
-                self._opts.max_jobs,
-                len(self._jobs) + len(self._offers),
-            )
-        )
-
-    async def _status_task(self) -> None:
-        while True:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands
-            # as the event is set, and this loop would then outlive aclose().
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._opts.status_interval):
-                    await self._status_changed.wait()
-            self._status_changed.clear()
-            self._send_status()
+        self._status.check()
+        capacity = self._load.capacity
+        room = math.inf if capacity is None else capacity - len(self._jobs) - len(self._offers)
+        burst = self._demand.burst(time.monotonic())
+        target = idle_target(self._r.num_idle_processes, burst, room, self._draining)
+        self.metrics.idle_target.set(target)
+        self._executor.set_idle_target(target)
 
     async def _load_task(self) -> None:
         while True:
             await asyncio.sleep(LOAD_SAMPLE_INTERVAL_S)
-            await self._load.sample()
-            self.metrics.load.set(self.load)
-            self._update_state()
+            self._load.set_shared_pids(self._executor.shared_pids())
+            if await self._load.sample():
+                self._load.log_capacity(self.log_fields())
+            self.metrics.sampled(self._load, self.load)
+            self.update_state()
 
 
 def _collect_startup_garbage() -> None:

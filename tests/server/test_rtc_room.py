@@ -41,6 +41,9 @@ class Phone:
     def unsubscribe(self, track_sid: str) -> None:
         self.frames.pop(track_sid, None)
 
+    def on_track_subscribed(self, track_sid: str) -> None:
+        pass
+
     def on_removed(self, reason: int) -> None:
         self.removed.append(reason)
 

@@ -19,6 +19,7 @@ from typing import Any, Final
 import aiohttp
 import psutil
 import pytest
+from livekit import api
 from livekit.protocol import agent
 
 from callboard.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, app_main
@@ -348,25 +349,26 @@ def test_http_port_in_use_exits_1_with_one_line(
 # -- connect --room: one job, then exit -----------------------------------------------------
 
 
-@pytest.mark.parametrize("reject", [False, True], ids=["runs", "refused"])
-async def test_connect_runs_one_job_then_exits(reject: bool) -> None:
-    env = {"CALLBOARD_TEST_JOB_S": "0.2", "CALLBOARD_TEST_REJECT": "1" if reject else "0"}
+@pytest.mark.parametrize("agent_name", [AGENT, ""], ids=["named", "automatic-dispatch"])
+async def test_connect_runs_exactly_one_job_then_exits(agent_name: str) -> None:
+    """As livekit-agents' `connect`: the worker does not register, the room is created, one
+    job runs here (none through the server's dispatch, so no automatic one besides it)."""
+    env = {"CALLBOARD_TEST_JOB_S": "0.2", ENV_AGENT_NAME: agent_name}
     async with (
         run_server(ServerConfig(port=0, keys={KEY: SECRET})) as server,
         control(server, KEY, SECRET) as ctl,
-        agent_process(server, "connect", "--room", "console", **env) as worker,
+        agent_process(server, "connect", "--room", "r1", **env) as worker,
     ):
         code = await worker.wait_exit()
-        job = await ctl.job("console", AGENT)
+        rooms = await ctl.lk.room.list_rooms(api.ListRoomsRequest(names=["r1"]))
+        dispatched = await ctl.jobs("r1")
     errors = [line for line in worker.stderr if line.startswith("callboard: error:")]
-    if reject:
-        assert code == EXIT_FAILURE
-        assert job.state.status == agent.JS_FAILED
-        (line,) = errors
-        assert line.startswith("callboard: error: the job for room 'console' did not run: ")
-    else:
-        assert code == EXIT_OK and errors == []
-        assert job.state.status == agent.JS_SUCCESS
+    assert code == EXIT_OK and errors == []
+    ended = [line for line in worker.stderr if "job ended" in line]
+    assert len(ended) == 1 and "JS_SUCCESS" in ended[0], worker.stderr
+    assert [r.name for r in rooms.rooms] == ["r1"]
+    # the server offered the room's automatic dispatch to nobody: no worker registered
+    assert [j.state.worker_id for j in dispatched if j.state.worker_id] == []
 
 
 async def test_sigkill_of_the_worker_leaves_no_job_process_behind() -> None:

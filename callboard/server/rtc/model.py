@@ -42,6 +42,10 @@ class Member(Protocol):
     def unsubscribe(self, track_sid: str) -> None:
         """Stop receiving `track_sid` (unpublished, its publisher left, or unsubscribed)."""
 
+    def on_track_subscribed(self, track_sid: str) -> None:
+        """This member's track `track_sid` got its first subscriber (livekit's TrackSubscribed,
+        which livekit-agents waits for before speaking)."""
+
     def on_removed(self, reason: int) -> None:
         """The room ends this membership (RemoveParticipant, duplicate identity, room closed)."""
 
@@ -337,8 +341,11 @@ class LiveRoom:
             return
         if not p.info.permission.can_subscribe:
             return
+        first = not pub.sinks
         pub.sinks[p.sid] = p.member.subscribe(pub.publisher.info, pub.info)
         p.subscribed.add(sid)
+        if first:
+            pub.publisher.member.on_track_subscribed(sid)
 
     def _unsubscribe_sid(self, p: Participant, track_sid: str) -> None:
         if track_sid not in p.subscribed:

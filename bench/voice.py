@@ -1,0 +1,241 @@
+"""The voice agent, ours vs livekit-agents 1.8.9, on the real livekit-server: memory of the
+worker's process tree and how fast a dispatched job starts and joins the room.
+
+Both sides run examples/receptionist.py (AgentSession, silero VAD, offline Whisper STT, scripted
+LLM, hibari TTS), ours as it is, theirs with its one import changed back to livekit-agents'
+(bench/agents/<side>_voice_agent.py, the two differing only in their import), each with its
+production defaults (`start`) but for the load (reported 0, never refused). For each side, in
+turn, on a fresh worker that has run one untimed job:
+
+- idle tree PSS: the worker and every process it started (zygote or forkserver, the shared
+  inference process holding Whisper and hibari, the warm pool), settled;
+- dispatch → entrypoint: `time.time()` just before CreateDispatch to the entrypoint's first act;
+- dispatch → agent joined: to the moment a client already in the room sees the agent arrive
+  (`participant_connected`): process start, AgentSession set-up and the WebRTC connection;
+- added USS per running job: tree USS with `--memory-jobs` sessions running (each in its own
+  room, greeting to nobody), minus the idle USS, per job.
+
+WebRTC needs a non-loopback address, so the benchmark first moves into a private network
+namespace (tests/interop/netns.py: root, Linux; nothing leaves the machine) and runs
+livekit-server there (built with Go by the interop tests, cached).
+
+    sudo python -m bench.jobs --voice [--trials 5] [--memory-jobs 3]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from livekit import api, rtc
+
+from bench._side_by_side import (
+    SIDES,
+    AgentProcess,
+    Row,
+    TreeMemory,
+    median,
+    settle,
+    table,
+)
+from tests.interop.livekit_server import API_KEY, API_SECRET, start_server, stop_process
+from tests.interop.netns import MEDIA_IP, enter_private_network
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[1]
+EXAMPLE: Final = REPO_ROOT / "examples" / "receptionist.py"
+OUR_IMPORT: Final = "from callboard import JobContext, JobProcess, WorkerOptions, cli"
+THEIR_IMPORT: Final = "from livekit.agents import JobContext, JobProcess, WorkerOptions, cli"
+REGISTER_TIMEOUT_S: Final = 120.0
+JOIN_TIMEOUT_S: Final = 60.0
+END_WAIT_S: Final = 3.0
+AGENT_IDENTITY_PREFIX: Final = "agent-"
+
+
+def ported_example(workdir: Path) -> Path:
+    """The receptionist with its one callboard import changed back to livekit-agents'."""
+    text = EXAMPLE.read_text()
+    if text.count(OUR_IMPORT) != 1:
+        raise RuntimeError(f"{EXAMPLE} must import from callboard on exactly one line")
+    path = workdir / "receptionist_livekit_agents.py"
+    lines = [THEIR_IMPORT if ln.startswith(OUR_IMPORT) else ln for ln in text.splitlines()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class VoiceResult:
+    idle: TreeMemory | None = None
+    with_jobs: TreeMemory | None = None
+    jobs: int = 0
+    entry_ms: list[float] = field(default_factory=list)
+    joined_ms: list[float] = field(default_factory=list)
+
+    @property
+    def added_uss_mb(self) -> float:
+        if self.idle is None or self.with_jobs is None or not self.jobs:
+            return float("nan")
+        return (self.with_jobs.uss_mb - self.idle.uss_mb) / self.jobs
+
+
+class Watcher:
+    """A client in the room before the agent: when did the agent's participant arrive."""
+
+    def __init__(self) -> None:
+        self.room = rtc.Room()
+        self.agent_joined = asyncio.get_running_loop().create_future()
+
+        @self.room.on("participant_connected")
+        def on_join(p: rtc.RemoteParticipant) -> None:
+            if p.identity.startswith(AGENT_IDENTITY_PREFIX) and not self.agent_joined.done():
+                self.agent_joined.set_result(time.time())
+
+    async def join(self, server_ws: str, room: str) -> None:
+        grants = api.VideoGrants(room_join=True, room=room, can_publish=False)
+        token = (
+            api.AccessToken(API_KEY, API_SECRET)
+            .with_identity(f"watcher-{room}")
+            .with_grants(grants)
+            .to_jwt()
+        )
+        await self.room.connect(server_ws, token)
+
+
+class VoiceBench:
+    def __init__(self, server: Any, workdir: Path, trials: int, memory_jobs: int) -> None:
+        self.server = server
+        self.workdir = workdir
+        self.trials = trials
+        self.memory_jobs = memory_jobs
+        self.examples = {"ours": EXAMPLE, "theirs": ported_example(workdir)}
+        self.results: dict[str, VoiceResult] = {}
+        self._rooms = 0
+
+    async def run(self, lk: api.LiveKitAPI) -> None:
+        for side in SIDES:
+            self.results[side] = await self.measure(lk, side)
+
+    async def measure(self, lk: api.LiveKitAPI, side: str) -> VoiceResult:
+        out = VoiceResult()
+        worker = AgentProcess(
+            side,
+            "start",
+            self.server,
+            f"voice-{side}",
+            self.workdir,
+            script="voice_agent",
+            extra_env={"BENCH_EXAMPLE": str(self.examples[side])},
+        )
+        try:
+            await self.wait_registered(worker)
+            await self.one_call(lk, worker)  # untimed: every figure after a first job
+            await settle(worker)
+            out.idle = worker.memory()
+            for _ in range(self.trials):
+                entry, joined = await self.one_call(lk, worker)
+                out.entry_ms.append(entry * 1000)
+                out.joined_ms.append(joined * 1000)
+                await settle(worker)
+            rooms = [await self.dispatch(lk, worker) for _ in range(self.memory_jobs)]
+            for room, _ in rooms:
+                await self.wait_entry(worker, room)
+            await settle(worker)
+            out.with_jobs, out.jobs = worker.memory(), len(rooms)
+            for room, _ in rooms:
+                await lk.room.delete_room(api.DeleteRoomRequest(room=room))
+        finally:
+            await asyncio.to_thread(worker.stop)
+        return out
+
+    async def wait_registered(self, worker: AgentProcess) -> None:
+        deadline = time.monotonic() + REGISTER_TIMEOUT_S
+        while "registered worker" not in worker.log_path.read_text(errors="replace"):
+            if worker.exited() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{worker.label}: no registration\n{worker.log_tail()}")
+            await asyncio.sleep(0.1)
+        await settle(worker)
+
+    async def dispatch(self, lk: api.LiveKitAPI, worker: AgentProcess) -> tuple[str, float]:
+        self._rooms += 1
+        room = f"voice-{worker.side}-{self._rooms}"
+        await lk.room.create_room(api.CreateRoomRequest(name=room))
+        sent = time.time()
+        await lk.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(agent_name=worker.agent_name, room=room)
+        )
+        return room, sent
+
+    async def wait_entry(self, worker: AgentProcess, room: str) -> float:
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while True:
+            for rec in worker.records():
+                if rec.get("room") == room:
+                    return float(rec["time"])
+            if worker.exited() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{worker.label}: no job in {room}\n{worker.log_tail()}")
+            await asyncio.sleep(0.02)
+
+    async def one_call(self, lk: api.LiveKitAPI, worker: AgentProcess) -> tuple[float, float]:
+        """(dispatch → entrypoint, dispatch → agent joined) in seconds, for one new room."""
+        self._rooms += 1
+        room = f"voice-{worker.side}-{self._rooms}"
+        await lk.room.create_room(api.CreateRoomRequest(name=room))
+        watcher = Watcher()
+        await watcher.join(self.server.ws_url, room)
+        try:
+            sent = time.time()
+            await lk.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(agent_name=worker.agent_name, room=room)
+            )
+            entered = await self.wait_entry(worker, room)
+            joined = await asyncio.wait_for(watcher.agent_joined, JOIN_TIMEOUT_S)
+        finally:
+            await watcher.room.disconnect()
+            await lk.room.delete_room(api.DeleteRoomRequest(room=room))
+        await asyncio.sleep(END_WAIT_S)  # the job ends with its room
+        return entered - sent, joined - sent
+
+    def rows(self) -> list[Row]:
+        o, t = self.results["ours"], self.results["theirs"]
+        assert o.idle and t.idle
+        return [
+            Row("idle tree PSS", o.idle.pss_mb, t.idle.pss_mb, "MB"),
+            Row("added USS per running job", o.added_uss_mb, t.added_uss_mb, "MB"),
+            Row("dispatch → entrypoint (median)", median(o.entry_ms), median(t.entry_ms), "ms"),
+            Row("dispatch → agent joined (median)", median(o.joined_ms), median(t.joined_ms), "ms"),
+        ]
+
+
+async def run_voice(trials: int, memory_jobs: int, json_out: bool) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-voice-"))
+    server = await asyncio.to_thread(start_server, "livekit-server", workdir, MEDIA_IP)
+    try:
+        bench = VoiceBench(server, workdir, trials, memory_jobs)
+        async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
+            await bench.run(lk)
+    finally:
+        stop_process(server.proc)
+    print(f"voice agent (examples/receptionist.py), {trials} calls per side, real livekit-server")
+    print(table(bench.rows()))
+    for side, r in bench.results.items():
+        idle, busy = r.idle, r.with_jobs
+        print(f"{side}: idle {idle}, with {r.jobs} jobs {busy}")
+        print(f"  entry ms {[round(x) for x in r.entry_ms]}")
+        print(f"  joined ms {[round(x) for x in r.joined_ms]}")
+    if json_out:
+        print(json.dumps({s: r.__dict__ for s, r in bench.results.items()}, default=str))
+    return 0
+
+
+def main(trials: int, memory_jobs: int, json_out: bool) -> int:
+    """Enter the private network namespace, then run (see the module docstring)."""
+    with contextlib.suppress(KeyError):
+        del os.environ["LIVEKIT_URL"]
+    enter_private_network()
+    return asyncio.run(run_voice(trials, memory_jobs, json_out))

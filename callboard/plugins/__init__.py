@@ -1,0 +1,1 @@
+"""livekit-agents plugins that ship with callboard."""
