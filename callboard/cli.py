@@ -19,6 +19,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
@@ -51,6 +52,9 @@ def _server_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--dev", action="store_true", help="allow the dev keys on a non-loopback address"
     )
     p.add_argument("--region", default="local", help="region reported to workers")
+    p.add_argument(
+        "--sip-port", type=int, default=None, help="run the SIP gateway on this UDP/TCP port"
+    )
 
 
 def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,6 +64,20 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--calls", type=int, default=3, help="how many calls to place (default 3)")
 
 
+def _call_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("call", help="place a SIP call from this terminal (e.g. to the gateway)")
+    p.add_argument("address", nargs="?", default="127.0.0.1:5060", help="SIP server host:port")
+    p.add_argument("--to", default="+15550100", help="number to call")
+    p.add_argument("--from", dest="caller", default="+56975231235", help="calling number")
+    p.add_argument("--wav", type=Path, help="16-bit WAV file to play")
+    p.add_argument("--say", default="", help="text to speak (espeak-ng) instead of --wav")
+    p.add_argument("--save", type=Path, help="save what the other side says to this WAV")
+    p.add_argument("--listen", type=float, default=5.0, help="seconds to listen after speaking")
+    p.add_argument("--dtmf", default="", help="digits to send (RFC 4733)")
+    p.add_argument("--username", default="", help="digest username, if the trunk asks")
+    p.add_argument("--password", default="", help="digest password, if the trunk asks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="callboard", description=__doc__)
     parser.add_argument("--log-format", choices=["json", "pretty"], default=None)
@@ -67,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _server_parser(sub)
     _demo_parser(sub)
+    _call_parser(sub)
     return parser
 
 
@@ -98,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keys=parse_keys(args.keys) if args.keys else None,
                 dev=args.dev,
                 region=args.region,
+                sip_port=args.sip_port,
             )
             asyncio.run(_run_server(config))
         elif args.command == "demo":
@@ -106,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.calls < 1:
                 raise ConfigError("--calls must be at least 1")
             return asyncio.run(run_demo(calls=args.calls))
+        elif args.command == "call":
+            return _call(args)
     except ConfigError as e:
         print(f"callboard: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -115,6 +137,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("callboard").exception("callboard failed")
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _call(args: argparse.Namespace) -> int:
+    from callboard.server.sip.phone import CallOptions, CallOptionsError, run_call
+
+    fields = ("address", "to", "caller", "wav", "say", "save", "listen", "dtmf")
+    try:
+        options = CallOptions(
+            **{name: getattr(args, name) for name in (*fields, "username", "password")}
+        )
+    except CallOptionsError as e:
+        raise ConfigError(str(e)) from None
+    # the phone's own SIP socket is not news to a person placing a call
+    logging.getLogger("callboard.server.sip.transport").setLevel(logging.WARNING)
+    return asyncio.run(run_call(options))
 
 
 # -- cli.run_app: `python agent.py start | dev | connect --room NAME` ---------------------------

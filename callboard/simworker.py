@@ -55,6 +55,7 @@ class SimWorker:
     api_key: str
     api_secret: str
     agent_name: str = ""
+    job_type: int = agent.JT_ROOM
     accept: Callable[[agent.Job], bool] = lambda job: True
     job_seconds: float | None = 0.0
     worker_id: str = ""
@@ -77,7 +78,9 @@ class SimWorker:
             max_msg_size=0,
         )
         reg = agent.RegisterWorkerRequest(
-            type=agent.JT_ROOM, agent_name=self.agent_name, version="sim"
+            type=self.job_type,  # type: ignore[arg-type]
+            agent_name=self.agent_name,
+            version="sim",
         )
         await self._send(agent.WorkerMessage(register=reg))
         first = agent.ServerMessage()

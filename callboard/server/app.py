@@ -18,6 +18,12 @@ from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ServerConfig
 from callboard.server.dispatch import DispatchEngine
 from callboard.server.ids import new_id
 from callboard.server.rooms import RoomRegistry
+from callboard.server.rtc.signal import RtcEndpoint
+from callboard.server.sip.config import SipConfig
+from callboard.server.sip.gateway import SipGateway
+from callboard.server.sip.room_leg import DispatchRooms
+from callboard.server.sip.service import SipService
+from callboard.server.sip.store import SipStore
 from callboard.server.twirp import TwirpRouter
 
 log = get_logger("server")
@@ -59,7 +65,7 @@ BAD_REQUESTS: Final = BadRequestFilter()
 
 
 class EmbeddedServer:
-    """`callboard server`: /agent, Twirp RoomService and AgentDispatchService on one port."""
+    """`callboard server`: /agent, /rtc, Twirp RoomService and AgentDispatchService on one port."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -67,6 +73,11 @@ class EmbeddedServer:
         self.keys = KeyStore(config.effective_keys, config.token_leeway)
         self.engine = DispatchEngine(self.keys, config)
         self.rooms = RoomRegistry(self.engine)
+        self.sip_store = SipStore()
+        self.sip: SipGateway | None = None
+        if config.sip_port is not None:
+            sip_config = SipConfig(host=config.host, port=config.sip_port)
+            self.sip = SipGateway(sip_config, self.sip_store, DispatchRooms(self.rooms))
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -88,14 +99,15 @@ class EmbeddedServer:
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
-        agents = AgentEndpoint(
-            self.keys, self.engine, self.config, server_info(self.config, self.node_id)
-        )
+        info = server_info(self.config, self.node_id)
+        agents = AgentEndpoint(self.keys, self.engine, self.config, info)
         app.router.add_get("/agent", agents.handle)
+        RtcEndpoint(self.keys, self.rooms, info, self.config.rtc_answer_timeout).install(app)
         app.on_shutdown.append(agents.on_shutdown)
         app.router.add_get("/", self._health)
         router = TwirpRouter(self.keys)
         self.rooms.install(router)
+        SipService(self.sip_store, self.sip).install(router)
         router.install(app)
         return app
 
@@ -124,6 +136,8 @@ class EmbeddedServer:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self._port = sockets[0].getsockname()[1] if sockets else self.config.port
+        if self.sip is not None:
+            await self.sip.start()
         self._sweeper = asyncio.get_running_loop().create_task(
             self.rooms.sweep_task(), name="room-sweeper"
         )
@@ -139,6 +153,8 @@ class EmbeddedServer:
         runner, self._runner = self._runner, None
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.sip is not None:
+            await self.sip.aclose()
         await self.engine.aclose()
         await runner.cleanup()
         log.info("server stopped", extra={"node_id": self.node_id})

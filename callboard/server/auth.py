@@ -15,7 +15,7 @@ import json
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import jwt
@@ -78,6 +78,13 @@ class Grants:
     api_key: str
     identity: str
     video: Mapping[str, Any]
+    name: str = ""
+    metadata: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    kind: str = ""
+    """The participant kind claim (`agent`, `sip`, `ingress`, ...); empty means standard."""
+    sip: Mapping[str, Any] = field(default_factory=dict)
+    """The `sip` claim: `admin` (manage trunks and rules), `call` (dial out, transfer)."""
 
     def has(self, grant: str) -> bool:
         return bool(self.video.get(grant))
@@ -85,6 +92,29 @@ class Grants:
     @property
     def room(self) -> str:
         return str(self.video.get("room", ""))
+
+
+def grants_from_claims(api_key: str, claims: Mapping[str, Any]) -> Grants:
+    """The grants of verified `claims`; raises AuthError for malformed grant claims."""
+    video = claims.get("video") or {}
+    if not isinstance(video, dict):
+        raise AuthError("invalid token: 'video' grant must be an object")
+    attributes = claims.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        raise AuthError("invalid token: 'attributes' must be an object")
+    sip = claims.get("sip") or {}
+    if not isinstance(sip, dict):
+        raise AuthError("invalid token: 'sip' grant must be an object")
+    return Grants(
+        api_key=api_key,
+        identity=str(claims.get("sub", "")),
+        video=video,
+        name=str(claims.get("name", "")),
+        metadata=str(claims.get("metadata", "")),
+        attributes={str(k): str(v) for k, v in attributes.items()},
+        kind=str(claims.get("kind", "")),
+        sip=sip,
+    )
 
 
 class KeyStore:
@@ -103,10 +133,7 @@ class KeyStore:
         """Check signature, issuer, expiry and not-before; return the grants."""
         fast = self._verify_common(token)
         api_key, claims = fast if fast is not None else self._verify_pyjwt(token)
-        video = claims.get("video") or {}
-        if not isinstance(video, dict):
-            raise AuthError("invalid token: 'video' grant must be an object")
-        return Grants(api_key=api_key, identity=str(claims.get("sub", "")), video=video)
+        return grants_from_claims(api_key, claims)
 
     def _verify_common(self, token: str) -> tuple[str, dict[str, Any]] | None:
         """The usual token (HS256 header, valid signature, int exp/nbf in range, no iat/aud/jti)

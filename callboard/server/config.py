@@ -25,6 +25,7 @@ MAX_AGENT_FRAME_BYTES: Final = 1 << 20
 MAX_TWIRP_BODY_BYTES: Final = 1 << 20
 ROOM_EMPTY_TIMEOUT_S: Final = 300
 ROOM_DEPARTURE_TIMEOUT_S: Final = 20
+RTC_ANSWER_TIMEOUT_S: Final = 10.0
 
 
 class ConfigError(ValueError):
@@ -79,13 +80,24 @@ class ServerConfig:
     """Seconds a disconnected worker's jobs wait for a MigrateJobRequest."""
     token_leeway: float = TOKEN_LEEWAY_S
     """Clock skew tolerated on token exp/nbf."""
+    rtc_answer_timeout: float = RTC_ANSWER_TIMEOUT_S
+    """Seconds an /rtc client has to answer a subscriber offer before its connection ends."""
+    sip_port: int | None = None
+    """UDP/TCP port of the SIP gateway on `host` (0 picks a free one); None: no gateway."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
-        for name in ("register_timeout", "availability_timeout", "migration_grace"):
+        for name in (
+            "register_timeout",
+            "availability_timeout",
+            "migration_grace",
+            "rtc_answer_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.sip_port is not None and not 0 <= self.sip_port <= 65535:
+            raise ConfigError(f"sip_port must be in 0..65535, got {self.sip_port}")
         if self.token_leeway < 0:
             raise ConfigError(f"token_leeway must be >= 0, got {self.token_leeway}")
         if self.uses_dev_keys and not self.dev and not _is_loopback(self.host):

@@ -130,6 +130,7 @@ class DispatchEngine:
         dispatch: agent_dispatch.AgentDispatch,
         job_type: int = agent.JT_ROOM,
         namespace: str = "",
+        participant: models.ParticipantInfo | None = None,
     ) -> JobRecord:
         """Create a job for `dispatch` in `room` and start placing it; returns at once."""
         job = dispatch.state.jobs.add()
@@ -137,6 +138,8 @@ class DispatchEngine:
         job.dispatch_id = dispatch.id
         job.type = job_type  # type: ignore[assignment]
         job.room.CopyFrom(room)
+        if participant is not None:
+            job.participant.CopyFrom(participant)
         job.namespace = namespace
         job.metadata = dispatch.metadata
         job.agent_name = dispatch.agent_name
@@ -152,6 +155,13 @@ class DispatchEngine:
         )
         rec.place_task.add_done_callback(lambda task: self._placement_done(rec, task))
         return rec
+
+    def has_worker(self, agent_name: str, job_type: int) -> bool:
+        """Whether a worker of this agent name serves `job_type` (livekit-server launches
+        participant and publisher jobs only then)."""
+        return any(
+            w.agent_name == agent_name and w.job_type == job_type for w in self._workers.values()
+        )
 
     def _placement_done(self, rec: JobRecord, task: asyncio.Task[None]) -> None:
         """A placement that crashed still ends its job (JS_FAILED), never leaves it pending."""
@@ -340,8 +350,9 @@ class DispatchEngine:
 
     # -- termination and the end --------------------------------------------------------------
 
-    async def terminate(self, job_id: str, why: str, reason: int) -> None:
-        """End a job on request (DeleteDispatch, DeleteRoom): JobTermination to its worker."""
+    async def terminate(self, job_id: str, why: str, reason: int, error: str = "") -> None:
+        """End a job on request (DeleteDispatch, DeleteRoom, its agent left the room):
+        JobTermination to its worker; JS_FAILED with `error` when one is given."""
         rec = self._jobs.get(job_id)
         if rec is None or rec.ended.is_set():
             return
@@ -356,8 +367,10 @@ class DispatchEngine:
                 await worker.send(
                     agent.ServerMessage(termination=agent.JobTermination(job_id=job_id))
                 )
-        # livekit-server marks a terminated job successful without waiting for the worker.
-        self._end(rec, agent.JS_SUCCESS, "", reason, reason_text=why)
+        # livekit-server marks a terminated job successful without waiting for the worker,
+        # failed when its agent left the room.
+        status = agent.JS_FAILED if error else agent.JS_SUCCESS
+        self._end(rec, status, error, reason, reason_text=why)
 
     def _end(
         self,

@@ -1,8 +1,13 @@
 """Rooms and their agent dispatches: LiveKit's RoomService and AgentDispatchService.
 
-A room keeps its `Room` proto (sid, name, metadata, timeouts, ...) and its dispatches. Creating
-a room dispatches the agents of its config, or, with none, the automatic dispatch (agent_name
-"") as livekit-server does; every dispatch becomes a job through the dispatch engine.
+A room keeps its `Room` proto (sid, name, metadata, timeouts, ...), its dispatches and its live
+participants (`rtc.model.LiveRoom`). Creating a room, through Twirp or by a participant joining,
+dispatches the agents of its config, or, with none, the automatic dispatch (agent_name "") as
+livekit-server does; every dispatch becomes a JT_ROOM job through the dispatch engine, plus a
+JT_PARTICIPANT job for each participant that joins and a JT_PUBLISHER job when one first
+publishes (for workers registered for those types). An agent participant leaving ends its job;
+a room closing (DeleteRoom, or idle past its empty/departure timeout) removes everyone and
+terminates its jobs.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from callboard.server.auth import Grants
 from callboard.server.config import ROOM_DEPARTURE_TIMEOUT_S, ROOM_EMPTY_TIMEOUT_S
 from callboard.server.dispatch import DispatchEngine
 from callboard.server.ids import DISPATCH_PREFIX, ROOM_PREFIX, new_id
+from callboard.server.rtc.model import LiveRoom, Participant
 from callboard.server.twirp import TwirpError, TwirpRouter, require
 
 log = get_logger("server.rooms")
@@ -43,26 +49,48 @@ ENABLED_CODECS = (
 
 
 ENDED = (agent.JS_SUCCESS, agent.JS_FAILED, agent.JS_CANCELLED)
-ROOM_SWEEP_INTERVAL_S = 5.0
+ROOM_SWEEP_INTERVAL_S = 1.0
+AGENT_LEFT_ERROR = "agent worker left the room"
+AGENT_LEFT_GRACE_S = 2.0
+"""A worker reports its job's end just after the agent leaves the room (the job's last act is
+to disconnect): the job fails as AGENT_LEFT_ERROR only if no end is reported within this."""
+DEPENDENT_KINDS = frozenset({models.ParticipantInfo.AGENT, models.ParticipantInfo.EGRESS})
+"""Participants that do not keep a room open nor get jobs of their own (livekit's 'dependent')."""
 
 
 @dataclass(eq=False)
 class RoomState:
     info: models.Room
+    live: LiveRoom
     dispatches: dict[str, agent_dispatch.AgentDispatch] = field(default_factory=dict)
 
-    def idle_since(self) -> float | None:
-        """When the room's last job ended (or it was created); None while a job is live.
+    def live_jobs(self) -> list[agent.Job]:
+        return [
+            job
+            for d in self.dispatches.values()
+            for job in d.state.jobs
+            if job.state.status not in ENDED
+        ]
 
-        The embedded server has no media participants, so a room is empty once its jobs end.
+    def idle_for(self, now: float) -> tuple[float, int] | None:
+        """How long the room has been idle and the timeout that applies; None while in use.
+
+        Occupied by any participant that is not an agent. After someone joined and left, the
+        departure timeout runs from the last leave; before, the empty timeout runs from the
+        creation or the end of its last job (a job whose agent never joined keeps it open).
         """
+        live = self.live
+        if any(p.info.kind not in DEPENDENT_KINDS for p in live.participants.values()):
+            return None
+        if live.ever_joined and live.last_left_at is not None:
+            return now - live.last_left_at, self.info.departure_timeout
+        if live.participants or self.live_jobs():
+            return None
         last = self.info.creation_time_ms / 1000
         for d in self.dispatches.values():
             for job in d.state.jobs:
-                if job.state.status not in ENDED:
-                    return None
                 last = max(last, job.state.ended_at / 1e9)
-        return last
+        return now - last, self.info.empty_timeout
 
 
 def _check_room_name(name: str) -> None:
@@ -91,6 +119,14 @@ class RoomRegistry:
         router.add(
             ROOM_SERVICE, "ListParticipants", room.ListParticipantsRequest, self.list_participants
         )
+        for method, request_type, handler in (
+            ("GetParticipant", room.RoomParticipantIdentity, self.get_participant),
+            ("RemoveParticipant", room.RoomParticipantIdentity, self.remove_participant),
+            ("UpdateParticipant", room.UpdateParticipantRequest, self.update_participant),
+            ("MutePublishedTrack", room.MuteRoomTrackRequest, self.mute_published_track),
+            ("SendData", room.SendDataRequest, self.send_data),
+        ):
+            router.add(ROOM_SERVICE, method, request_type, handler)
         router.add(
             DISPATCH_SERVICE,
             "CreateDispatch",
@@ -122,6 +158,12 @@ class RoomRegistry:
         self._open_room(req)
         return self._rooms[req.name].info
 
+    def ensure_room(self, req: room.CreateRoomRequest) -> models.Room:
+        """The room `req` names, opened with its config's dispatches if it does not exist yet
+        (how a SIP call's dispatch rule creates the caller's room)."""
+        existing = self._rooms.get(req.name)
+        return (existing or self._open_room(req)).info
+
     def _open_room(self, req: room.CreateRoomRequest) -> RoomState:
         """Create the room and its dispatches: its config's agents, or the automatic one."""
         state = self._new_room(req)
@@ -143,7 +185,7 @@ class RoomRegistry:
             metadata=req.metadata,
             enabled_codecs=[models.Codec(mime=m) for m in ENABLED_CODECS],
         )
-        state = RoomState(info)
+        state = RoomState(info, LiveRoom(info, self))
         self._rooms[req.name] = state
         log.info("room created", extra={"room": req.name, "room_sid": info.sid})
         return state
@@ -161,20 +203,138 @@ class RoomRegistry:
         self, grants: Grants | None, req: room.DeleteRoomRequest
     ) -> room.DeleteRoomResponse:
         require(grants, "roomCreate")
-        state = self._rooms.pop(req.room, None)
+        state = self._rooms.get(req.room)
         if state is None:
             raise TwirpError("not_found", f"room {req.room!r} does not exist")
-        for dispatch in state.dispatches.values():
-            await self._terminate_jobs(dispatch, "room deleted", agent.JSR_ROOM_CLOSED)
-        log.info("room deleted", extra={"room": req.room, "room_sid": state.info.sid})
+        await self._close(state, models.ROOM_DELETED, "room deleted")
         return room.DeleteRoomResponse()
+
+    async def _close(self, state: RoomState, reason: int, why: str) -> None:
+        """Remove everyone, terminate every job, forget the room."""
+        if self._rooms.get(state.info.name) is state:
+            del self._rooms[state.info.name]
+        state.live.close(reason)
+        for dispatch in state.dispatches.values():
+            await self._terminate_jobs(dispatch, why, agent.JSR_ROOM_CLOSED)
+        log.info(f"room closed: {why}", extra={"room": state.info.name, "room_sid": state.info.sid})
+
+    def live_room(self, name: str) -> LiveRoom:
+        """The room a participant joins, created as CreateRoom would if it does not exist."""
+        state = self._rooms.get(name)
+        if state is None:
+            state = self._open_room(room.CreateRoomRequest(name=name))
+        return state.live
 
     async def list_participants(
         self, grants: Grants | None, req: room.ListParticipantsRequest
     ) -> room.ListParticipantsResponse:
         require(grants, "roomAdmin", room=req.room)
         # livekit-server answers an empty list for a room that does not exist, not not_found.
-        return room.ListParticipantsResponse()
+        state = self._rooms.get(req.room)
+        people = state.live.participants.values() if state else []
+        return room.ListParticipantsResponse(participants=[p.info for p in people])
+
+    def _participant(self, grants: Grants | None, room_name: str, identity: str) -> Participant:
+        require(grants, "roomAdmin", room=room_name)
+        state = self._rooms.get(room_name)
+        if state is None:
+            raise TwirpError("not_found", f"room {room_name!r} does not exist")
+        p = state.live.participants.get(identity)
+        if p is None:
+            raise TwirpError("not_found", f"participant {identity!r} is not in room {room_name!r}")
+        return p
+
+    async def get_participant(
+        self, grants: Grants | None, req: room.RoomParticipantIdentity
+    ) -> models.ParticipantInfo:
+        return self._participant(grants, req.room, req.identity).info
+
+    async def remove_participant(
+        self, grants: Grants | None, req: room.RoomParticipantIdentity
+    ) -> room.RemoveParticipantResponse:
+        p = self._participant(grants, req.room, req.identity)
+        self._rooms[req.room].live.remove(p, models.PARTICIPANT_REMOVED)
+        return room.RemoveParticipantResponse()
+
+    async def update_participant(
+        self, grants: Grants | None, req: room.UpdateParticipantRequest
+    ) -> models.ParticipantInfo:
+        p = self._participant(grants, req.room, req.identity)
+        _check_metadata(req.metadata)
+        if req.metadata:
+            p.info.metadata = req.metadata
+        if req.name:
+            p.info.name = req.name
+        if req.HasField("permission"):
+            p.info.permission.CopyFrom(req.permission)
+        for key, value in req.attributes.items():
+            if value:
+                p.info.attributes[key] = value
+            else:
+                p.info.attributes.pop(key, None)
+        self._rooms[req.room].live.update(p)
+        return p.info
+
+    async def mute_published_track(
+        self, grants: Grants | None, req: room.MuteRoomTrackRequest
+    ) -> room.MuteRoomTrackResponse:
+        p = self._participant(grants, req.room, req.identity)
+        track = self._rooms[req.room].live.set_muted(p, req.track_sid, req.muted)
+        if track is None:
+            raise TwirpError("not_found", f"track {req.track_sid!r} is not published by {p.identity!r}")
+        return room.MuteRoomTrackResponse(track=track)
+
+    async def send_data(
+        self, grants: Grants | None, req: room.SendDataRequest
+    ) -> room.SendDataResponse:
+        require(grants, "roomAdmin", room=req.room)
+        state = self._rooms.get(req.room)
+        if state is None:
+            raise TwirpError("not_found", f"room {req.room!r} does not exist")
+        user = models.UserPacket(
+            payload=req.data,
+            destination_identities=req.destination_identities,
+            topic=req.topic if req.HasField("topic") else None,
+            nonce=req.nonce,
+        )
+        packet = models.DataPacket(
+            kind=req.kind, user=user, destination_identities=req.destination_identities
+        )
+        state.live.send_data(None, packet, reliable=req.kind == models.DataPacket.RELIABLE)
+        return room.SendDataResponse()
+
+    # -- RoomHooks: jobs that follow participants ---------------------------------------------
+
+    def participant_joined(self, live: LiveRoom, p: Participant) -> None:
+        self._launch_for(live, p, agent.JT_PARTICIPANT)
+
+    def first_publish(self, live: LiveRoom, p: Participant) -> None:
+        self._launch_for(live, p, agent.JT_PUBLISHER)
+
+    def _launch_for(self, live: LiveRoom, p: Participant, job_type: int) -> None:
+        state = self._rooms.get(live.name)
+        if state is None or p.info.kind in DEPENDENT_KINDS:
+            return
+        for dispatch in list(state.dispatches.values()):
+            if self._engine.has_worker(dispatch.agent_name, job_type):
+                self._engine.launch(state.info, dispatch, job_type, participant=p.info)
+
+    def participant_left(self, live: LiveRoom, p: Participant) -> None:
+        """An agent's participant leaving ends its job (JS_FAILED if still running)."""
+        state = self._rooms.get(live.name)
+        if state is None or live.closed or p.info.kind != models.ParticipantInfo.AGENT:
+            return
+        for job in state.live_jobs():
+            if job.state.participant_identity == p.identity:
+                asyncio.get_running_loop().call_later(
+                    AGENT_LEFT_GRACE_S, self._agent_left, job.id
+                )
+
+    def _agent_left(self, job_id: str) -> None:
+        terminate = self._engine.terminate(
+            job_id, AGENT_LEFT_ERROR, agent.JSR_UNSPECIFIED, error=AGENT_LEFT_ERROR
+        )
+        asyncio.get_running_loop().create_task(terminate)
 
     # -- AgentDispatchService -----------------------------------------------------------------
 
@@ -237,18 +397,16 @@ class RoomRegistry:
         return agent_dispatch.ListAgentDispatchResponse(agent_dispatches=dispatches)
 
     def close_empty_rooms(self, now: float) -> list[str]:
-        """Drop rooms idle for longer than their empty_timeout (as livekit-server closes
-        empty rooms), so a long-running server does not keep every room it ever saw."""
+        """Close rooms idle past their empty or departure timeout (as livekit-server does), so
+        a long-running server does not keep every room it ever saw."""
         closed = []
         for name, state in list(self._rooms.items()):
-            since = state.idle_since()
-            if since is not None and now - since > state.info.empty_timeout:
-                del self._rooms[name]
+            idle = state.idle_for(now)
+            if idle is not None and idle[0] >= idle[1]:
                 closed.append(name)
-                log.info(
-                    "room closed: empty past its empty_timeout",
-                    extra={"room": name, "room_sid": state.info.sid},
-                )
+                why = "empty past its timeout"
+                asyncio.get_running_loop().create_task(self._close(state, models.ROOM_CLOSED, why))
+                del self._rooms[name]
         return closed
 
     async def sweep_task(self, interval: float = ROOM_SWEEP_INTERVAL_S) -> None:

@@ -19,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -180,14 +180,26 @@ def start_server(kind: str, log_dir: Path, media_ip: str | None = None) -> Serve
     `media_ip`: see `livekit_server_config`.
     """
     binary = livekit_server_binary() if kind == "livekit-server" else None
+    return start_until_healthy(
+        kind, kind, lambda port: _command(kind, port, binary, media_ip), log_dir
+    )
+
+
+def start_until_healthy(
+    kind: str, label: str, command: Callable[[int], list[str]], log_dir: Path
+) -> ServerProcess:
+    """Run `command(port)` on a free port until `GET /` answers OK; logs to `<label>-N.log`.
+
+    Retries on a fresh port when the process dies early (a port taken between pick and bind).
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
     for attempt in range(START_ATTEMPTS):
         port = free_port()
-        log_path = log_dir / f"{kind}-{attempt}.log"
+        log_path = log_dir / f"{label}-{attempt}.log"
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(
-                _command(kind, port, binary, media_ip),
+                command(port),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -201,7 +213,19 @@ def start_server(kind: str, log_dir: Path, media_ip: str | None = None) -> Serve
             time.sleep(0.1)
         stop_process(proc)
         failures.append(f"attempt {attempt + 1} (port {port}):\n{server.log_tail(1500)}")
-    raise RuntimeError(f"{kind} did not become healthy:\n" + "\n".join(failures))
+    raise RuntimeError(f"{label} did not become healthy:\n" + "\n".join(failures))
+
+
+def start_livekit_node(log_dir: Path, label: str, redis_address: str) -> ServerProcess:
+    """One node of a multi-node livekit-server: the loopback config of `livekit_server_config`
+    plus the shared Redis at `redis_address` (host:port), which makes it a cluster member."""
+    binary = livekit_server_binary()
+
+    def command(port: int) -> list[str]:
+        config = livekit_server_config(port) + f"redis: {{address: {redis_address}}}\n"
+        return [str(binary), "--config-body", config]
+
+    return start_until_healthy("livekit-server", label, command, log_dir)
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE_S) -> None:
@@ -225,3 +249,29 @@ def running_server(kind: str, log_dir: Path) -> Iterator[ServerProcess]:
         yield server
     finally:
         stop_process(server.proc)
+
+
+def start_livekit_server_with_redis(log_dir: Path, redis_address: str) -> ServerProcess:
+    """livekit-server on a free loopback port storing its state (and SIP trunks and rules) in the
+    Redis at `redis_address` (`host:port`): without Redis it refuses every SIP call."""
+    binary = livekit_server_binary()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = livekit_server_config(port) + f"redis: {{address: {redis_address}}}\n"
+    log_path = log_dir / "livekit-server-redis.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [str(binary), "--config-body", config],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=clean_env(),
+        )
+    server = ServerProcess("livekit-server", port, proc, log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _healthy(server.http_url):
+            return server
+        time.sleep(0.1)
+    stop_process(proc)
+    raise RuntimeError(f"livekit-server with Redis did not become healthy:\n{server.log_tail()}")

@@ -1,9 +1,10 @@
-"""One phone call with media through the real livekit-server, run by tests/interop/test_media.py
-as `python -m tests.interop.media_call WORKDIR` in a process of its own.
+"""One phone call with media through a server (the real livekit-server or `callboard server`),
+run by tests/interop/test_media.py as `python -m tests.interop.media_call WORKDIR [KIND]` in a
+process of its own.
 
 The process first moves into a private network namespace (tests/interop/netns.py: WebRTC needs a
 non-loopback address, and the namespace keeps all traffic inside the machine). Then it starts
-livekit-server (HTTP on 127.0.0.1, media on MEDIA_IP) and a callboard Worker with the PROCESS
+the server KIND (HTTP on 127.0.0.1, media on MEDIA_IP) and a callboard Worker with the PROCESS
 executor running tests/interop/agents/media_agent.py, creates the SIP-style room
 `call-_+56975231235_<12 base57>` (automatic dispatch to the worker), and plays the caller: an rtc
 client with identity `sip_+56975231235`, kind SIP and the gateway's sip.* attributes, which
@@ -11,7 +12,7 @@ publishes a tone and listens to the agent's. Once both sides heard each other it
 watches the job end on the worker and on the server.
 
 Output in WORKDIR: report.json (what happened, read by the test), agent.jsonl (the agent's
-report lines), livekit-server-*.log; the process's stderr carries the worker's JSON log lines
+report lines), KIND-*.log; the process's stderr carries the worker's JSON log lines
 (job logs relayed with job_id, room and pid). Exit status SKIP_EXIT when the namespace cannot
 be had (report.json says why).
 """
@@ -176,12 +177,20 @@ async def server_job_state(lk: api.LiveKitAPI, room: str) -> agent.JobState | No
 
 
 def server_job_ended(server: ServerProcess, job_id: str) -> dict[str, Any] | None:
-    """livekit-server's `job ended` log record for `job_id` (it logs JSON lines), if any."""
+    """The server's `job ended` log record for `job_id` (both log JSON lines), if any, with
+    livekit-server's field names (`jobID`, `workerID`, `status`, `error`)."""
     for line in server.log_path.read_text(errors="replace").splitlines():
         if job_id in line and '"job ended"' in line:
             record: dict[str, Any] = json.loads(line)
             if record.get("msg") == "job ended" and record.get("jobID") == job_id:
                 return record
+            if record.get("message") == "job ended" and record.get("job_id") == job_id:
+                return {
+                    "jobID": job_id,
+                    "workerID": record.get("worker_id"),
+                    "status": record.get("status"),
+                    "error": record.get("error"),
+                }
     return None
 
 
@@ -269,6 +278,7 @@ def leftover_children(me: psutil.Process, server: ServerProcess) -> list[str]:
 
 def main(argv: list[str]) -> int:
     workdir = Path(argv[1])
+    kind = argv[2] if len(argv) > 2 else "livekit-server"
     report: dict[str, Any] = {"skip": None, "error": None, "media_ip": MEDIA_IP}
     code = 0
     try:
@@ -282,7 +292,7 @@ def main(argv: list[str]) -> int:
     os.environ[media_agent.REPORT_ENV] = str(workdir / AGENT_REPORT_FILE)
     started = time.monotonic()
     try:
-        server = start_server("livekit-server", workdir, media_ip=MEDIA_IP)
+        server = start_server(kind, workdir, media_ip=MEDIA_IP)
         report["server_log"] = str(server.log_path)
         try:
             asyncio.run(asyncio.wait_for(call(server, workdir, report), CALL_TIMEOUT_S))

@@ -24,6 +24,7 @@ MEDIA_IP: Final = "10.200.0.1"
 MEDIA_PREFIX_LEN: Final = 24
 VETH: Final = ("cbmedia0", "cbmedia1")
 IP_COMMAND_TIMEOUT_S: Final = 10.0
+SKIP_EXIT: Final = 77
 
 
 class NetnsUnavailable(Exception):
@@ -70,3 +71,18 @@ def enter_private_network() -> None:
         )
         if done.returncode != 0:
             raise NetnsUnavailable(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}")
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.interop.netns CMD...`: run CMD in a private network namespace; exit 77
+    (with the reason on stderr) when one cannot be had."""
+    try:
+        enter_private_network()
+    except NetnsUnavailable as e:
+        print(f"no private network namespace: {e}", file=sys.stderr)
+        return SKIP_EXIT
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,6 @@
-"""Acceptance test of the job engine with media, against the real livekit-server: a SIP-style
-phone call answered by a callboard worker (PROCESS executor, zygote-forked job process).
+"""Acceptance test of the job engine with media, against the real livekit-server and against
+`callboard server`: a SIP-style phone call answered by a callboard worker (PROCESS executor,
+zygote-forked job process).
 
 The call runs in a subprocess (tests/interop/media_call.py) that lives in a private network
 namespace: libwebrtc ignores loopback interfaces, and the namespace gives it a veth address
@@ -24,6 +25,7 @@ import pytest
 
 from callboard.job.context import PARTICIPANT_DISCONNECT_MESSAGE
 from tests.interop.agents import media_agent
+from tests.interop.conftest import LIVEKIT_SERVER, SERVER_KINDS
 from tests.interop.livekit_server import ServerUnavailable, clean_env, livekit_server_binary
 from tests.interop.media_call import (
     AGENT_REPORT_FILE,
@@ -34,7 +36,7 @@ from tests.interop.media_call import (
 )
 from tests.interop.netns import unavailable_reason
 
-pytestmark = [pytest.mark.interop, pytest.mark.realserver, pytest.mark.timeout(150, func_only=True)]
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(150, func_only=True)]
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 CALL_PROCESS_TIMEOUT_S: Final = 100.0
@@ -76,15 +78,15 @@ class CallRun:
         server_log = self.report.get("server_log")
         if server_log:
             with contextlib.suppress(OSError):
-                parts.append(f"--- livekit-server ---\n{Path(server_log).read_text()[-3000:]}")
+                parts.append(f"--- server ---\n{Path(server_log).read_text()[-3000:]}")
         return "\n".join(parts)
 
 
-def run_call(workdir: Path) -> CallRun:
+def run_call(workdir: Path, kind: str) -> CallRun:
     """Run the call subprocess; past CALL_PROCESS_TIMEOUT_S kill it and what it started."""
     with open(workdir / "call.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.interop.media_call", str(workdir)],
+            [sys.executable, "-m", "tests.interop.media_call", str(workdir), kind],
             cwd=REPO_ROOT,
             env=clean_env(),
             stdin=subprocess.DEVNULL,
@@ -118,23 +120,24 @@ def assert_pitch(measured: float, expected: float) -> None:
     assert abs(measured - expected) <= expected * PITCH_TOLERANCE, (measured, expected)
 
 
-@pytest.fixture(scope="module")
-def livekit_server_built() -> Path:
-    """The real livekit-server binary, built here (outside the namespace, which has no network)
-    if it is not cached yet."""
-    try:
-        return livekit_server_binary()
-    except ServerUnavailable as e:
-        pytest.skip(str(e))
-
-
-@pytest.mark.usefixtures("livekit_server_built")
-def test_phone_call_with_media_on_the_real_livekit_server(tmp_path: Path) -> None:
+@pytest.fixture(params=SERVER_KINDS)
+def media_server_kind(request: pytest.FixtureRequest) -> str:
+    """Each server kind; the real livekit-server binary is built here (outside the namespace,
+    which has no network) if it is not cached yet."""
+    kind: str = request.param
+    if kind == LIVEKIT_SERVER:
+        try:
+            livekit_server_binary()
+        except ServerUnavailable as e:
+            pytest.skip(str(e))
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
+    return kind
 
-    run = run_call(tmp_path)
+
+def test_phone_call_with_media(tmp_path: Path, media_server_kind: str) -> None:
+    run = run_call(tmp_path, media_server_kind)
     if run.returncode == SKIP_EXIT:
         pytest.skip(f"no private network namespace for media: {run.report.get('skip')}")
     report = run.report

@@ -23,7 +23,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from livekit import api
 
-from callboard.server.auth import AgentTokenRequest, AuthError, Grants, KeyStore, mint_agent_token
+from callboard.server.auth import (
+    AgentTokenRequest,
+    AuthError,
+    Grants,
+    KeyStore,
+    grants_from_claims,
+    mint_agent_token,
+)
 
 KEY: Final = "pathkey"
 SECRET: Final = "path-test-secret-5d1e9b3c7a2f4e60"
@@ -110,11 +117,7 @@ def test_minting_refuses_what_access_token_refuses() -> None:
 
 def pyjwt_verify(keys: KeyStore, token: str) -> Grants:
     """`KeyStore.verify` as it was before the fast path: pyjwt for everything."""
-    api_key, claims = keys._verify_pyjwt(token)
-    video = claims.get("video") or {}
-    if not isinstance(video, dict):
-        raise AuthError("invalid token: 'video' grant must be an object")
-    return Grants(api_key=api_key, identity=str(claims.get("sub", "")), video=video)
+    return grants_from_claims(*keys._verify_pyjwt(token))
 
 
 def outcome(fn: Any, keys: KeyStore, token: str) -> tuple[str, object]:

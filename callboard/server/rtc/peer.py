@@ -1,0 +1,255 @@
+"""One WebRTC client's two peer connections, as LiveKit clients use them: the client offers on
+the publisher connection (its tracks and `_reliable`/`_lossy` data channels), the server offers
+on the subscriber connection (the tracks it receives, and the server's own data channels)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.sdp import candidate_from_sdp
+
+from callboard.server.rtc.relay import OPUS_CLOCK_RATE, FrameSink, RelayTrack
+
+RELIABLE_LABEL: Final = "_reliable"
+LOSSY_LABEL: Final = "_lossy"
+OPUS: Final = "audio/opus"
+MAX_PENDING_RELIABLE: Final = 256
+"""Reliable packets kept for a subscriber channel that is not open yet."""
+SDP_START: Final = "v=0"
+MEDIA_LINE: Final = "\nm="
+MAX_EARLY_CANDIDATES: Final = 64
+"""ICE candidates kept for a connection whose remote SDP has not come yet."""
+
+
+class SignalError(Exception):
+    """The client broke the signalling protocol; its connection ends with this reason."""
+
+
+def _opus_payload_types(transceiver: RTCRtpTransceiver) -> frozenset[int]:
+    codecs = getattr(transceiver, "_codecs", [])
+    return frozenset(
+        c.payloadType
+        for c in codecs
+        if c.mimeType.lower() == OPUS and c.clockRate == OPUS_CLOCK_RATE
+    )
+
+
+def _opus_only(transceiver: RTCRtpTransceiver) -> None:
+    caps = RTCRtpSender.getCapabilities("audio")
+    transceiver.setCodecPreferences([c for c in caps.codecs if c.mimeType.lower() == OPUS])
+
+
+async def _set_remote(pc: RTCPeerConnection, sdp: str, kind: str, what: str) -> None:
+    """setRemoteDescription, with any failure to read `sdp` as the client's SignalError."""
+    if not sdp.startswith(SDP_START) or MEDIA_LINE not in sdp:
+        raise SignalError(f"unusable {what}: not an SDP with media sections")
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp, kind))
+    except Exception as e:  # aiortc's parser raises assorted types for malformed SDP
+        raise SignalError(f"unusable {what} SDP: {type(e).__name__}: {e!s:.200}") from None
+
+
+def parse_candidate(candidate_init: str) -> Any:
+    """An aiortc candidate from a TrickleRequest's `candidateInit` JSON; None for the empty
+    end-of-candidates one. Raises SignalError when it cannot be read."""
+    try:
+        init = json.loads(candidate_init)
+        text = str(init.get("candidate", ""))
+        if not text:
+            return None
+        candidate = candidate_from_sdp(text.split(":", 1)[1] if text.startswith("candidate:") else text)
+        candidate.sdpMid = init.get("sdpMid")
+        candidate.sdpMLineIndex = init.get("sdpMLineIndex")
+    except (ValueError, TypeError, AttributeError, IndexError) as e:
+        raise SignalError(f"unreadable ICE candidate: {e}") from None
+    return candidate
+
+
+class PeerConnections:
+    """The publisher and subscriber connections of one client, and the subscriber offers."""
+
+    def __init__(
+        self,
+        send_offer: Callable[[str], None],
+        on_track: Callable[[str, RTCRtpReceiver, frozenset[int], str | None], None],
+        on_data: Callable[[bytes, bool], None],
+        on_failed: Callable[[str], None],
+    ) -> None:
+        config = RTCConfiguration(iceServers=[])  # aiortc's default is a public STUN server
+        self.publisher = RTCPeerConnection(config)
+        self.subscriber = RTCPeerConnection(config)
+        self._send_offer = send_offer
+        self._on_track = on_track
+        self._on_data = on_data
+        self._on_failed = on_failed
+        self._channels = {
+            RELIABLE_LABEL: self.subscriber.createDataChannel(RELIABLE_LABEL, ordered=True),
+            LOSSY_LABEL: self.subscriber.createDataChannel(
+                LOSSY_LABEL, ordered=False, maxRetransmits=0
+            ),
+        }
+        self._pending_reliable: list[bytes] = []
+        self._channels[RELIABLE_LABEL].on("open", self._flush_reliable)
+        self._senders: dict[str, RTCRtpSender] = {}
+        self._offer_wanted = asyncio.Event()
+        self._answered = asyncio.Event()
+        self._awaiting_answer = False
+        self._early_candidates: dict[RTCPeerConnection, list[Any]] = {
+            self.publisher: [],
+            self.subscriber: [],
+        }
+        self.publisher.on("track", self._track)
+        self.publisher.on("datachannel", self._datachannel)
+        for name, pc in (("publisher", self.publisher), ("subscriber", self.subscriber)):
+            pc.on("connectionstatechange", self._state_watcher(name, pc))
+
+    def _state_watcher(self, name: str, pc: RTCPeerConnection) -> Callable[[], None]:
+        def changed() -> None:
+            if pc.connectionState == "failed":
+                self._on_failed(f"the {name} peer connection failed (ICE or DTLS)")
+
+        return changed
+
+    # -- publisher ----------------------------------------------------------------------------
+
+    async def answer_publisher(self, sdp: str) -> str:
+        """Answer the client's publisher offer."""
+        await _set_remote(self.publisher, sdp, "offer", "publisher offer")
+        await self._add_early_candidates(self.publisher)
+        answer = await self.publisher.createAnswer()
+        await self.publisher.setLocalDescription(answer)
+        return str(self.publisher.localDescription.sdp)
+
+    def _track(self, track: Any) -> None:
+        for t in self.publisher.getTransceivers():
+            if t.receiver.track is track:
+                self._on_track(track.id, t.receiver, _opus_payload_types(t), t.mid)
+                return
+
+    def _datachannel(self, channel: RTCDataChannel) -> None:
+        reliable = channel.label == RELIABLE_LABEL
+        if channel.label not in (RELIABLE_LABEL, LOSSY_LABEL):
+            return
+
+        def message(data: bytes | str) -> None:
+            if isinstance(data, bytes):
+                self._on_data(data, reliable)
+
+        channel.on("message", message)
+
+    # -- subscriber ---------------------------------------------------------------------------
+
+    def add_track(self, stream_id: str, track_sid: str) -> FrameSink:
+        """Offer `track_sid` to the client with msid `<stream_id> <track_sid>`."""
+        track = RelayTrack(track_sid)
+        sender = self.subscriber.addTrack(track)  # reuses an inactive transceiver if any
+        sender._stream_id = stream_id  # the msid stream: "<participant sid>|<track sid>"
+        transceiver = self._transceiver(sender)
+        transceiver.direction = "sendonly"
+        _opus_only(transceiver)
+        self._senders[track_sid] = sender
+        self.renegotiate()
+        return track.push
+
+    def remove_track(self, track_sid: str) -> None:
+        sender = self._senders.pop(track_sid, None)
+        if sender is None:
+            return
+        if sender.track is not None:
+            sender.track.stop()
+        sender.replaceTrack(None)
+        self._transceiver(sender).direction = "inactive"
+        self.renegotiate()
+
+    def _transceiver(self, sender: RTCRtpSender) -> RTCRtpTransceiver:
+        return next(t for t in self.subscriber.getTransceivers() if t.sender is sender)
+
+    def renegotiate(self) -> None:
+        self._offer_wanted.set()
+
+    async def offer_task(self, answer_timeout: float) -> None:
+        """Send subscriber offers, one at a time: each waits for its answer."""
+        while True:
+            await self._offer_wanted.wait()
+            self._offer_wanted.clear()
+            offer = await self.subscriber.createOffer()
+            await self.subscriber.setLocalDescription(offer)
+            self._answered.clear()
+            self._awaiting_answer = True
+            self._send_offer(str(self.subscriber.localDescription.sdp))
+            try:
+                # asyncio.timeout, not wait_for: in 3.11 wait_for swallows a cancellation that
+                # lands as the answer arrives
+                async with asyncio.timeout(answer_timeout):
+                    await self._answered.wait()
+            except TimeoutError:
+                raise SignalError(
+                    f"the client did not answer the subscriber offer within {answer_timeout:g}s"
+                ) from None
+
+    async def accept_answer(self, sdp: str) -> None:
+        if not self._awaiting_answer:
+            raise SignalError("an answer arrived while no subscriber offer was outstanding")
+        await _set_remote(self.subscriber, sdp, "answer", "subscriber answer")
+        self._awaiting_answer = False
+        self._answered.set()
+        await self._add_early_candidates(self.subscriber)
+
+    async def add_candidate(self, candidate_init: str, to_subscriber: bool) -> None:
+        """Add a trickled candidate; one that comes before its connection's remote SDP (the
+        SDK may send it before its answer) waits for it."""
+        pc = self.subscriber if to_subscriber else self.publisher
+        candidate = parse_candidate(candidate_init)
+        if candidate is None:
+            return
+        if pc.remoteDescription is not None:
+            await pc.addIceCandidate(candidate)
+            return
+        early = self._early_candidates[pc]
+        if len(early) >= MAX_EARLY_CANDIDATES:
+            which = "subscriber" if to_subscriber else "publisher"
+            raise SignalError(
+                f"more than {MAX_EARLY_CANDIDATES} ICE candidates for the {which} connection "
+                "before its SDP"
+            )
+        early.append(candidate)
+
+    async def _add_early_candidates(self, pc: RTCPeerConnection) -> None:
+        early, self._early_candidates[pc] = self._early_candidates[pc], []
+        for candidate in early:
+            await pc.addIceCandidate(candidate)
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def send_data(self, payload: bytes, reliable: bool) -> None:
+        channel = self._channels[RELIABLE_LABEL if reliable else LOSSY_LABEL]
+        if channel.readyState == "open":
+            channel.send(payload)
+        elif reliable and len(self._pending_reliable) < MAX_PENDING_RELIABLE:
+            self._pending_reliable.append(payload)
+
+    def _flush_reliable(self) -> None:
+        pending, self._pending_reliable = self._pending_reliable, []
+        for payload in pending:
+            self._channels[RELIABLE_LABEL].send(payload)
+
+    async def aclose(self) -> None:
+        for sender in self._senders.values():
+            if sender.track is not None:
+                sender.track.stop()
+        closes: list[Awaitable[None]] = [self.publisher.close(), self.subscriber.close()]
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*closes, return_exceptions=True)

@@ -1,0 +1,282 @@
+"""One inbound call, in livekit-sip's order (pkg/sip/inbound.go): 100 Trying → trunk match and
+digest auth → 180 Ringing → dispatch rule → room and participant (`sip.callStatus=ringing`) →
+200 OK with the SDP answer once the room has subscribed → ACK → `active` → BYE or CANCEL →
+`hangup` and the participant leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+from collections.abc import Callable, Mapping
+from typing import Final
+
+from livekit.protocol import models, sip
+
+from callboard.log import get_logger
+from callboard.server.ids import new_id
+from callboard.server.sip import rules, sdp
+from callboard.server.sip.codecs import Pcm
+from callboard.server.sip.config import SipConfig
+from callboard.server.sip.digest import DigestAuth, parse_credentials
+from callboard.server.sip.media import RtpSession
+from callboard.server.sip.message import NameAddr, SipMessage, SipUri, reply
+from callboard.server.sip.room_leg import CallRooms, RoomLeg
+from callboard.server.sip.rules import ATTR_CALL_STATUS, InboundCall
+from callboard.server.sip.store import CALL_PREFIX, SipStore
+from callboard.server.sip.transport import Peer
+from callboard.server.sip.uac import ClientTransactions, new_branch
+
+log = get_logger("server.sip.call")
+
+ALLOW: Final = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY"
+NO_TRUNK: Final = "Does not match any SIP Trunks"
+NO_RULE: Final = "Does not match Trunks or Dispatch Rules"
+
+
+class CallStatus(enum.StrEnum):
+    """`sip.callStatus` values (livekit-sip pkg/sip/participant.go CallStatus.Attribute)."""
+
+    DIALING = "dialing"
+    RINGING = "ringing"
+    ACTIVE = "active"
+    HANGUP = "hangup"
+
+
+class Refused(Exception):
+    """The INVITE gets this final response and the call ends."""
+
+    def __init__(self, status: int, reason: str = "", extra: dict[str, str] | None = None):
+        super().__init__(f"{status} {reason}")
+        self.status, self.reason, self.extra = status, reason, extra or {}
+
+
+Responder = Callable[[SipMessage], None]
+
+
+class InboundSipCall:
+    """The life of one INVITE dialog on the gateway."""
+
+    def __init__(
+        self,
+        invite: SipMessage,
+        peer: Peer,
+        *,
+        config: SipConfig,
+        store: SipStore,
+        auth: DigestAuth,
+        rooms: CallRooms,
+        respond: Responder,
+        contact: str,
+    ) -> None:
+        self.invite = invite
+        self.peer = peer
+        self.config = config
+        self.store = store
+        self.auth = auth
+        self.rooms = rooms
+        self._respond = respond
+        self.contact = contact
+        self.call_id = new_id(CALL_PREFIX)
+        self.local_tag = new_id("")
+        self.media: RtpSession | None = None
+        self.leg: RoomLeg | None = None
+        self.answer: sdp.Answer | None = None
+        self.acked = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.status = "incoming"
+        self.room_name = ""
+        self.identity = ""
+        self._cseq = 0
+        self.log_extra = {"call_id": self.call_id, "sip_call_id": invite.call_id}
+
+    def respond(
+        self,
+        status: int,
+        reason: str = "",
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        response = reply(self.invite, status, reason, to_tag=self.local_tag if status > 100 else "")
+        if status >= 180:
+            response.add("Contact", self.contact)
+        for name, value in (headers or {}).items():
+            response.add(name, value)
+        if body:
+            response.add("Content-Type", "application/sdp")
+        response.body = body
+        self._respond(response)
+
+    def _inbound(self) -> InboundCall:
+        from_, to = self.invite.from_, self.invite.to
+        return InboundCall(
+            call_id=self.call_id,
+            from_user=from_.uri.user,
+            from_host=from_.uri.host,
+            to_user=to.uri.user or SipUri.parse(self.invite.uri).user,
+            source_ip=self.peer.host,
+        )
+
+    async def run(self) -> None:
+        """Answer the INVITE, then hold the call until it ends."""
+        try:
+            await self._setup()
+        except Refused as e:
+            log.info(
+                "sip call refused",
+                extra={**self.log_extra, "status": e.status, "reason": e.reason},
+            )
+            self.respond(e.status, e.reason, headers=e.extra)
+            await self._close(models.DisconnectReason.USER_REJECTED)
+            return
+        except asyncio.CancelledError:
+            await self._close(models.DisconnectReason.CLIENT_INITIATED)
+            raise
+        await self.ended.wait()
+
+    async def _setup(self) -> None:
+        self.respond(100)
+        call = self._inbound()
+        trunk = self._trunk(call)
+        try:
+            offer = sdp.parse(self.invite.body)
+        except sdp.SdpError as e:
+            raise Refused(488, str(e)) from None
+        self.respond(180)
+        dispatch = self._dispatch(trunk, call)
+        self.media = RtpSession(self._caller_audio, self.caller_digit)
+        port = await self.media.open(self.config.host)
+        try:
+            self.answer = sdp.choose(offer, self.config.host, port)
+        except sdp.SdpError as e:
+            raise Refused(488, str(e)) from None
+        attrs = {**dispatch.attributes, ATTR_CALL_STATUS: CallStatus.RINGING.value}
+        dispatch = dataclasses.replace(dispatch, attributes=attrs)
+        self.leg = await self.rooms.join(dispatch, self._to_caller, self._digit_to_caller)
+        self.media.start(self.answer, (offer.address, offer.port))
+        self.room_name, self.identity = dispatch.room_name, dispatch.identity
+        self.log_extra.update(room=dispatch.room_name, identity=dispatch.identity)
+        log.info("sip call ringing", extra=self.log_extra)
+        if not await self.leg.wait_subscribed(self.config.ringing_timeout):
+            raise Refused(480, "Nobody subscribed to the call")
+        self.respond(200, body=self.answer.encode(), headers={"Allow": ALLOW})
+        self.status = CallStatus.ACTIVE.value
+        self.leg.set_attributes({ATTR_CALL_STATUS: CallStatus.ACTIVE.value})
+        log.info("sip call answered", extra=self.log_extra)
+
+    def _trunk(self, call: InboundCall) -> sip.SIPInboundTrunkInfo:
+        try:
+            trunk = rules.match_trunk(self.store.inbound.values(), call)
+        except rules.RuleError:
+            raise Refused(503, "Try again later") from None
+        if trunk is None:
+            raise Refused(404, NO_TRUNK)
+        if trunk.auth_username and trunk.auth_password:
+            self._check_digest(trunk.auth_username, trunk.auth_password, trunk.auth_realm)
+        self.log_extra["trunk_id"] = trunk.sip_trunk_id
+        return trunk
+
+    def _check_digest(self, username: str, password: str, realm: str) -> None:
+        realm = realm or self.config.realm
+        header = self.invite.get("Proxy-Authorization")
+        if not header:
+            raise Refused(407, "Unauthorized", {"Proxy-Authenticate": self.auth.challenge(realm)})
+        if not parse_credentials(header):
+            raise Refused(401, "Bad credentials")
+        if not self.auth.check(
+            header, method="INVITE", username=username, password=password, realm=realm
+        ):
+            raise Refused(401, "Unauthorized")
+
+    def _dispatch(self, trunk: sip.SIPInboundTrunkInfo, call: InboundCall) -> rules.Dispatch:
+        try:
+            rule = rules.match_dispatch_rule(trunk, self.store.rules.values(), call)
+            dispatch = rules.evaluate_dispatch_rule(trunk, rule, call)
+        except rules.RuleError:
+            raise Refused(404, NO_RULE) from None
+        if dispatch.request_pin:
+            raise Refused(488, "PIN-protected dispatch rules are not supported yet")
+        return dispatch
+
+    # -- media between the phone and the room ------------------------------------------------
+
+    def _caller_audio(self, pcm: Pcm) -> None:
+        if self.leg is not None:
+            self.leg.caller_audio(pcm)
+
+    def caller_digit(self, digit: str) -> None:
+        if self.leg is not None:
+            self.leg.caller_digit(digit)
+
+    def _to_caller(self, pcm: Pcm) -> None:
+        if self.media is not None:
+            self.media.play(pcm)
+
+    def _digit_to_caller(self, digit: str) -> None:
+        if self.media is not None:
+            self.media.send_digit(digit)
+
+    # -- requests we send in the caller's dialog --------------------------------------------
+
+    def _in_dialog(self, method: str) -> SipMessage:
+        """A request from our side of the dialog (RFC 3261 §12.2.1.1): From is the INVITE's
+        To with our tag, To its From, sent to the caller's Contact."""
+        target = remote_target(self.invite)
+        uri = str(target.uri) if target is not None else str(self.invite.from_.uri)
+        self._cseq += 1
+        msg = SipMessage(method=method, uri=uri)
+        via = f"SIP/2.0/{self.peer.transport} {self.config.host}:{self.contact_port}"
+        msg.add("Via", f"{via};branch={new_branch()};rport")
+        msg.add("From", f"{self.invite.get('To')};tag={self.local_tag}")
+        msg.add("To", self.invite.get("From"))
+        msg.add("Call-ID", self.invite.call_id)
+        msg.add("CSeq", f"{self._cseq} {method}")
+        msg.add("Contact", self.contact)
+        msg.add("Max-Forwards", "70")
+        return msg
+
+    @property
+    def contact_port(self) -> int:
+        return NameAddr.parse(self.contact).uri.port or self.config.port
+
+    async def refer(self, refer_to: str, client: ClientTransactions) -> SipMessage:
+        """Blind transfer (RFC 3515): ask the caller's side to call `refer_to`."""
+        request = self._in_dialog("REFER")
+        request.add("Refer-To", refer_to)
+        request.add("Referred-By", self.contact)
+        reliable = self.peer.transport != "UDP"
+        log.info("sip transfer", extra=self.log_extra)
+        return await client.request(request, self.peer.send, reliable=reliable)
+
+    async def bye(self, client: ClientTransactions, reason: str) -> None:
+        """We hang up: BYE, then the participant leaves the room."""
+        request = self._in_dialog("BYE")
+        request.add("Reason", f'SIP;cause=200;text="{reason}"')
+        await client.request(request, self.peer.send, reliable=self.peer.transport != "UDP")
+        await self.hang_up(models.DisconnectReason.CLIENT_INITIATED)
+
+    # -- endings -----------------------------------------------------------------------------
+
+    async def hang_up(self, reason: int) -> None:
+        """The caller hung up (BYE) or cancelled: leave the room and free the media."""
+        await self._close(reason)
+        self.ended.set()
+
+    async def _close(self, reason: int) -> None:
+        if self.status == CallStatus.HANGUP.value:
+            return
+        self.status = CallStatus.HANGUP.value
+        if self.media is not None:
+            self.media.close()
+        if self.leg is not None:
+            self.leg.set_attributes({ATTR_CALL_STATUS: CallStatus.HANGUP.value})
+            await self.leg.leave(reason)
+        log.info("sip call ended", extra={**self.log_extra, "reason": int(reason)})
+
+
+def remote_target(invite: SipMessage) -> NameAddr | None:
+    contact = invite.get("Contact")
+    try:
+        return NameAddr.parse(contact) if contact else None
+    except ValueError:
+        return None

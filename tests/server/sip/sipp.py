@@ -1,0 +1,325 @@
+"""Debian's sipp (package sip-tester) as the phone: scenarios written for each test, run as a
+subprocess on loopback, bounded in time, with its exit code and error log kept."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from callboard.server.sip.codecs import PCMU
+from tests.interop.livekit_server import HOST, free_port
+
+SIPP_MISSING: Final = "sipp is not installed: apt-get install sip-tester"
+CALLER: Final = "+56975231235"
+CALLED: Final = "+15550100"
+RUN_TIMEOUT_S: Final = 15.0
+
+INVITE_HEADERS: Final = """\
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "Caller" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      Contact: <sip:{caller}@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70"""
+SDP: Final = """\
+      v=0
+      o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] [media_ip]
+      t=0 0
+      m=audio [media_port] RTP/AVP 0 8 101
+      a=rtpmap:0 PCMU/8000
+      a=rtpmap:8 PCMA/8000
+      a=rtpmap:101 telephone-event/8000
+      a=fmtp:101 0-16"""
+
+
+def invite(caller: str = CALLER, extra: str = "") -> str:
+    headers = INVITE_HEADERS.format(caller=caller)
+    extra_lines = f"\n      {extra}" if extra else ""
+    return f"""  <send retrans="500">
+    <![CDATA[
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+{headers}
+      CSeq: [cseq] INVITE{extra_lines}
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+{SDP}
+    ]]>
+  </send>
+"""
+
+
+def in_dialog(method: str, caller: str = CALLER, cseq: str = "[cseq]", retrans: bool = True) -> str:
+    retransmit = ' retrans="500"' if retrans else ""
+    return f"""  <send{retransmit}>
+    <![CDATA[
+      {method} [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "Caller" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: {cseq} {method}
+      Contact: <sip:{caller}@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
+
+def scenario(name: str, body: str) -> str:
+    head = '<?xml version="1.0" encoding="ISO-8859-1" ?>'
+    return f'{head}\n<scenario name="{name}">\n{body}</scenario>\n'
+
+
+def answered_call(audio: str = "", dtmf: str = "", talk_ms: int = 1500, auth: bool = False) -> str:
+    """INVITE (answering a 407 first when `auth`), 200, ACK, stream `audio`, send `dtmf`
+    digits, BYE, 200."""
+    steps = invite()
+    steps += '  <recv response="100" optional="true"/>\n'
+    if auth:
+        steps += '  <recv response="407" auth="true"/>\n'
+        steps += ack_for_error()
+        steps += invite(extra="[authentication]")
+        steps += '  <recv response="100" optional="true"/>\n'
+    steps += '  <recv response="180" optional="true"/>\n'
+    steps += '  <recv response="200" rrs="true"/>\n'
+    steps += in_dialog("ACK", cseq="[cseq]", retrans=False)
+    actions = []
+    if audio:
+        actions.append(f'<exec rtp_stream="{audio},1,0"/>')
+    if dtmf:
+        actions.append(f'<exec play_dtmf="{dtmf}"/>')
+    if actions:
+        steps += f"  <nop><action>{''.join(actions)}</action></nop>\n"
+    steps += f'  <pause milliseconds="{talk_ms}"/>\n'
+    steps += in_dialog("BYE")
+    steps += '  <recv response="200"/>\n'
+    return scenario("answered call", steps)
+
+
+def ack_for_error() -> str:
+    return """  <send>
+    <![CDATA[
+      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      CSeq: [cseq] ACK
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
+
+def refused_call(status: int) -> str:
+    """An INVITE answered `status` (after optional 100/180), then the ACK for it."""
+    steps = invite()
+    steps += '  <recv response="100" optional="true"/>\n'
+    steps += '  <recv response="180" optional="true"/>\n'
+    steps += f'  <recv response="{status}"/>\n'
+    steps += ack_for_error()
+    return scenario(f"refused {status}", steps)
+
+
+def write_ulaw_wav(path: Path, pcm: np.ndarray) -> Path:
+    """A mono 8 kHz G.711 µ-law WAV (format tag 7), what sipp's rtp_stream sends as is."""
+    data = PCMU.encode(pcm.astype(np.int16))
+    fmt = struct.pack("<HHIIHHH", 7, 1, 8000, 8000, 1, 8, 0)
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    chunks += b"fact" + struct.pack("<II", 4, len(data))
+    chunks += b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks)
+    return path
+
+
+def tone(seconds: float, hz: float = 440.0) -> np.ndarray:
+    t = np.arange(int(8000 * seconds)) / 8000
+    return (8000 * np.sin(2 * np.pi * hz * t)).astype(np.int16)
+
+
+@dataclass
+class SippRun:
+    returncode: int
+    output: str
+    errors: str
+
+
+async def run_sipp(
+    work: Path,
+    xml: str,
+    sip_port: int | None,
+    *,
+    listen_port: int | None = None,
+    calls: int = 1,
+    rate: float = 1.0,
+    transport: str = "u1",
+    service: str = CALLED,
+    auth: tuple[str, str] | None = None,
+    timeout: float = RUN_TIMEOUT_S,
+) -> SippRun:
+    """Run one scenario against 127.0.0.1:`sip_port` (or, with `sip_port` None, wait for calls
+    on `listen_port`); sipp exits 0 when every call passed."""
+    sipp = shutil.which("sipp")
+    if sipp is None:
+        raise FileNotFoundError(SIPP_MISSING)
+    scenario_file = _write(work, xml)
+    args = [
+        sipp,
+        *([f"{HOST}:{sip_port}"] if sip_port is not None else []),
+        "-sf",
+        str(scenario_file),
+        "-m",
+        str(calls),
+        "-r",
+        str(rate),
+        "-i",
+        HOST,
+        "-p",
+        str(listen_port or free_port()),
+        "-mi",
+        HOST,
+        "-mp",
+        str(free_port(socket.SOCK_DGRAM)),
+        "-s",
+        service,
+        "-t",
+        transport,
+        "-nostdin",
+        "-timeout",
+        f"{int(timeout)}s",
+        "-timeout_error",
+        "-trace_err",
+        "-error_file",
+        str(work / "errors.log"),
+    ]
+    if auth is not None:
+        args += ["-au", auth[0], "-ap", auth[1]]
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=work,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout + 10)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    errors = _read_errors(work)
+    return SippRun(proc.returncode or 0, out.decode(errors="replace")[-3000:], errors[-3000:])
+
+
+def _write(work: Path, xml: str) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "scenario.xml"
+    path.write_text(xml)
+    return path
+
+
+def _read_errors(work: Path) -> str:
+    path = work / "errors.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def answering_phone(hang_up_after_ms: int = 1000) -> str:
+    """A UAS: answers an INVITE (180, 200 with SDP), takes the ACK, hangs up after a while."""
+    return scenario(
+        "answering phone",
+        f"""  <recv request="INVITE" crlf="true" rrs="true">
+    <action>
+      <ereg regexp=".*" search_in="hdr" header="From:" check_it="true" assign_to="caller"/>
+    </action>
+  </recv>
+  <send>
+    <![CDATA[
+      SIP/2.0 180 Ringing
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <send retrans="500">
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+{SDP}
+    ]]>
+  </send>
+  <recv request="ACK" rtd="true" crlf="true"/>
+  <pause milliseconds="{hang_up_after_ms}"/>
+  <send retrans="500">
+    <![CDATA[
+      BYE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: <sip:callee@[local_ip]:[local_port]>;tag=[pid]SIPpTag01[call_number]
+      To: [$caller]
+      [last_Call-ID:]
+      CSeq: 1 BYE
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200"/>
+""",
+    )
+
+
+def transferred_call() -> str:
+    """A caller who is answered, then REFERred elsewhere (202), then hung up on (BYE → 200)."""
+    steps = invite()
+    steps += '  <recv response="100" optional="true"/>\n'
+    steps += '  <recv response="180" optional="true"/>\n'
+    steps += '  <recv response="200" rrs="true"/>\n'
+    steps += in_dialog("ACK", cseq="[cseq]", retrans=False)
+    steps += '  <recv request="REFER" timeout="10000"/>\n'
+    steps += _answer("202 Accepted")
+    steps += '  <recv request="BYE" timeout="10000"/>\n'
+    steps += _answer("200 OK")
+    return scenario("transferred call", steps)
+
+
+def _answer(status: str) -> str:
+    return f"""  <send>
+    <![CDATA[
+      SIP/2.0 {status}
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""

@@ -1,0 +1,157 @@
+"""The gateway's SIP answers, request by request over loopback UDP (livekit-sip
+pkg/sip/inbound.go for the statuses and reasons), and its behaviour under a flood."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from callboard.server.app import EmbeddedServer, run_server
+from callboard.server.config import ServerConfig
+from tests.server.sip.raw_sip import OFFER, RawSipClient, request
+from tests.server.sip.test_calls import provision
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[EmbeddedServer]:
+    async with run_server(ServerConfig(port=0, sip_port=0)) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def phone(gateway: EmbeddedServer) -> AsyncIterator[RawSipClient]:
+    assert gateway.sip is not None
+    client = await RawSipClient.open(gateway.sip.port)
+    yield client
+    client.close()
+
+
+def port_of(srv: EmbeddedServer) -> int:
+    assert srv.sip is not None
+    return srv.sip.port
+
+
+async def test_options_is_answered_with_what_we_allow(
+    gateway: EmbeddedServer, phone: RawSipClient
+) -> None:
+    [ok] = await phone.request(request("OPTIONS", port_of(gateway)))
+    assert (ok.status, ok.reason) == (200, "OK")
+    assert "INVITE" in ok.get("Allow") and "BYE" in ok.get("Allow")
+
+
+async def test_an_unknown_method_is_405(gateway: EmbeddedServer, phone: RawSipClient) -> None:
+    [refused] = await phone.request(request("SUBSCRIBE", port_of(gateway)))
+    assert refused.status == 405 and refused.get("Allow")
+
+
+async def test_an_invite_without_a_trunk_is_404(
+    gateway: EmbeddedServer, phone: RawSipClient
+) -> None:
+    """livekit-sip's AuthNotFound answer. (livekit-server's own IOInfo service answers no trunk
+    with an empty auth result instead; a call then needs a wildcard rule: callboard requires a
+    trunk for every call.)"""
+    *provisional, final = await phone.request(request("INVITE", port_of(gateway), body=OFFER))
+    assert [p.status for p in provisional] == [100]
+    assert (final.status, final.reason) == (404, "Does not match any SIP Trunks")
+    assert final.to.tag, "a final response carries our To tag"
+
+
+async def test_an_invite_without_a_rule_is_404(
+    gateway: EmbeddedServer, phone: RawSipClient
+) -> None:
+    """inbound.go DispatchNoRuleReject: 180 first (rules are evaluated while ringing), then
+    404 "Does not match Trunks or Dispatch Rules"."""
+    await provision(gateway, rule=False)
+    *provisional, final = await phone.request(request("INVITE", port_of(gateway), body=OFFER))
+    assert [p.status for p in provisional] == [100, 180]
+    assert (final.status, final.reason) == (404, "Does not match Trunks or Dispatch Rules")
+
+
+async def test_a_retransmitted_invite_gets_the_same_answer(
+    gateway: EmbeddedServer, phone: RawSipClient
+) -> None:
+    invite = request("INVITE", port_of(gateway), body=OFFER)
+    first = await phone.request(invite)
+    again = await phone.request(invite)
+    assert [m.status for m in again] == [first[-1].status]
+    assert again[0].to.tag == first[-1].to.tag
+
+
+async def test_a_final_error_is_retransmitted_until_acked(
+    gateway: EmbeddedServer, phone: RawSipClient
+) -> None:
+    """RFC 3261 §17.2.1: over UDP the 404 repeats (T1, 2·T1, ...) while no ACK comes."""
+    await phone.request(request("INVITE", port_of(gateway), body=OFFER))
+    repeats = await phone.responses(timeout=1.2)
+    assert [m.status for m in repeats] == [404]
+
+
+async def test_offers_without_a_common_codec_are_488(
+    gateway: EmbeddedServer, phone: RawSipClient
+) -> None:
+    await provision(gateway)
+    offer = OFFER.replace(b"RTP/AVP 0 101", b"RTP/AVP 18").replace(b"a=rtpmap:0 PCMU", b"a=x:0")
+    *_, final = await phone.request(request("INVITE", port_of(gateway), body=offer))
+    assert final.status == 488
+
+
+async def test_required_extensions_we_lack_are_420(
+    gateway: EmbeddedServer, phone: RawSipClient
+) -> None:
+    """Session timers and other extensions are refused cleanly (RFC 3261 §8.2.2.3)."""
+    invite = request("INVITE", port_of(gateway), body=OFFER, extra="Require: timer")
+    [refused] = await phone.request(invite)
+    assert refused.status == 420 and refused.get("Unsupported") == "timer"
+
+
+async def test_bye_for_no_call_is_481(gateway: EmbeddedServer, phone: RawSipClient) -> None:
+    [refused] = await phone.request(request("BYE", port_of(gateway)))
+    assert refused.status == 481
+
+
+async def test_a_hold_reinvite_is_answered_recvonly(
+    gateway: EmbeddedServer, phone: RawSipClient
+) -> None:
+    await provision(gateway)
+    invite = request("INVITE", port_of(gateway), body=OFFER)
+    *_, ok = await phone.request(invite)
+    assert ok.status == 200 and b"a=sendrecv" in ok.body
+    hold = (
+        invite.replace(b"CSeq: 1 INVITE", b"CSeq: 2 INVITE")
+        .replace(b"To: <sip:+15550100@127.0.0.1>", f"To: {ok.get('To')}".encode())
+        .replace(b"branch=z9hG4bK", b"branch=z9hG4bKhold")
+        .replace(b"t=0 0\r\n", b"t=0 0\r\na=sendonly\r\n")
+    )
+    [held] = await phone.request(hold)
+    assert held.status == 200 and b"a=recvonly" in held.body
+
+
+async def test_an_invite_flood_is_shed_with_503_and_calls_go_on(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """500 INVITEs at once (bounded: one burst) against a gateway allowing 20 a second: each
+    gets a final answer (404 or 503 Try again later), and the gateway still answers after."""
+    async with run_server(ServerConfig(port=0, sip_port=0)) as srv:
+        assert srv.sip is not None
+        srv.sip._invites.rate = 20
+        srv.sip._invites._tokens = 20
+        phone = await RawSipClient.open(srv.sip.port)
+        try:
+            for _ in range(500):
+                phone.send(request("INVITE", srv.sip.port, body=OFFER))
+            finals: dict[int, int] = {}
+            while sum(finals.values()) < 500:
+                got = await phone.responses(timeout=3.0)
+                if not got:
+                    break
+                final = got[-1].status
+                if final >= 200:
+                    finals[final] = finals.get(final, 0) + 1
+            assert finals.get(503, 0) >= 400 and set(finals) <= {404, 503}
+            await asyncio.sleep(1.0)
+            [ok] = await phone.request(request("OPTIONS", srv.sip.port))
+            assert ok.status == 200
+        finally:
+            phone.close()
