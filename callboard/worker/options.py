@@ -118,7 +118,9 @@ class WorkerOptions:
     load_threshold: float | EnvOption[float] = field(
         default_factory=lambda: EnvOption(math.inf, 0.7)
     )
-    """Load at which the worker reports FULL; in (0, 1], or inf to disable (dev default)."""
+    """Share of the CPUs jobs may load: an offer is admitted only if one more job (at its
+    learned cost) stays within it, and the worker reports FULL when none does; in (0, 1], or
+    inf to disable (dev default)."""
     num_idle_processes: int | EnvOption[int] = field(
         default_factory=lambda: EnvOption(0, _default_idle_processes())
     )
