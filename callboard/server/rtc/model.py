@@ -45,6 +45,10 @@ class Member(Protocol):
     def on_removed(self, reason: int) -> None:
         """The room ends this membership (RemoveParticipant, duplicate identity, room closed)."""
 
+    def track_subscribed(self, track_sid: str) -> None:
+        """Someone now receives this member's track `track_sid` (SDKs wait for it before they
+        send: livekit-agents' room output does not speak until its track has a subscriber)."""
+
 
 @dataclass(eq=False)
 class Publication:
@@ -320,6 +324,7 @@ class LiveRoom:
             return
         pub.sinks[p.sid] = p.member.subscribe(pub.publisher.info, pub.info)
         p.subscribed.add(sid)
+        pub.publisher.member.track_subscribed(sid)
 
     def _unsubscribe_sid(self, p: Participant, track_sid: str) -> None:
         if track_sid not in p.subscribed:

@@ -453,6 +453,9 @@ class SignalSession:
     def unsubscribe(self, track_sid: str) -> None:
         self._peers.remove_track(track_sid)
 
+    def track_subscribed(self, track_sid: str) -> None:
+        self._send(rtc.SignalResponse(track_subscribed=rtc.TrackSubscribed(track_sid=track_sid)))
+
     def on_removed(self, reason: int) -> None:
         self._ending = f"removed by the server ({models.DisconnectReason.Name(reason)})"
         self._leave_reason = reason
