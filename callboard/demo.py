@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Final, TextIO
@@ -35,6 +35,14 @@ from callboard.log import JsonFormatter
 from callboard.server.app import run_server
 from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ServerConfig
 from callboard.server.rtc.network import NO_MEDIA_ADDRESS, media_addresses
+from callboard.voice_caller import (
+    CallEvent,
+    SipCaller,
+    hibari_synthesize,
+    sip_caller_token,
+    sip_room_name,
+)
+from callboard.worker.jobs import ActiveJob
 from callboard.worker.options import WorkerOptions
 from callboard.worker.worker import Worker
 
@@ -51,7 +59,7 @@ REGISTER_TIMEOUT_S: Final = 120.0
 CALL_TIMEOUT_S: Final = 180.0
 JOB_END_TIMEOUT_S: Final = 30.0
 WATCH_INTERVAL_S: Final = 0.1
-ENDED: Final = (agent.JS_SUCCESS, agent.JS_FAILED)
+ENDED_BY_WORKER: Final = "ended "
 LOG_FILE: Final = "demo.log"
 
 
@@ -73,13 +81,13 @@ class CallRecord:
 
     label: str
     room: str
-    caller: object = None  # the SipCaller, once dialled
+    caller: SipCaller | None = None
+    job: ActiveJob | None = None
     job_id: str = ""
     status: str = ""
     job_error: str = ""
     error: str = ""
     wav: Path | None = None
-    phases: list[str] = field(default_factory=list)
 
 
 def load_agent() -> ModuleType:
@@ -106,7 +114,7 @@ def log_to_file(path: Path) -> None:
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     for h in root.handlers:
-        h.setLevel(logging.WARNING)
+        h.setLevel(logging.ERROR)
     root.addHandler(handler)
     root.setLevel(os.environ.get("DEMO_DEBUG", "INFO"))
 
@@ -120,9 +128,7 @@ async def run_demo(calls: int, out_dir: Path | None = None) -> int:
     log_to_file(out / LOG_FILE)
     screen = Screen()
     receptionist = load_agent()
-    from callboard import voice_caller
-
-    await asyncio.to_thread(voice_caller.hibari_synthesize, "Hello.")  # the caller's voice
+    await asyncio.to_thread(hibari_synthesize, "Hello.")  # the caller's voice
     screen.line("", "demo", f"{calls} call(s) to examples/receptionist.py; audio and log in {out}")
     async with run_server(ServerConfig(port=0)) as server:
         screen.line("", "server", f"{server.url}, media on {', '.join(media_addresses())}")
@@ -162,7 +168,7 @@ async def _watch_worker(worker: Worker, screen: Screen) -> None:
         if now != seen:
             registered, state, jobs = now
             what = f"{state.value}, {jobs} job(s) running"
-            if registered and not seen or (seen and not seen[0] and registered):
+            if registered and (not seen or not seen[0]):
                 what = f"registered as {worker.id}; {what}"
             screen.line("", "worker", what)
             seen = now
@@ -172,18 +178,18 @@ async def _watch_worker(worker: Worker, screen: Screen) -> None:
 async def _converse(
     ws_url: str, http_url: str, worker: Worker, calls: int, screen: Screen, out: Path
 ) -> list[CallRecord]:
-    from callboard import voice_caller
-
     deadline = time.monotonic() + REGISTER_TIMEOUT_S
     while not worker.registered:
         if time.monotonic() > deadline:
             raise RuntimeError("the worker did not register with the embedded server")
         await asyncio.sleep(WATCH_INTERVAL_S)
-    records = [
-        CallRecord(f"call {i + 1}", voice_caller.sip_room_name(CALLER)) for i in range(calls)
-    ]
+    records = [CallRecord(f"call {i + 1}", sip_room_name(CALLER)) for i in range(calls)]
+    notes = _AgentNotes(screen, records)
+    logging.getLogger("livekit.agents").addHandler(notes)
     async with api.LiveKitAPI(http_url, DEV_API_KEY, DEV_API_SECRET) as lk:
-        phases = asyncio.create_task(_watch_jobs(lk, records, screen), name="demo_jobs_task")
+        phases = asyncio.create_task(
+            _watch_jobs(lk, worker, records, screen), name="demo_jobs_task"
+        )
         outcomes = await asyncio.gather(
             *(asyncio.wait_for(_call(lk, ws_url, r, screen), CALL_TIMEOUT_S) for r in records),
             return_exceptions=True,
@@ -194,18 +200,20 @@ async def _converse(
                 screen.line(record.label, "error", record.error)
             if record.caller is not None:
                 record.wav = out / f"{record.room}.wav"
-                record.caller.recording.save(record.wav)  # type: ignore[attr-defined]
+                record.caller.recording.save(record.wav)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(phases, JOB_END_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.shield(phases), JOB_END_TIMEOUT_S)
         phases.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await phases
+    logging.getLogger("livekit.agents").removeHandler(notes)
     return records
 
 
 async def _call(lk: api.LiveKitAPI, ws_url: str, record: CallRecord, screen: Screen) -> None:
     """One caller: dial in, hear the greeting, say the script, hang up."""
-    from callboard import voice_caller
 
-    def show(ev: voice_caller.CallEvent) -> None:
+    def show(ev: CallEvent) -> None:
         if ev.kind == "joined":
             screen.line(record.label, "phone", f"sip_{CALLER} dials in (room {ev.text})")
         elif ev.kind == "caller":
@@ -217,8 +225,8 @@ async def _call(lk: api.LiveKitAPI, ws_url: str, record: CallRecord, screen: Scr
             screen.line(record.label, "phone", "hangs up")
 
     await lk.room.create_room(api.CreateRoomRequest(name=record.room, departure_timeout=1))
-    token = voice_caller.sip_caller_token(DEV_API_KEY, DEV_API_SECRET, record.room, CALLER)
-    caller = voice_caller.SipCaller(ws_url, token, voice_caller.hibari_synthesize, show)
+    token = sip_caller_token(DEV_API_KEY, DEV_API_SECRET, record.room, CALLER)
+    caller = SipCaller(ws_url, token, hibari_synthesize, show)
     record.caller = caller
     await caller.dial()
     try:
@@ -229,19 +237,52 @@ async def _call(lk: api.LiveKitAPI, ws_url: str, record: CallRecord, screen: Scr
         await caller.hang_up()
 
 
-async def _watch_jobs(lk: api.LiveKitAPI, records: list[CallRecord], screen: Screen) -> None:
-    """Print each call's job phases as the server records them, until every job has ended."""
-    while any(r.status not in ("JS_SUCCESS", "JS_FAILED") for r in records):
+async def _watch_jobs(
+    lk: api.LiveKitAPI, worker: Worker, records: list[CallRecord], screen: Screen
+) -> None:
+    """Print each call's job phases: as the server records them while the room lives, and the
+    outcome the worker reported when the job ended. Returns once every job has ended."""
+    while not all(r.status.startswith(ENDED_BY_WORKER) for r in records):
         for r in records:
+            active = next((j for j in worker.active_jobs if j.info.job.room.name == r.room), None)
+            r.job = active or r.job
+            if r.job is not None:
+                r.job_id = r.job.info.job.id
+            if r.job is not None and r.job.outcome is not None:
+                if not r.status.startswith(ENDED_BY_WORKER):
+                    r.status = f"{ENDED_BY_WORKER}{r.job.outcome.status_name}"
+                    r.job_error = r.job.outcome.error
+                    screen.line(r.label, "job", f"{r.job_id} {r.status} (reported by the worker)")
+                continue
             with contextlib.suppress(api.TwirpError):
                 for d in await lk.agent_dispatch.list_dispatch(r.room):
                     for job in d.state.jobs:
-                        status = agent.JobStatus.Name(job.state.status)
+                        status = agent.JobStatus.Name(job.state.status).removeprefix("JS_")
                         if (job.id, status) != (r.job_id, r.status):
-                            r.job_id, r.status, r.job_error = job.id, status, job.state.error
-                            r.phases.append(status)
-                            screen.line(r.label, "job", f"{job.id} {status.removeprefix('JS_')}")
-        await asyncio.sleep(WATCH_INTERVAL_S * 2)
+                            r.job_id, r.status = job.id, status
+                            screen.line(r.label, "job", f"{job.id} {status.lower()}")
+        await asyncio.sleep(WATCH_INTERVAL_S)
+
+
+class _AgentNotes(logging.Handler):
+    """Shows the livekit-agents log lines that tell the story of a call (relayed from the job
+    processes with their room) on the screen."""
+
+    NOTES: Final = {
+        "closing agent session due to participant disconnect": "hears the hang-up: session closed",
+    }
+
+    def __init__(self, screen: Screen, records: list[CallRecord]) -> None:
+        super().__init__(logging.INFO)
+        self.screen = screen
+        self.labels = {r.room: r.label for r in records}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        label = self.labels.get(str(getattr(record, "room", "")))
+        message = record.getMessage()
+        for start, note in self.NOTES.items():
+            if label and message.startswith(start):
+                self.screen.line(label, "agent", note)
 
 
 def _summary(records: list[CallRecord], screen: Screen, out: Path) -> int:
@@ -250,11 +291,12 @@ def _summary(records: list[CallRecord], screen: Screen, out: Path) -> int:
     latencies: list[float] = []
     ok = True
     for r in records:
-        turns = getattr(r.caller, "turns", [])
+        turns = r.caller.turns if r.caller else []
         lat = [t.latency_s for t in turns if t.latency_s is not None]
         latencies += lat
         spoke = bool(turns) and all(t.heard_by_agent and t.agent_said for t in turns)
-        good = not r.error and r.status == "JS_SUCCESS" and spoke and len(turns) == len(SCRIPT)
+        ended = r.status == f"{ENDED_BY_WORKER}JS_SUCCESS"
+        good = not r.error and ended and spoke and len(turns) == len(SCRIPT)
         ok = ok and good
         line = f"  {r.label}: {len(turns)} turn(s), job {r.job_id or '-'} {r.status or 'no status'}"
         if lat:
