@@ -87,9 +87,18 @@ def sip_caller_token(api_key: str, api_secret: str, room: str, number: str) -> s
     )
 
 
+NUMBER_WORDS: Final = tuple(
+    "zero one two three four five six seven eight nine ten eleven twelve".split()  # noqa: SIM905
+)
+
+
 def words(text: str) -> list[str]:
-    """Lower-case words without punctuation, numbers as Whisper and the script spell them."""
-    return re.findall(r"[a-z0-9']+", text.lower().replace("’", "'"))
+    """Lower-case words without punctuation; small numbers spelled out, as a script says them
+    and Whisper may write them in digits."""
+    found = re.findall(r"[a-z0-9']+", text.lower().replace("’", "'"))
+    return [
+        NUMBER_WORDS[int(w)] if w.isdigit() and int(w) < len(NUMBER_WORDS) else w for w in found
+    ]
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
