@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -48,7 +47,13 @@ from bench._side_by_side import (
     settle,
     table,
 )
-from callboard.voice_caller import SipCaller, hibari_synthesize, sip_caller_token, sip_room_name
+from callboard.voice_caller import (
+    SipCaller,
+    hibari_voice,
+    percentile,
+    sip_caller_token,
+    sip_room_name,
+)
 from tests.interop.livekit_server import API_KEY, API_SECRET, start_server, stop_process
 from tests.interop.netns import MEDIA_IP, enter_private_network
 
@@ -259,14 +264,6 @@ TURN_P95_LIMIT_S: Final = 1.5
 CONVERSATION_TIMEOUT_S: Final = 120.0
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile; nan for no values."""
-    ok = sorted(values)
-    if not ok:
-        return float("nan")
-    return ok[min(len(ok) - 1, max(0, math.ceil(q / 100 * len(ok)) - 1))]
-
-
 @dataclass
 class ConversationResult:
     idle: TreeMemory | None = None
@@ -297,6 +294,7 @@ class ConversationBench:
         self.max_calls = max_calls
         self.examples = {"ours": EXAMPLE, "theirs": ported_example(workdir)}
         self.results: dict[str, ConversationResult] = {}
+        self.voice = hibari_voice()
 
     async def run(self, lk: api.LiveKitAPI) -> None:
         for side in SIDES:
@@ -369,7 +367,7 @@ class ConversationBench:
         room = sip_room_name(CALLER_NUMBER)
         await lk.room.create_room(api.CreateRoomRequest(name=room, departure_timeout=1))
         token = sip_caller_token(API_KEY, API_SECRET, room, CALLER_NUMBER)
-        caller = SipCaller(self.server.ws_url, token, hibari_synthesize)
+        caller = SipCaller(self.server.ws_url, token, self.voice)
         await caller.dial()
         try:
             async with asyncio.timeout(CONVERSATION_TIMEOUT_S):

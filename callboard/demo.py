@@ -38,7 +38,9 @@ from callboard.server.rtc.network import NO_MEDIA_ADDRESS, media_addresses
 from callboard.voice_caller import (
     CallEvent,
     SipCaller,
-    hibari_synthesize,
+    Synthesize,
+    hibari_voice,
+    percentile,
     sip_caller_token,
     sip_room_name,
 )
@@ -128,7 +130,7 @@ async def run_demo(calls: int, out_dir: Path | None = None) -> int:
     log_to_file(out / LOG_FILE)
     screen = Screen()
     receptionist = load_agent()
-    await asyncio.to_thread(hibari_synthesize, "Hello.")  # the caller's voice
+    voice = hibari_voice()  # the callers' voice
     screen.line("", "demo", f"{calls} call(s) to examples/receptionist.py; audio and log in {out}")
     async with run_server(ServerConfig(port=0)) as server:
         screen.line("", "server", f"{server.url}, media on {', '.join(media_addresses())}")
@@ -149,7 +151,9 @@ async def run_demo(calls: int, out_dir: Path | None = None) -> int:
         running = asyncio.create_task(worker.run(), name="demo_worker_task")
         watcher = asyncio.create_task(_watch_worker(worker, screen), name="demo_watch_task")
         try:
-            records = await _converse(server.url, server.http_url, worker, calls, screen, out)
+            records = await _converse(
+                server.url, server.http_url, worker, calls, screen, out, voice
+            )
         finally:
             await worker.drain(10)
             await worker.aclose()
@@ -176,7 +180,13 @@ async def _watch_worker(worker: Worker, screen: Screen) -> None:
 
 
 async def _converse(
-    ws_url: str, http_url: str, worker: Worker, calls: int, screen: Screen, out: Path
+    ws_url: str,
+    http_url: str,
+    worker: Worker,
+    calls: int,
+    screen: Screen,
+    out: Path,
+    voice: Synthesize,
 ) -> list[CallRecord]:
     deadline = time.monotonic() + REGISTER_TIMEOUT_S
     while not worker.registered:
@@ -191,7 +201,10 @@ async def _converse(
             _watch_jobs(lk, worker, records, screen), name="demo_jobs_task"
         )
         outcomes = await asyncio.gather(
-            *(asyncio.wait_for(_call(lk, ws_url, r, screen), CALL_TIMEOUT_S) for r in records),
+            *(
+                asyncio.wait_for(_call(lk, ws_url, r, screen, voice), CALL_TIMEOUT_S)
+                for r in records
+            ),
             return_exceptions=True,
         )
         for record, outcome in zip(records, outcomes, strict=True):
@@ -210,7 +223,9 @@ async def _converse(
     return records
 
 
-async def _call(lk: api.LiveKitAPI, ws_url: str, record: CallRecord, screen: Screen) -> None:
+async def _call(
+    lk: api.LiveKitAPI, ws_url: str, record: CallRecord, screen: Screen, voice: Synthesize
+) -> None:
     """One caller: dial in, hear the greeting, say the script, hang up."""
 
     def show(ev: CallEvent) -> None:
@@ -226,7 +241,7 @@ async def _call(lk: api.LiveKitAPI, ws_url: str, record: CallRecord, screen: Scr
 
     await lk.room.create_room(api.CreateRoomRequest(name=record.room, departure_timeout=1))
     token = sip_caller_token(DEV_API_KEY, DEV_API_SECRET, record.room, CALLER)
-    caller = SipCaller(ws_url, token, hibari_synthesize, show)
+    caller = SipCaller(ws_url, token, voice, show)
     record.caller = caller
     await caller.dial()
     try:
@@ -307,7 +322,7 @@ def _summary(records: list[CallRecord], screen: Screen, out: Path) -> int:
         if r.wav is not None:
             print(f"    audio: {r.wav}", file=screen.out)
     if latencies:
-        p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) > 1 else latencies[0]
+        p95 = percentile(latencies, 95)
         print(
             f"  turn latency (caller's end of speech → first agent audio): "
             f"p50 {statistics.median(latencies):.2f} s, p95 {p95:.2f} s over {len(latencies)}",

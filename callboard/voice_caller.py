@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import secrets
 import time
@@ -110,6 +111,14 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
         for j, h in enumerate(hyp, 1):
             prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
     return row[-1] / max(len(ref), 1)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), nearest rank; nan for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1]
 
 
 def rms(samples: np.ndarray[Any, Any]) -> float:
@@ -250,7 +259,7 @@ class SipCaller:
         self,
         ws_url: str,
         token: str,
-        synthesize: Callable[[str], tuple[bytes, int]],
+        synthesize: Synthesize,
         on_event: Callable[[CallEvent], None] = lambda _: None,
     ) -> None:
         self.ws_url = ws_url
@@ -365,8 +374,18 @@ class SipCaller:
         self.on_event(CallEvent("hangup"))
 
 
-def hibari_synthesize(sentence: str) -> tuple[bytes, int]:
-    """The caller's voice: the offline plugin's hibari voice (24 kHz int16)."""
+Synthesize = Callable[[str], tuple[bytes, int]]
+"""A voice: a sentence in, (int16 mono PCM, its sample rate) out."""
+
+
+def hibari_voice() -> Synthesize:
+    """The caller's voice: the offline plugin's hibari (24 kHz). Call it on the main thread:
+    the plugin registers its shared models when first imported, which it refuses off it."""
     from callboard.plugins.local import models
 
-    return models.hibari_voice().synthesize(sentence, 1.0), models.TTS_SAMPLE_RATE
+    voice = models.hibari_voice()
+
+    def synthesize(sentence: str) -> tuple[bytes, int]:
+        return voice.synthesize(sentence, 1.0), models.TTS_SAMPLE_RATE
+
+    return synthesize

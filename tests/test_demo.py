@@ -26,9 +26,9 @@ def test_demo_holds_a_spoken_conversation_on_each_of_two_concurrent_calls(tmp_pa
     if reason is not None:
         pytest.skip(reason)
     pytest.importorskip("faster_whisper", reason="needs the voice extra: pip install -e '.[voice]'")
+    demo = [sys.executable, "-m", "callboard.cli", "demo", "--calls", "2", "--out", str(tmp_path)]
     done = subprocess.run(
-        [sys.executable, "-m", "tests.interop.netns"]
-        + [sys.executable, "-m", "callboard.cli", "demo", "--calls", "2", "--out", str(tmp_path)],
+        [sys.executable, "-m", "tests.interop.netns", *demo],
         capture_output=True,
         text=True,
         timeout=280,
@@ -54,4 +54,6 @@ def test_demo_holds_a_spoken_conversation_on_each_of_two_concurrent_calls(tmp_pa
         with wave.open(str(path)) as w:
             assert (w.getnchannels(), w.getframerate()) == (2, 16000)
             assert w.getnframes() > 10 * 16000  # greeting and three turns: well over 10 s
-    assert "closing agent session due to participant disconnect" in (tmp_path / "demo.log").read_text()
+    assert (
+        "closing agent session due to participant disconnect" in (tmp_path / "demo.log").read_text()
+    )

@@ -33,7 +33,7 @@ import numpy as np
 from livekit import api
 
 from callboard.plugins.local import models
-from callboard.voice_caller import SipCaller, hibari_synthesize, sip_caller_token, sip_room_name
+from callboard.voice_caller import SipCaller, hibari_voice, sip_caller_token, sip_room_name
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
@@ -145,7 +145,7 @@ async def call(
     async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
         await lk.room.create_room(api.CreateRoomRequest(name=room_name, departure_timeout=1))
         token = sip_caller_token(API_KEY, API_SECRET, room_name, CALLER_NUMBER)
-        caller = SipCaller(server.ws_url, token, hibari_synthesize)
+        caller = SipCaller(server.ws_url, token, hibari_voice())
         await caller.dial()
         try:
             report["greeting"] = await caller.listen_to_greeting()
