@@ -326,16 +326,10 @@ class SipCaller:
                 turn.heard_by_agent = f"{turn.heard_by_agent} {text}".strip()
             self.on_event(CallEvent("caller", text))
             return
-        latency = None
         if turn is None:
             self.greeting = f"{self.greeting} {text}".strip()
         else:
             turn.agent_said = f"{turn.agent_said} {text}".strip()
-            first = self.ear.first_voiced_after(turn.end_of_speech)
-            if first is not None and turn.latency_s is None:
-                turn.latency_s = first - turn.end_of_speech
-            latency = turn.latency_s
-        self.on_event(CallEvent("agent", text, latency))
         self._agent_spoke.set()
 
     async def _agent_text(self, get: Callable[[], str]) -> None:
@@ -349,6 +343,7 @@ class SipCaller:
     async def listen_to_greeting(self, timeout: float = REPLY_TIMEOUT_S) -> str:
         await self._reply(self.recording.started, timeout)
         await self._agent_text(lambda: self.greeting)
+        self.on_event(CallEvent("agent", self.greeting))
         return self.greeting
 
     async def say(self, sentence: str, timeout: float = REPLY_TIMEOUT_S) -> Turn:
@@ -363,6 +358,7 @@ class SipCaller:
         turn.reply_pcm = self.ear.pcm(first, last)
         await self._agent_text(lambda: turn.agent_said)
         self._current = None
+        self.on_event(CallEvent("agent", turn.agent_said, turn.latency_s))
         self.turns.append(turn)
         return turn
 
