@@ -1,23 +1,33 @@
-"""The voice agent, ours vs livekit-agents 1.8.9, on the real livekit-server: memory of the
-worker's process tree and how fast a dispatched job starts and joins the room.
+"""The voice agent, ours vs livekit-agents 1.8.9, on the real livekit-server.
 
 Both sides run examples/receptionist.py (AgentSession, silero VAD, offline Whisper STT, scripted
 LLM, hibari TTS), ours as it is, theirs with its one import changed back to livekit-agents'
 (bench/agents/<side>_voice_agent.py, the two differing only in their import), each with its
-production defaults (`start`) but for the load (reported 0, never refused). For each side, in
-turn, on a fresh worker that has run one untimed job:
+production defaults (`start`) but for the load (reported 0, never refused). WebRTC needs a
+non-loopback address, so the benchmark first moves into a private network namespace
+(tests/interop/netns.py: root, Linux; nothing leaves the machine) and runs livekit-server there
+(built with Go by the interop tests, cached). Each side in turn, on a fresh worker that has run
+one untimed job.
 
-- idle tree PSS: the worker and every process it started (zygote or forkserver, the shared
-  inference process holding Whisper and hibari, the warm pool), settled;
-- dispatch → entrypoint: `time.time()` just before CreateDispatch to the entrypoint's first act;
-- dispatch → agent joined: to the moment a client already in the room sees the agent arrive
-  (`participant_connected`): process start, AgentSession set-up and the WebRTC connection;
-- added USS per running job: tree USS with `--memory-jobs` sessions running (each in its own
-  room, greeting to nobody), minus the idle USS, per job.
+**Conversations** (`python -m bench.voice`): callers shaped like LiveKit SIP participants
+(callboard.voice_caller.SipCaller: identity `sip_+56975231235`, kind SIP) hear the greeting, say
+two sentences (hibari) and hang up; each side is measured the same way:
 
-WebRTC needs a non-loopback address, so the benchmark first moves into a private network
-namespace (tests/interop/netns.py: root, Linux; nothing leaves the machine) and runs
-livekit-server there (built with Go by the interop tests, cached).
+- turn latency: the caller's end of speech (its last sample leaving the caller's audio queue) to
+  the first voiced 10 ms of the agent's answer arriving at the caller, over `--trials`
+  sequential calls, p50 and p95;
+- tree PSS (the worker and every process it started), settled with the voice stack idle, and
+  while `--calls` conversations are in progress (sampled once every caller heard its greeting);
+  added PSS per call is the difference over `--calls`;
+- concurrent conversations held: 1, 2, ... `--max-calls` calls at once, until the p95 of their
+  turn latencies exceeds 1.5 s or a call fails (the search stops by itself).
+
+    sudo python -m bench.voice [--trials 3] [--calls 3] [--max-calls 6]
+
+**Jobs** (`python -m bench.jobs --voice`): idle tree PSS; dispatch → entrypoint (`time.time()`
+just before CreateDispatch to the entrypoint's first act); dispatch → agent joined (a client in
+the room sees the agent arrive); added USS per running job (`--memory-jobs` sessions greeting
+nobody).
 
     sudo python -m bench.jobs --voice [--trials 5] [--memory-jobs 3]
 """

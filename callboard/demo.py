@@ -33,7 +33,7 @@ from livekit.protocol import agent
 from callboard.job.context import JobExecutorType
 from callboard.log import JsonFormatter
 from callboard.server.app import run_server
-from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ServerConfig
+from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ConfigError, ServerConfig
 from callboard.server.rtc.network import NO_MEDIA_ADDRESS, media_addresses
 from callboard.voice_caller import (
     CallEvent,
@@ -93,9 +93,10 @@ class CallRecord:
 
 
 def load_agent() -> ModuleType:
-    """examples/receptionist.py, imported by name so that the worker's job processes find it."""
+    """examples/receptionist.py, imported by name so that the worker's job processes find it;
+    a ConfigError (the CLI prints it) when it or the voice extra is missing."""
     if not (EXAMPLES_DIR / f"{AGENT_MODULE}.py").exists():
-        raise RuntimeError(
+        raise ConfigError(
             f"{EXAMPLES_DIR / AGENT_MODULE}.py not found: run the demo from a clone of the "
             "repository installed with pip install -e '.[voice]'"
         )
@@ -104,7 +105,7 @@ def load_agent() -> ModuleType:
     try:
         return importlib.import_module(AGENT_MODULE)
     except ImportError as e:
-        raise RuntimeError(
+        raise ConfigError(
             f"the demo's agent needs the voice extra ({e}): pip install -e '.[voice]'"
         ) from e
 
