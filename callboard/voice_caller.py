@@ -40,7 +40,7 @@ VOICED_RMS: Final = 300.0
 END_OF_REPLY_SILENCE_S: Final = 1.0
 """The agent finished its reply once the caller has heard this much silence after its speech."""
 REPLY_TIMEOUT_S: Final = 30.0
-TRANSCRIPT_GRACE_S: Final = 2.0
+TRANSCRIPT_GRACE_S: Final = 5.0
 """How long the agent's final transcript may trail the end of its audio."""
 TRANSCRIPTION_TOPIC: Final = "lk.transcription"
 TRANSCRIBED_TRACK: Final = "lk.transcribed_track_id"
