@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         JobProcess,
         JobRequest,
     )
+    from callboard.worker.cost import JobCost
     from callboard.worker.options import EnvOption, WorkerOptions, WorkerPermissions, WorkerType
     from callboard.worker.worker import Worker
 
@@ -31,6 +32,7 @@ _EXPORTS = {
     "JobProcess": "callboard.job.context",
     "JobRequest": "callboard.job.context",
     "EnvOption": "callboard.worker.options",
+    "JobCost": "callboard.worker.cost",
     "WorkerOptions": "callboard.worker.options",
     "WorkerPermissions": "callboard.worker.options",
     "WorkerType": "callboard.worker.options",
@@ -41,6 +43,7 @@ __all__ = [
     "AutoSubscribe",
     "EnvOption",
     "JobContext",
+    "JobCost",
     "JobExecutorType",
     "JobProcess",
     "JobRequest",

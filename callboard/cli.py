@@ -79,6 +79,12 @@ def _call_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--dtmf", default="", help="digits to send (RFC 4733)")
     p.add_argument("--username", default="", help="digest username, if the trunk asks")
     p.add_argument("--password", default="", help="digest password, if the trunk asks")
+    p.add_argument(
+        "--no-wait-greeting",
+        dest="wait_greeting",
+        action="store_false",
+        help="speak at once instead of after the other side's greeting",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +154,10 @@ def _call(args: argparse.Namespace) -> int:
     fields = ("address", "to", "caller", "wav", "say", "save", "listen", "dtmf")
     try:
         options = CallOptions(
-            **{name: getattr(args, name) for name in (*fields, "username", "password")}
+            **{
+                name: getattr(args, name)
+                for name in (*fields, "username", "password", "wait_greeting")
+            }
         )
     except CallOptionsError as e:
         raise ConfigError(str(e)) from None

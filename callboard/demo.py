@@ -123,6 +123,7 @@ def log_to_file(path: Path) -> None:
 
 
 async def run_demo(calls: int, out_dir: Path | None = None) -> int:
+    receptionist = load_agent()
     if not media_addresses():
         print(f"demo FAILED: {NO_MEDIA_ADDRESS}", file=sys.stdout)
         return 1
@@ -130,7 +131,6 @@ async def run_demo(calls: int, out_dir: Path | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log_to_file(out / LOG_FILE)
     screen = Screen()
-    receptionist = load_agent()
     voice = hibari_voice()  # the callers' voice
     screen.line("", "demo", f"{calls} call(s) to examples/receptionist.py; audio and log in {out}")
     async with run_server(ServerConfig(port=0)) as server:

@@ -21,6 +21,11 @@ class RunningJob(Protocol):
     @property
     def pid(self) -> int | None: ...
 
+    @property
+    def memory_mb(self) -> float | None:
+        """The job's memory (PSS, MB) at its last sample; None when not measured."""
+        ...
+
     def terminate(self, reason: str) -> None:
         """Ask the job to shut down; the executor escalates if it does not in time."""
 
@@ -44,6 +49,11 @@ class JobExecutor(Protocol):
 
     def process_pids(self) -> list[int]:
         """Pids of the processes this executor runs (idle and busy), for metrics."""
+        ...
+
+    def shared_pids(self) -> list[int]:
+        """Pids of processes that serve every job (the inference process), whose CPU is part
+        of what each job costs."""
         ...
 
     @property

@@ -35,6 +35,9 @@ MAX_CONSECUTIVE_INIT_FAILURES: Final = 5
 """After this many prewarm failures in a row the pool stops prefilling (no crash loop)."""
 LAUNCH_ATTEMPTS: Final = 3
 INFERENCE_READY_POLL_S: Final = 0.02
+IDLE_PSS_PRIOR_MB: Final = 25.0
+"""PSS assumed for an idle process until one has been measured (a small agent's idle process
+measures ~4 MB, one that imported livekit-agents and voice plugins in the zygote ~10-20 MB)."""
 REFILL_QUIET_S: Final = 0.05
 REFILL_MAX_DELAY_S: Final = 1.0
 """The warm pool refills once launches pause, and a steady stream of calls still gets a
@@ -50,6 +53,14 @@ def _can_connect(address: str) -> bool:
     return True
 
 
+def idle_within_budget(target: int, idle_pss_mb: float, budget_mb: float) -> int:
+    """How many of `target` idle processes of `idle_pss_mb` each fit in `budget_mb` (0: no
+    budget)."""
+    if budget_mb <= 0 or idle_pss_mb <= 0:
+        return target
+    return min(target, int(budget_mb // idle_pss_mb))
+
+
 def function_ref(fn: Callable[..., Any]) -> tuple[str, str, str]:
     """(module, file for __main__, qualname): how the zygote finds `fn` again."""
     module = fn.__module__
@@ -63,13 +74,20 @@ class ProcessExecutor:
     """JobExecutor over zygote-forked, supervised, single-use processes."""
 
     def __init__(
-        self, zygote_config: ipc.ZygoteConfig, limits: SupervisionLimits, num_idle: int
+        self,
+        zygote_config: ipc.ZygoteConfig,
+        limits: SupervisionLimits,
+        num_idle: int,
+        idle_memory_mb: float = 0.0,
     ) -> None:
         self._zygote_config = zygote_config
         self._zygote = ZygoteClient(zygote_config, self._on_exit)
         self._retired: set[ZygoteClient] = set()
         self._limits = limits
         self._target_idle = num_idle
+        self._idle_memory_mb = idle_memory_mb
+        """Total PSS the idle processes may hold (0: no budget)."""
+        self._idle_pss_mb = IDLE_PSS_PRIOR_MB
         self._procs: dict[int, JobProcessHandle] = {}
         self._idle: deque[JobProcessHandle] = deque()
         self._starting = 0
@@ -110,16 +128,33 @@ class ProcessExecutor:
         return proc
 
     def set_idle_target(self, count: int) -> None:
-        """Reconcile the warm pool toward `count` idle processes (extra ones are stopped)."""
-        if count == self._target_idle:
-            return
+        """Reconcile the warm pool toward `count` idle processes, as many as its memory budget
+        holds at the measured idle PSS (extra ones are stopped)."""
         self._target_idle = count
-        while len(self._idle) > count:
+        target = self.idle_target
+        while len(self._idle) > target:
             self._idle.pop().terminate("warm pool shrinking")
-        self._wake.set()
+        if len(self._idle) + self._starting < target:
+            self._wake.set()
+
+    @property
+    def idle_memory_mb(self) -> float:
+        """PSS the idle processes hold, as last sampled."""
+        return sum(p.memory_mb or 0.0 for p in self._idle)
+
+    @property
+    def idle_target(self) -> int:
+        """The idle processes the pool keeps: the worker's target within the memory budget."""
+        measured = [m for p in self._idle if (m := p.memory_mb) is not None]
+        if measured:
+            self._idle_pss_mb = max(measured)
+        return idle_within_budget(self._target_idle, self._idle_pss_mb, self._idle_memory_mb)
 
     def process_pids(self) -> list[int]:
         return [self._zygote.pid, *self._procs] if self._zygote.pid else list(self._procs)
+
+    def shared_pids(self) -> list[int]:
+        return [self._inference_pid] if self._inference_pid else []
 
     @property
     def idle_count(self) -> int:
@@ -194,7 +229,7 @@ class ProcessExecutor:
             self._wake.clear()
             await self._after_launches()
             while (
-                len(self._idle) + self._starting < self._target_idle
+                len(self._idle) + self._starting < self.idle_target
                 and self._init_failures < MAX_CONSECUTIVE_INIT_FAILURES
                 and not self._closing
             ):

@@ -75,6 +75,8 @@ class JobProcessHandle:
         self._kill_reason: str | None = None
         self._last_pong = time.monotonic()
         self._warned_memory = False
+        self.memory: MemoryUsage | None = None
+        """The last memory sample (every memory_interval, off the loop)."""
         self._info: RunningJobInfo | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -127,8 +129,13 @@ class JobProcessHandle:
         if error:
             raise ProcessInitError(error)
         self._spawn(self._ping_task(), "ping")
-        if self._limits.memory_warn_mb or self._limits.memory_limit_mb:
-            self._spawn(self._memory_task(), "memory")
+        self._spawn(self._memory_task(), "memory")
+
+    @property
+    def memory_mb(self) -> float | None:
+        """PSS in MB at the last sample, None before the first (what the worker's cost model
+        and the warm pool's memory budget count)."""
+        return self.memory.pss_mb if self.memory is not None else None
 
     def launch(self, info: RunningJobInfo) -> None:
         self._info = info
@@ -262,9 +269,10 @@ class JobProcessHandle:
         limits = self._limits
         while self.alive:
             await asyncio.sleep(limits.memory_interval)
-            mb = await loop.run_in_executor(None, _uss_mb, self.pid)
-            if mb is None:
+            self.memory = await loop.run_in_executor(None, memory_usage, self.pid)
+            if self.memory is None:
                 continue
+            mb = self.memory.uss_mb
             if limits.memory_limit_mb and mb > limits.memory_limit_mb:
                 limit = limits.memory_limit_mb
                 reason = f"killed: memory {mb:.0f} MB over job_memory_limit_mb {limit:g}"
@@ -312,8 +320,19 @@ def _safe_extra(extra: dict[str, Any]) -> dict[str, Any]:
     return {(f"x_{k}" if k in _RESERVED else k): v for k, v in extra.items()}
 
 
-def _uss_mb(pid: int) -> float | None:
+@dataclass(frozen=True)
+class MemoryUsage:
+    """One process's memory: USS (its own pages, what the limits check) and PSS (its share of
+    the pages it shares with the zygote and its siblings, what budgets add up)."""
+
+    uss_mb: float
+    pss_mb: float
+
+
+def memory_usage(pid: int) -> MemoryUsage | None:
     try:
-        return float(psutil.Process(pid).memory_full_info().uss) / MB
+        info = psutil.Process(pid).memory_full_info()
     except (psutil.Error, OSError):
         return None
+    uss = float(info.uss) / MB
+    return MemoryUsage(uss_mb=uss, pss_mb=float(getattr(info, "pss", info.uss)) / MB)

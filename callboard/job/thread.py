@@ -52,6 +52,10 @@ class ThreadJob:
     def pid(self) -> int | None:
         return None
 
+    @property
+    def memory_mb(self) -> float | None:
+        return None
+
     def start(self) -> None:
         self._thread.start()
 
@@ -135,6 +139,9 @@ class ThreadExecutor:
         return None
 
     def process_pids(self) -> list[int]:
+        return []
+
+    def shared_pids(self) -> list[int]:
         return []
 
     @property

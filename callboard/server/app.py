@@ -21,7 +21,7 @@ from callboard.server.rooms import RoomRegistry
 from callboard.server.rtc.signal import RtcEndpoint
 from callboard.server.sip.config import SipConfig
 from callboard.server.sip.gateway import SipGateway
-from callboard.server.sip.room_leg import DispatchRooms
+from callboard.server.sip.room_media import RoomMediaRooms
 from callboard.server.sip.service import SipService
 from callboard.server.sip.store import SipStore
 from callboard.server.twirp import TwirpRouter
@@ -31,6 +31,8 @@ http_log = get_logger("server.http")
 """What aiohttp's request handling logs (our runner's `logger`), filtered by BadRequestFilter."""
 
 SHUTDOWN_TIMEOUT_S = 5.0
+CHATTY_MEDIA_LOGGERS: Final = ("aioice", "aiortc")
+"""They log every ICE check at INFO: kept at WARNING."""
 MAX_LOGGED_REASON: Final = 200
 
 
@@ -77,7 +79,7 @@ class EmbeddedServer:
         self.sip: SipGateway | None = None
         if config.sip_port is not None:
             sip_config = SipConfig(host=config.host, port=config.sip_port)
-            self.sip = SipGateway(sip_config, self.sip_store, DispatchRooms(self.rooms))
+            self.sip = SipGateway(sip_config, self.sip_store, RoomMediaRooms(self.rooms))
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -122,6 +124,8 @@ class EmbeddedServer:
                 "pass --keys or set LIVEKIT_KEYS for anything but local development",
                 extra={"api_key": DEV_API_KEY, "api_secret_hint": f"{DEV_API_SECRET[:1]}..."},
             )
+        for name in CHATTY_MEDIA_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         if BAD_REQUESTS not in http_log.filters:
             http_log.addFilter(BAD_REQUESTS)
         self._runner = web.AppRunner(

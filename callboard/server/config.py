@@ -25,7 +25,8 @@ MAX_AGENT_FRAME_BYTES: Final = 1 << 20
 MAX_TWIRP_BODY_BYTES: Final = 1 << 20
 ROOM_EMPTY_TIMEOUT_S: Final = 300
 ROOM_DEPARTURE_TIMEOUT_S: Final = 20
-RTC_ANSWER_TIMEOUT_S: Final = 10.0
+RTC_ANSWER_TIMEOUT_S: Final = 15.0
+"""livekit-server's negotiationFailedTimeout."""
 
 
 class ConfigError(ValueError):

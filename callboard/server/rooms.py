@@ -51,7 +51,7 @@ ENABLED_CODECS = (
 ENDED = (agent.JS_SUCCESS, agent.JS_FAILED, agent.JS_CANCELLED)
 ROOM_SWEEP_INTERVAL_S = 1.0
 AGENT_LEFT_ERROR = "agent worker left the room"
-AGENT_LEFT_GRACE_S = 2.0
+AGENT_LEFT_GRACE_S = 5.0
 """A worker reports its job's end just after the agent leaves the room (the job's last act is
 to disconnect): the job fails as AGENT_LEFT_ERROR only if no end is reported within this."""
 DEPENDENT_KINDS = frozenset({models.ParticipantInfo.AGENT, models.ParticipantInfo.EGRESS})
@@ -281,7 +281,9 @@ class RoomRegistry:
         p = self._participant(grants, req.room, req.identity)
         track = self._rooms[req.room].live.set_muted(p, req.track_sid, req.muted)
         if track is None:
-            raise TwirpError("not_found", f"track {req.track_sid!r} is not published by {p.identity!r}")
+            raise TwirpError(
+                "not_found", f"track {req.track_sid!r} is not published by {p.identity!r}"
+            )
         return room.MuteRoomTrackResponse(track=track)
 
     async def send_data(
@@ -326,9 +328,7 @@ class RoomRegistry:
             return
         for job in state.live_jobs():
             if job.state.participant_identity == p.identity:
-                asyncio.get_running_loop().call_later(
-                    AGENT_LEFT_GRACE_S, self._agent_left, job.id
-                )
+                asyncio.get_running_loop().call_later(AGENT_LEFT_GRACE_S, self._agent_left, job.id)
 
     def _agent_left(self, job_id: str) -> None:
         terminate = self._engine.terminate(

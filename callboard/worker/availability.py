@@ -25,7 +25,7 @@ log = get_logger("worker.availability")
 class Offer:
     """Answers one AvailabilityRequest exactly once and follows it to the job's launch."""
 
-    def __init__(self, worker: Worker, job: agent.Job) -> None:
+    def __init__(self, worker: Worker, job: agent.Job, received: float) -> None:
         self._worker = worker
         self._job = job
         self._session = worker.session
@@ -34,6 +34,8 @@ class Offer:
         self._accepted: JobAcceptArguments | None = None
         self._accepted_at = 0.0
         self._received_at = time.time()
+        self._received = received
+        """time.monotonic() when the offer arrived (answer latency)."""
         self._assignment: asyncio.Future[agent.JobAssignment] = (
             asyncio.get_running_loop().create_future()
         )
@@ -88,7 +90,8 @@ class Offer:
         if not self._first_answer():
             return
         self._worker.send_answer(
-            agent.AvailabilityResponse(job_id=self._job.id, available=False, terminate=terminate)
+            agent.AvailabilityResponse(job_id=self._job.id, available=False, terminate=terminate),
+            self._received,
         )
 
     async def _accept(self, args: JobAcceptArguments) -> None:
@@ -98,7 +101,7 @@ class Offer:
         if problem is not None:
             log.info("cannot accept: " + problem, extra=self._fields)
             self._worker.send_answer(
-                agent.AvailabilityResponse(job_id=self._job.id, available=False)
+                agent.AvailabilityResponse(job_id=self._job.id, available=False), self._received
             )
             return
         self._accepted = args
@@ -111,7 +114,7 @@ class Offer:
             participant_metadata=args.metadata,
             participant_attributes=args.attributes or {},
         )
-        self._worker.send_answer(resp)
+        self._worker.send_answer(resp, self._received)
 
     async def _await_assignment(self) -> None:
         assert self._accepted is not None
@@ -129,7 +132,9 @@ class Offer:
                 log.info("offer withdrawn before assignment", extra=self._fields)
                 return
             raise
-        await self._worker.launch(self._accepted, assignment, self._received_at, self._accepted_at)
+        await self._worker.running.launch(
+            self._accepted, assignment, self._received_at, self._accepted_at
+        )
 
     @property
     def assigned(self) -> bool:
@@ -150,7 +155,7 @@ class Offer:
         if refuse and unanswered and self._first_answer():
             log.info("refusing an open offer: the worker is stopping", extra=self._fields)
             self._worker.send_answer(
-                agent.AvailabilityResponse(job_id=self._job.id, available=False)
+                agent.AvailabilityResponse(job_id=self._job.id, available=False), self._received
             )
         if not self._assignment.done():
             self._assignment.cancel()

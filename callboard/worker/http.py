@@ -82,6 +82,12 @@ def worker_info(w: Worker) -> dict[str, Any]:
         "state": w.state.value,
         "agent_name": w.options.agent_name,
         "load": round(w.load, 4),
+        "capacity": w.admission.capacity,
+        "job_cost": {
+            "cpu": round(w.admission.cost.cpu, 4),
+            "memory_mb": round(w.admission.cost.memory_mb, 1),
+            "measured": w.admission.model.cpu_measured,
+        },
         "draining": w.draining,
         "uptime_s": round(w.uptime_s, 3),
         "jobs": [

@@ -14,9 +14,12 @@ from callboard.job.runner import JobOutcome
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from callboard.worker.load import LoadTracker
     from callboard.worker.worker import Worker
 
 START_LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ANSWER_LATENCY_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+MB: Final = 1024 * 1024
 
 
 class WorkerMetrics:
@@ -31,6 +34,21 @@ class WorkerMetrics:
             "callboard_jobs", "Jobs ended, by outcome", ["outcome"], registry=self.registry
         )
         self.load = Gauge("callboard_worker_load", "Effective load (0-1)", registry=self.registry)
+        self.measured_load = Gauge(
+            "callboard_worker_measured_load",
+            "Measured load without reservations (0-1)",
+            registry=self.registry,
+        )
+        self.idle_target = Gauge(
+            "callboard_warm_pool_target", "Prewarmed processes asked for", registry=self.registry
+        )
+        self.answer_latency = Histogram(
+            "callboard_offer_answer_seconds",
+            "From availability request received to answer sent, by answer",
+            ["answer"],
+            buckets=ANSWER_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.start_latency = Histogram(
             "callboard_job_start_latency_seconds",
             "From availability request received to job running",
@@ -40,6 +58,13 @@ class WorkerMetrics:
 
     def job_started(self, latency_s: float) -> None:
         self.start_latency.observe(latency_s)
+
+    def answered(self, accepted: bool, latency_s: float) -> None:
+        self.answer_latency.labels(answer="accepted" if accepted else "refused").observe(latency_s)
+
+    def sampled(self, tracker: LoadTracker, load: float) -> None:
+        self.load.set(load)
+        self.measured_load.set(tracker.measured)
 
     def job_ended(self, outcome: JobOutcome) -> None:
         self.jobs.labels(outcome="success" if outcome.ok else "failed").inc()
@@ -60,6 +85,21 @@ class _LiveCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         w = self._worker
         yield GaugeMetricFamily("callboard_active_jobs", "Jobs running now", len(w.active_jobs))
+        admission = w.admission
+        capacity = -1 if admission.capacity is None else admission.capacity
+        yield GaugeMetricFamily(
+            "callboard_worker_capacity_jobs",
+            "Jobs that fit at the learned cost (-1: no limit)",
+            capacity,
+        )
+        yield GaugeMetricFamily(
+            "callboard_job_cost_cpu_cores", "Learned CPU of one job", admission.cost.cpu
+        )
+        yield GaugeMetricFamily(
+            "callboard_job_cost_memory_bytes",
+            "Learned memory (PSS) of one job",
+            admission.cost.memory_mb * MB,
+        )
         pids = w.executor.process_pids()
         procs = GaugeMetricFamily("callboard_processes", "Job processes", labels=["state"])
         procs.add_metric(["idle"], w.executor.idle_count)

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from livekit.protocol import agent, models
 
 from callboard.job.context import JobContext, JobExecutorType, JobProcess, JobRequest
+from callboard.worker.cost import JobCost
 
 if TYPE_CHECKING:
     from callboard.worker.worker import Worker
@@ -35,6 +36,7 @@ STATUS_INTERVAL_S: Final = 2.5
 LOAD_SAMPLE_INTERVAL_S: Final = 0.5
 LOAD_SAMPLES: Final = 5
 DRAIN_TIMEOUT_S: Final = 1800.0
+IDLE_PROCESSES_WINDOW_S: Final = 60.0
 AVAILABILITY_ANSWER_TIMEOUT_S: Final = 5.0
 """How long request_fnc may take before the offer is rejected (the server waits 10 s)."""
 
@@ -149,7 +151,26 @@ class WorkerOptions:
     unresponsive_timeout: float = 30.0
     """A job process whose event loop does not answer pings this long is dumped and killed."""
     max_jobs: int = 0
-    """Hard cap on concurrent jobs, independent of load; 0 means no cap."""
+    """Hard cap on concurrent jobs, independent of load; 0 means no cap (admission by cost,
+    below, still applies)."""
+    cpu_budget: float | None = None
+    """CPUs the load is a share of. None: the cgroup's CPU quota, else the machine's CPUs,
+    measured as a whole. When set, only this worker's own processes count against it (for
+    several workers sharing one machine, or a test that must not see the machine's noise)."""
+    initial_job_cost: JobCost = field(default_factory=JobCost)
+    """What a job is assumed to cost (cores, MB of PSS) until running jobs have been measured;
+    then the measured cost is learned. The default (0.25 core, 100 MB) is a voice call with
+    the offline stack, rounded up (see callboard/worker/cost.py)."""
+    memory_budget_mb: float | None = None
+    """Total PSS the jobs may hold; an offer that would pass it is refused. None: 80% of the
+    memory available when the worker starts (of the cgroup's limit, if any)."""
+    idle_processes_memory_mb: float | EnvOption[float] = field(
+        default_factory=lambda: EnvOption(256.0, 1024.0)
+    )
+    """Total PSS the prewarmed processes may hold (measured); 0 means no budget."""
+    idle_processes_window: float = IDLE_PROCESSES_WINDOW_S
+    """After a burst of N jobs the warm pool keeps up to N processes ready for this long (s),
+    then shrinks back to num_idle_processes."""
     assignment_timeout: float = ASSIGNMENT_TIMEOUT_S
     """Seconds to wait for the server's assignment after accepting."""
     status_interval: float = STATUS_INTERVAL_S
@@ -176,6 +197,12 @@ class WorkerOptions:
             idle = env_value(self.num_idle_processes, devmode)
             if not _is_int(idle) or idle < 0:
                 raise OptionsError(f"num_idle_processes must be an int >= 0, got {idle!r}")
+            idle_mb = env_value(self.idle_processes_memory_mb, devmode)
+            if not _is_number(idle_mb) or not 0 <= idle_mb < math.inf:
+                raise OptionsError(
+                    "idle_processes_memory_mb must be a number >= 0 (0: no budget), "
+                    f"got {idle_mb!r}"
+                )
             port = env_value(self.port, devmode)
             if not _is_int(port) or not 0 <= port <= 65535:
                 raise OptionsError(f"port must be in 0..65535, got {port!r}")
@@ -187,6 +214,7 @@ class WorkerOptions:
             value = getattr(self, name)
             if not _is_number(value) or not value >= 0:
                 raise OptionsError(f"{name} must be a number >= 0 (0 disables), got {value!r}")
+        self._check_admission()
         for name in ("max_jobs", "max_retry"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
@@ -202,6 +230,19 @@ class WorkerOptions:
             raise OptionsError("worker_type must be a WorkerType (ROOM or PUBLISHER)")
         if self.ws_url is not None:
             _check_url(self.ws_url)
+
+    def _check_admission(self) -> None:
+        for name in ("cpu_budget", "memory_budget_mb"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or not 0 < value < math.inf):
+                raise OptionsError(f"{name} must be a number > 0 or None, got {value!r}")
+        cost = self.initial_job_cost
+        if not isinstance(cost, JobCost):
+            raise OptionsError(f"initial_job_cost must be a JobCost, got {cost!r}")
+        for part in ("cpu", "memory_mb"):
+            value = getattr(cost, part)
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise OptionsError(f"initial_job_cost.{part} must be a number > 0, got {value!r}")
 
     def resolve(self, devmode: bool) -> ResolvedOptions:
         """Fill connection settings from the environment and pick dev/prod defaults."""
@@ -230,6 +271,7 @@ class WorkerOptions:
             devmode=devmode,
             load_threshold=env_value(self.load_threshold, devmode),
             num_idle_processes=env_value(self.num_idle_processes, devmode),
+            idle_processes_memory_mb=env_value(self.idle_processes_memory_mb, devmode),
             port=env_value(self.port, devmode),
         )
 
@@ -242,6 +284,7 @@ class ResolvedOptions:
     devmode: bool
     load_threshold: float
     num_idle_processes: int
+    idle_processes_memory_mb: float
     port: int
 
     @property
@@ -269,6 +312,7 @@ _POSITIVE_SECONDS: Final = (
     "status_interval",
     "availability_timeout",
     "unresponsive_timeout",
+    "idle_processes_window",
 )
 
 

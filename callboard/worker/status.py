@@ -1,4 +1,4 @@
-"""The worker's status as the server sees it: its state, its warm-pool target, and the
+"""The worker's status as the server sees it: its state and the
 UpdateWorkerStatus messages (on every change, and every `status_interval` regardless)."""
 
 from __future__ import annotations
@@ -21,16 +21,6 @@ class WorkerState(Enum):
     FULL = "full"
     DRAINING = "draining"
     STOPPED = "stopped"
-
-
-def idle_target(default_idle: int, draining: bool, max_jobs: int, busy: int) -> int:
-    """How many prewarmed processes to keep: none while draining, never more than the job cap
-    leaves room for, else the configured pool size."""
-    if draining:
-        return 0
-    if max_jobs:
-        return min(default_idle, max(0, max_jobs - busy))
-    return default_idle
 
 
 class StatusReporter:

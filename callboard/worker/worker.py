@@ -17,7 +17,6 @@ from typing import Any, Final
 
 from livekit.protocol import agent, models
 
-from callboard.job.context import JobAcceptArguments
 from callboard.job.executor import JobExecutor
 from callboard.job.runner import JobOutcome, failed
 from callboard.log import get_logger, redact_secret
@@ -27,7 +26,7 @@ from callboard.worker.connection import Connection, Registration
 from callboard.worker.errors import ConnectionGiveUp, WorkerStartError
 from callboard.worker.executors import build_executor
 from callboard.worker.jobs import ActiveJob, RunningJobs
-from callboard.worker.load import LoadTracker
+from callboard.worker.load import LoadTracker, budgets_for
 from callboard.worker.metrics import WorkerMetrics
 from callboard.worker.options import (
     LOAD_SAMPLE_INTERVAL_S,
@@ -35,7 +34,8 @@ from callboard.worker.options import (
     ResolvedOptions,
     WorkerOptions,
 )
-from callboard.worker.status import StatusReporter, WorkerState, idle_target
+from callboard.worker.status import StatusReporter, WorkerState
+from callboard.worker.warm_pool import Demand, idle_target
 
 log = get_logger("worker")
 
@@ -68,7 +68,16 @@ class Worker:
         self._jobs = self._running.active
         self._offers: dict[str, Offer] = {}
         self._status = StatusReporter(self)
-        self._load = LoadTracker(self._opts.load_fnc, self, LOAD_SAMPLE_INTERVAL_S, LOAD_SAMPLES)
+        self._load = LoadTracker(
+            self._opts.load_fnc,
+            self,
+            LOAD_SAMPLE_INTERVAL_S,
+            LOAD_SAMPLES,
+            budgets_for(self._r),
+            self._opts.initial_job_cost,
+            own_tree=self._opts.cpu_budget is not None,
+        )
+        self._demand = Demand(self._opts.idle_processes_window)
         self._state = WorkerState.STARTING
         self._draining = False
         self._stop = asyncio.Event()
@@ -124,7 +133,12 @@ class Worker:
     @property
     def load(self) -> float:
         """Effective load: measured plus reservations for jobs the measure cannot see yet."""
-        return self._load.effective(len(self._offers), len(self._jobs))
+        return self._load.effective(len(self._offers))
+
+    @property
+    def admission(self) -> LoadTracker:
+        """The load, the learned job cost and the capacity (read-only use)."""
+        return self._load
 
     def capacity_problem_for_accept(self) -> str | None:
         """Why an offer that reserved its slot may no longer be accepted (only a drain)."""
@@ -134,12 +148,7 @@ class Worker:
         """Why a new offer must be refused right now, or None."""
         if self._draining:
             return "worker is draining"
-        if self._opts.max_jobs and len(self._jobs) + len(self._offers) >= self._opts.max_jobs:
-            return f"at the job cap (max_jobs={self._opts.max_jobs})"
-        threshold = self._r.load_threshold
-        if not math.isinf(threshold) and self.load >= threshold:
-            return f"load {self.load:.2f} >= load_threshold {threshold:g}"
-        return None
+        return self._load.problem(len(self._offers))
 
     async def wait_first_job_end(self) -> JobOutcome:
         """The outcome of the first job that ends (used by `connect`)."""
@@ -162,7 +171,9 @@ class Worker:
             await self._start_executor()
             await http.start()
             _collect_startup_garbage()
+            self._load.set_shared_pids(self._executor.shared_pids())
             self._load.start()
+            self._load.log_capacity(self.log_fields())
             self.spawn(self._status.run(self._opts.status_interval), "worker-status")
             self.spawn(self._load_task(), "worker-load")
             if self._register:
@@ -350,20 +361,19 @@ class Worker:
             "received job request",
             extra=self.log_fields(job_id=job.id, room_name=job.room.name, room=job.room.name),
         )
+        received = time.monotonic()
         self.metrics.offers.inc()
         problem = self.capacity_problem()
         if problem is not None or job.id in self._offers or job.id in self._jobs:
             why = problem or "duplicate offer for a job already offered or running"
             log.info("rejecting job", extra=self.log_fields(job_id=job.id, reason=why))
-            self._answer(agent.AvailabilityResponse(job_id=job.id, available=False))
+            self.send_answer(agent.AvailabilityResponse(job_id=job.id, available=False), received)
             return
-        offer = Offer(self, job)
+        offer = Offer(self, job, received)
         self._offers[job.id] = offer
+        self._demand.admitted(received)
         offer.task = self.spawn(offer.run(), f"offer-{job.id}")
         self.update_state()
-
-    def _answer(self, resp: agent.AvailabilityResponse) -> None:
-        self._conn.send(agent.WorkerMessage(availability=resp))
 
     def offer_finished(self, job_id: str) -> None:
         self._offers.pop(job_id, None)
@@ -394,22 +404,17 @@ class Worker:
             return
         log.info("termination for an unknown job, ignored", extra=self.log_fields(job_id=job_id))
 
-    async def launch(
-        self,
-        args: JobAcceptArguments,
-        assignment: agent.JobAssignment,
-        received_at: float,
-        accepted_at: float,
-    ) -> None:
-        """Start an assigned job through the executor and watch it to its end."""
-        await self._running.launch(args, assignment, received_at, accepted_at)
+    @property
+    def running(self) -> RunningJobs:
+        """The jobs assigned to this worker, from launch to their reported end."""
+        return self._running
 
     async def run_local_job(self, room: models.Room, identity: str) -> None:
         """Run one job for `room` without a dispatch from the server (`connect --room`)."""
         await self._running.launch_local(room, identity)
 
     def job_started(self, job_id: str, dispatch_s: float) -> None:
-        self._load.job_started(job_id)
+        self._load.job_started(job_id, self._jobs[job_id].handle)
         self.metrics.job_started(dispatch_s)
 
     def job_ended(self, job_id: str, outcome: JobOutcome) -> None:
@@ -420,8 +425,10 @@ class Worker:
         """Queue a message for the server (sent in order, kept across a reconnect)."""
         self._conn.send(msg)
 
-    def send_answer(self, resp: agent.AvailabilityResponse) -> None:
-        self._answer(resp)
+    def send_answer(self, resp: agent.AvailabilityResponse, received: float) -> None:
+        """Answer an offer received at `received` (time.monotonic()), timed in the metrics."""
+        self._conn.send(agent.WorkerMessage(availability=resp))
+        self.metrics.answered(resp.available, time.monotonic() - received)
 
     # -- state and load -----------------------------------------------------------------------
 
@@ -443,20 +450,20 @@ class Worker:
                 ),
             )
         self._status.check()
-        self._executor.set_idle_target(
-            idle_target(
-                self._r.num_idle_processes,
-                self._draining,
-                self._opts.max_jobs,
-                len(self._jobs) + len(self._offers),
-            )
-        )
+        capacity = self._load.capacity
+        room = math.inf if capacity is None else capacity - len(self._jobs) - len(self._offers)
+        burst = self._demand.burst(time.monotonic())
+        target = idle_target(self._r.num_idle_processes, burst, room, self._draining)
+        self.metrics.idle_target.set(target)
+        self._executor.set_idle_target(target)
 
     async def _load_task(self) -> None:
         while True:
             await asyncio.sleep(LOAD_SAMPLE_INTERVAL_S)
-            await self._load.sample()
-            self.metrics.load.set(self.load)
+            self._load.set_shared_pids(self._executor.shared_pids())
+            if await self._load.sample():
+                self._load.log_capacity(self.log_fields())
+            self.metrics.sampled(self._load, self.load)
             self.update_state()
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from tests.cluster.front import Fronts
-from tests.cluster.redis_server import RedisProcess, start_redis
 from tests.interop.livekit_server import ServerProcess, start_livekit_node, stop_process
+from tests.server.sip.redis_server import running_redis
 
 NODE_STOP_GRACE_S: Final = 15.0
 
@@ -74,7 +74,7 @@ class Node:
 
 @dataclass
 class Cluster:
-    redis: RedisProcess
+    redis_address: str
     nodes: list[Node]
     fronts: Fronts
     log_dir: Path
@@ -109,17 +109,16 @@ def running_cluster(log_dir: Path, nodes: int) -> Iterator[Cluster]:
     """Redis, then `nodes` livekit-server nodes on it; everything stopped on exit, by PID.
 
     Raises RedisUnavailable / ServerUnavailable when redis-server / Go are missing."""
-    redis = start_redis(log_dir)
-    started: list[Node] = []
-    fronts: Fronts | None = None
-    try:
-        for i in range(nodes):
-            started.append(Node(i, start_livekit_node(log_dir, f"node{i}", redis.address)))
-        fronts = Fronts()
-        yield Cluster(redis, started, fronts, log_dir)
-    finally:
-        if fronts is not None:
-            fronts.close()
-        for node in started:
-            stop_process(node.server.proc, NODE_STOP_GRACE_S)
-        redis.stop()
+    with running_redis(log_dir / "redis") as redis_address:
+        started: list[Node] = []
+        fronts: Fronts | None = None
+        try:
+            for i in range(nodes):
+                started.append(Node(i, start_livekit_node(log_dir, f"node{i}", redis_address)))
+            fronts = Fronts()
+            yield Cluster(redis_address, started, fronts, log_dir)
+        finally:
+            if fronts is not None:
+                fronts.close()
+            for node in started:
+                stop_process(node.server.proc, NODE_STOP_GRACE_S)

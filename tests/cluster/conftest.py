@@ -12,8 +12,8 @@ import pytest
 
 from tests.cluster.cluster import Cluster, running_cluster
 from tests.cluster.fleet import Caller, Fleet
-from tests.cluster.redis_server import RedisUnavailable
 from tests.interop.livekit_server import ServerUnavailable
+from tests.server.sip.redis_server import RedisUnavailable
 
 DEFAULT_NODES = 2
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from livekit import api
 from tests.cluster.agents import fleet_agent
 from tests.cluster.cluster import Cluster, Node
 from tests.interop.livekit_server import API_KEY, API_SECRET, clean_env, free_port
+from tests.interop.support import wait_until
 
 AGENT_SCRIPT: Final = Path(fleet_agent.__file__)
 AGENT_NAME: Final = "fleet"
@@ -37,6 +39,9 @@ REGISTER_TIMEOUT_S: Final = 60.0
 STOP_GRACE_S: Final = 10.0
 HTTP_TIMEOUT_S: Final = 2.0
 POLL_S: Final = 0.05
+START_TIMEOUT_S: Final = 30.0
+REPORT_SETTLE_S: Final = 10.0
+"""A just-started job's load reservation lasts 2.5 s."""
 ACTIVE_JOBS: Final = "callboard_active_jobs"
 
 
@@ -128,20 +133,28 @@ class FleetWorker:
 
 
 class Fleet:
-    """The workers of one test, all recording to `record_path`."""
+    """The workers of one test, all recording to `record_path`, dialling `cluster`'s nodes
+    through their fronts (None: each dials the URL it is given, e.g. `callboard server`)."""
 
-    def __init__(self, cluster: Cluster, workdir: Path, max_jobs: int = 4, drain_s: float = 30):
+    def __init__(
+        self, cluster: Cluster | None, workdir: Path, max_jobs: int = 4, drain_s: float = 30
+    ):
         self.cluster = cluster
         self.workdir = workdir
         self.record_path = workdir / "calls.jsonl"
         self.max_jobs = max_jobs
         self.drain_s = drain_s
         self.workers: list[FleetWorker] = []
+        self._disagreement = ""
 
-    def start(self, label: str, home: int, fixed_load: float | None = None) -> FleetWorker:
-        """A worker dialling node `home` through its own front (another node if it is down);
-        `fixed_load`: report this load instead of running jobs over the cap."""
-        url = self.cluster.front_for(home)
+    def start(
+        self, label: str, home: int, fixed_load: float | None = None, url: str | None = None
+    ) -> FleetWorker:
+        """A worker dialling node `home` through its own front (another node if it is down),
+        or `url`; `fixed_load`: report this load instead of running jobs over the cap."""
+        if url is None:
+            assert self.cluster is not None, "a worker outside a cluster needs its url"
+            url = self.cluster.front_for(home)
         port = free_port()
         log_path = self.workdir / f"worker-{label}.log"
         env = clean_env() | {
@@ -170,12 +183,16 @@ class Fleet:
         self.workers.append(worker)
         return worker
 
-    async def registered(self, worker: FleetWorker, timeout: float = REGISTER_TIMEOUT_S) -> Node:
-        """Until the worker is registered and a node's log shows it; that node."""
+    async def registered(
+        self, worker: FleetWorker, timeout: float = REGISTER_TIMEOUT_S
+    ) -> Node | None:
+        """Until the worker is registered and, in a cluster, a node's log shows it; that node."""
         deadline = time.monotonic() + timeout
         while True:
             info = await asyncio.to_thread(worker.info)
             if info and info["id"] and info["state"] in ("available", "full"):
+                if self.cluster is None:
+                    return None
                 node = self.cluster.node_of(str(info["id"]))
                 if node is not None:
                     return node
@@ -203,6 +220,30 @@ class Fleet:
             workers[i] = new
         return codes
 
+    async def all_started(self, calls: Sequence[Call]) -> Outcome:
+        """Until every call's job started (fails with the logs after START_TIMEOUT_S)."""
+        return await wait_until(
+            lambda: (r := outcome(calls, self.records())).lost == 0 and r,
+            f"all {len(calls)} calls started",
+            START_TIMEOUT_S,
+            self.log_tails,
+        )
+
+    async def reporting_settles(self, workers: Sequence[FleetWorker]) -> None:
+        """Until each worker's /worker and /metrics agree with its calls (`reporting_matches`);
+        fails with the last disagreement after REPORT_SETTLE_S."""
+        for w in workers:
+            await wait_until(
+                functools.partial(self._reports_right, w),
+                f"{w.label} reports its calls",
+                REPORT_SETTLE_S,
+                lambda: self._disagreement,
+            )
+
+    async def _reports_right(self, worker: FleetWorker) -> bool:
+        self._disagreement = await reporting_matches(self, worker) or ""
+        return not self._disagreement
+
     def records(self, event: str | None = None) -> list[dict[str, Any]]:
         return [r for r in read_records(self.record_path) if event is None or r["event"] == event]
 
@@ -211,7 +252,8 @@ class Fleet:
             w.stop()
 
     def log_tails(self) -> str:
-        return "\n".join(w.log_tail() for w in self.workers) + "\n" + self.cluster.log_tails()
+        nodes = self.cluster.log_tails() if self.cluster is not None else ""
+        return "\n".join(w.log_tail() for w in self.workers) + "\n" + nodes
 
 
 @dataclass

@@ -16,12 +16,8 @@ import asyncio
 from collections import Counter
 
 from tests.cluster.cluster import Cluster
-from tests.cluster.fleet import Caller, Fleet, FleetWorker, outcome, reporting_matches
-from tests.interop.support import wait_until
+from tests.cluster.fleet import Caller, Fleet
 
-START_TIMEOUT_S = 30.0
-REPORT_SETTLE_S = 10.0
-"""A just-started job's load reservation lasts 2.5 s."""
 CALL_GAP_S = 0.3
 """Between calls: each worker's new load reaches the server before the next job is placed."""
 
@@ -43,12 +39,7 @@ async def test_calls_through_any_node_are_spread_by_load_over_workers_of_every_n
     for _ in range(12):
         calls.append(await caller.place(hold=None))
         await asyncio.sleep(CALL_GAP_S)
-    result = await wait_until(
-        lambda: (r := outcome(calls, fleet.records())).lost == 0 and r,
-        "every call started",
-        START_TIMEOUT_S,
-        fleet.log_tails,
-    )
+    result = await fleet.all_started(calls)
     per_worker = Counter(r["worker"] for r in result.started.values())
     assert set(per_worker) == {w.label for w in workers}, per_worker
     assert {c.node for c in calls} == {0, 1}, "calls went through both nodes' APIs"
@@ -61,35 +52,27 @@ async def test_calls_through_any_node_are_spread_by_load_over_workers_of_every_n
         if (n := hosts[c.room]) and n.index != home[result.started[c.dispatch_id]["worker"]]
     ]
     assert served_across, "a room hosted on one node was served by a worker of the other"
-    for w in workers:
-        await wait_until(
-            lambda w=w: _agrees(fleet, w), f"{w.label} reports its calls", REPORT_SETTLE_S
-        )
-
-
-async def _agrees(fleet: Fleet, worker: FleetWorker) -> bool:
-    return await reporting_matches(fleet, worker) is None
+    await fleet.reporting_settles(workers)
 
 
 async def test_the_node_with_more_spare_capacity_takes_every_job(
     cluster: Cluster, fleet: Fleet, caller: Caller
 ) -> None:
     """With loads that do not move (0, as the interop agents report), node 0's two workers
-    answer 1.4 and node 1's one worker 0.7: livekit-server offers every job to node 0, whatever
-    node hosts the room, and node 1's worker stays idle (why a two-node test saw "jobs only on
-    the room's node": it is the capacity sum, not the room)."""
+    answer 1.4 and node 1's one worker 0.7: livekit-server offers the jobs to node 0, whatever
+    node hosts the room, and node 1's worker stays (nearly) idle (why a two-node test saw "jobs
+    only on the room's node": it is the capacity sum, not the room). Nearly: the highest claim
+    wins only among those that reach the caller within ~200 ms of the first, and on this busy
+    machine one occasionally does not (seen: 1 of 6)."""
+    fleet.max_jobs = 20  # far from the cap: only the reported loads decide
     workers = [fleet.start(f"w{i}", home=h, fixed_load=0.0) for i, h in enumerate((0, 0, 1))]
     assert [(await fleet.registered(w)).index for w in workers] == [0, 0, 1]
     calls = []
-    for _ in range(6):
+    for _ in range(9):
         calls.append(await caller.place(hold=None))
         await asyncio.sleep(CALL_GAP_S)
-    result = await wait_until(
-        lambda: (r := outcome(calls, fleet.records())).lost == 0 and r,
-        "every call started",
-        START_TIMEOUT_S,
-        fleet.log_tails,
-    )
-    assert {r["worker"] for r in result.started.values()} <= {"w0", "w1"}
+    result = await fleet.all_started(calls)
+    per_worker = Counter(r["worker"] for r in result.started.values())
+    assert per_worker["w2"] <= 1, f"node 1's worker took {per_worker['w2']} of 9 (1/3 if by worker)"
     hosts = {cluster.room_node(c.room) for c in calls}
     assert {n.index for n in hosts if n} == {0, 1}, "rooms were placed on both nodes"

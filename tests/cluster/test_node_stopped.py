@@ -16,12 +16,10 @@ import signal
 import time
 
 from tests.cluster.cluster import Cluster
-from tests.cluster.fleet import Caller, Fleet, FleetWorker, outcome, reporting_matches
+from tests.cluster.fleet import Caller, Fleet, FleetWorker, outcome
 from tests.interop.support import wait_until
 
 REREGISTER_LIMIT_S = 10.0
-START_TIMEOUT_S = 30.0
-REPORT_SETTLE_S = 10.0
 
 
 async def test_workers_of_a_stopped_node_register_on_another_within_10s_and_keep_serving(
@@ -33,12 +31,7 @@ async def test_workers_of_a_stopped_node_register_on_another_within_10s_and_keep
     moved = workers[1:]
     old_ids = {w.label: w.worker_id for w in moved}
     before = [await caller.place(hold=None) for _ in range(6)]
-    first = await wait_until(
-        lambda: (r := outcome(before, fleet.records())).lost == 0 and r,
-        "every call started",
-        START_TIMEOUT_S,
-        fleet.log_tails,
-    )
+    first = await fleet.all_started(before)
     running_on_moved = [d for d, r in first.started.items() if r["worker"] in old_ids]
     assert running_on_moved, "the node-1 workers had calls when their node stopped"
 
@@ -59,21 +52,13 @@ async def test_workers_of_a_stopped_node_register_on_another_within_10s_and_keep
 
     after = [await caller.place(hold=None) for _ in range(6)]
     assert {c.node for c in after} == {0}
-    second = await wait_until(
-        lambda: (r := outcome(after, fleet.records())).lost == 0 and r,
-        "every call after the stop started",
-        START_TIMEOUT_S,
-        fleet.log_tails,
-    )
+    second = await fleet.all_started(after)
     assert {r["worker"] for r in second.started.values()} & set(old_ids), (
         "the moved workers serve new calls"
     )
     carried = outcome(before, fleet.records())
     assert [d for d in running_on_moved if d in carried.ended] == [], "their calls carried on"
-    for w in workers:
-        await wait_until(
-            lambda w=w: _agrees(fleet, w), f"{w.label} reports its calls", REPORT_SETTLE_S
-        )
+    await fleet.reporting_settles(workers)
 
 
 async def _registered_on(cluster: Cluster, worker: FleetWorker, node: int, old_id: str) -> bool:
@@ -82,7 +67,3 @@ async def _registered_on(cluster: Cluster, worker: FleetWorker, node: int, old_i
         return False
     where = cluster.node_of(str(info["id"]))
     return where is not None and where.index == node
-
-
-async def _agrees(fleet: Fleet, worker: FleetWorker) -> bool:
-    return await reporting_matches(fleet, worker) is None

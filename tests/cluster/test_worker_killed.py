@@ -10,34 +10,40 @@
 - the room stays usable: a new dispatch into it runs on a live worker, and DeleteDispatch of the
   orphan is what ends it in ListDispatch.
 
-callboard server (single node) does better and is pinned by tests/soak: the orphan becomes
-JS_FAILED "disconnected and no MigrateJobRequest" after its migration grace.
+callboard server (one node) does what the issue asks: the last test shows every call of a
+killed worker reaching JS_FAILED in ListDispatch ("disconnected and no MigrateJobRequest", after
+its 15 s migration grace).
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import time
+import uuid
 from collections import Counter
+from pathlib import Path
 
 import psutil
 from livekit import api
 from livekit.protocol import agent
 
+from callboard.server.config import MIGRATION_GRACE_S
 from tests.cluster.cluster import Cluster
-from tests.cluster.fleet import Caller, Fleet, outcome
-from tests.interop.livekit_server import API_KEY, API_SECRET
+from tests.cluster.fleet import AGENT_NAME, Call, Caller, Fleet
+from tests.interop.livekit_server import API_KEY, API_SECRET, start_server, stop_process
 from tests.interop.support import wait_until
 
-START_TIMEOUT_S = 30.0
 LISTED_TIMEOUT_S = 20.0
 """livekit-server lists a job in ListDispatch seconds after it was assigned."""
 ORPHAN_EXIT_TIMEOUT_S = 15.0
 """Job processes of a killed worker exit on their own when its pings stop."""
 
 
-async def listed_jobs(lk: api.LiveKitAPI, room: str) -> list[agent.Job]:
-    return [j for d in await lk.agent_dispatch.list_dispatch(room) for j in d.state.jobs]
+async def listed_jobs(lk: api.LiveKitAPI, room: str, dispatch_id: str = "") -> list[agent.Job]:
+    """The jobs ListDispatch shows in `room` (of one dispatch, when given)."""
+    dispatches = await lk.agent_dispatch.list_dispatch(room)
+    return [j for d in dispatches if d.id == dispatch_id or not dispatch_id for j in d.state.jobs]
 
 
 async def test_killed_worker_calls_stay_listed_as_assigned_and_the_rooms_stay_usable(
@@ -51,12 +57,7 @@ async def test_killed_worker_calls_stay_listed_as_assigned_and_the_rooms_stay_us
     for _ in range(6):
         calls.append(await caller.place(hold=None))
         await asyncio.sleep(0.3)
-    first = await wait_until(
-        lambda: (r := outcome(calls, fleet.records())).lost == 0 and r,
-        "every call started",
-        START_TIMEOUT_S,
-        fleet.log_tails,
-    )
+    first = await fleet.all_started(calls)
     victim_label, _ = Counter(r["worker"] for r in first.started.values()).most_common(1)[0]
     victim = next(w for w in workers if w.label == victim_label)
     victim_id = victim.worker_id
@@ -83,7 +84,7 @@ async def test_killed_worker_calls_stay_listed_as_assigned_and_the_rooms_stay_us
     async with api.LiveKitAPI(cluster.nodes[0].http_url, API_KEY, API_SECRET) as lk:
         for c in on_victim:
             jobs = await wait_until(
-                lambda c=c: listed_jobs(lk, c.room), "job listed", LISTED_TIMEOUT_S
+                lambda c=c: listed_jobs(lk, c.room, c.dispatch_id), "job listed", LISTED_TIMEOUT_S
             )
             assert [(j.state.status, j.state.worker_id) for j in jobs] == [
                 (agent.JS_RUNNING, victim_id)
@@ -92,12 +93,7 @@ async def test_killed_worker_calls_stay_listed_as_assigned_and_the_rooms_stay_us
         again = [await caller.place(hold=0.5, room=c.room) for c in on_victim]
         await asyncio.sleep(0)
         more = [await caller.place(hold=0.5) for _ in range(3)]
-        second = await wait_until(
-            lambda: (r := outcome(again + more, fleet.records())).lost == 0 and r,
-            "the new calls started",
-            START_TIMEOUT_S,
-            fleet.log_tails,
-        )
+        second = await fleet.all_started(again + more)
         assert victim_label not in {r["worker"] for r in second.started.values()}
         for c in on_victim:
             orphan = next(
@@ -106,6 +102,7 @@ async def test_killed_worker_calls_stay_listed_as_assigned_and_the_rooms_stay_us
             await lk.agent_dispatch.delete_dispatch(orphan.id, c.room)
             left = [d.id for d in await lk.agent_dispatch.list_dispatch(c.room)]
             assert c.dispatch_id not in left, "DeleteDispatch ends the orphan"
+    await fleet.reporting_settles([w for w in workers if w is not victim])
 
 
 def _alive(pid: int) -> bool:
@@ -113,3 +110,44 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+async def test_on_callboard_server_a_killed_workers_calls_end_failed_in_list_dispatch(
+    tmp_path: Path,
+) -> None:
+    server = start_server("callboard", tmp_path / "server")
+    fleet = Fleet(None, tmp_path)
+    try:
+        victim = fleet.start("solo", home=0, url=server.ws_url)
+        await fleet.registered(victim)
+        victim_id = victim.worker_id
+        async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
+            calls = []
+            for n in range(3):
+                room = f"killed-{uuid.uuid4().hex[:6]}-{n}"
+                d = await lk.agent_dispatch.create_dispatch(
+                    api.CreateAgentDispatchRequest(agent_name=AGENT_NAME, room=room)
+                )
+                calls.append(Call(room, 0, time.time(), d.id))
+            await fleet.all_started(calls)
+            victim.signal(signal.SIGKILL)
+            await asyncio.to_thread(victim.proc.wait, 10)
+            for c in calls:
+                jobs = await wait_until(
+                    lambda c=c: _ended(lk, c),
+                    f"{c.room}: the killed worker's job ended",
+                    MIGRATION_GRACE_S + LISTED_TIMEOUT_S,
+                    server.log_tail,
+                )
+                assert [(j.state.status, j.state.worker_id) for j in jobs] == [
+                    (agent.JS_FAILED, victim_id)
+                ]
+                assert "disconnected and no MigrateJobRequest" in jobs[0].state.error
+    finally:
+        fleet.stop_all()
+        stop_process(server.proc)
+
+
+async def _ended(lk: api.LiveKitAPI, call: Call) -> list[agent.Job] | None:
+    jobs = await listed_jobs(lk, call.room, call.dispatch_id)
+    return jobs if jobs and all(j.state.status != agent.JS_RUNNING for j in jobs) else None

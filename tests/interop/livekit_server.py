@@ -173,6 +173,17 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def became_healthy(server: ServerProcess) -> bool:
+    """Wait until `GET /` answers OK; False (the process stopped) if it died or took too long."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        if _healthy(server.http_url):
+            return True
+        time.sleep(0.1)
+    stop_process(server.proc)
+    return False
+
+
 def start_server(kind: str, log_dir: Path, media_ip: str | None = None) -> ServerProcess:
     """Start `kind` ("callboard" or "livekit-server") and wait until `GET /` answers OK.
 
@@ -206,12 +217,8 @@ def start_until_healthy(
                 env=clean_env(),
             )
         server = ServerProcess(kind, port, proc, log_path)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _healthy(server.http_url):
-                return server
-            time.sleep(0.1)
-        stop_process(proc)
+        if became_healthy(server):
+            return server
         failures.append(f"attempt {attempt + 1} (port {port}):\n{server.log_tail(1500)}")
     raise RuntimeError(f"{label} did not become healthy:\n" + "\n".join(failures))
 
@@ -254,24 +261,4 @@ def running_server(kind: str, log_dir: Path) -> Iterator[ServerProcess]:
 def start_livekit_server_with_redis(log_dir: Path, redis_address: str) -> ServerProcess:
     """livekit-server on a free loopback port storing its state (and SIP trunks and rules) in the
     Redis at `redis_address` (`host:port`): without Redis it refuses every SIP call."""
-    binary = livekit_server_binary()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config = livekit_server_config(port) + f"redis: {{address: {redis_address}}}\n"
-    log_path = log_dir / "livekit-server-redis.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [str(binary), "--config-body", config],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=clean_env(),
-        )
-    server = ServerProcess("livekit-server", port, proc, log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _healthy(server.http_url):
-            return server
-        time.sleep(0.1)
-    stop_process(proc)
-    raise RuntimeError(f"livekit-server with Redis did not become healthy:\n{server.log_tail()}")
+    return start_livekit_node(log_dir, "livekit-server-redis", redis_address)

@@ -40,13 +40,13 @@ from tests.interop.media_call import REPORT_FILE, SKIP_EXIT, base57
 from tests.interop.netns import MEDIA_IP, NetnsUnavailable, enter_private_network
 from tests.interop.support import wait_until
 
-SCENARIO_TIMEOUT_S: Final = 40.0
+SCENARIO_TIMEOUT_S: Final = 60.0
 EVENT_TIMEOUT_S: Final = 10.0
 LISTEN_S: Final = 3.0
 SETTLE_S: Final = 1.0
 """Audio measured after this much tone, once the receiver's jitter buffer settled."""
 JOB_TIMEOUT_S: Final = 20.0
-AGENT_LEFT_TIMEOUT_S: Final = 8.0
+AGENT_LEFT_TIMEOUT_S: Final = 10.0
 ROOM_CLOSE_TIMEOUT_S: Final = 8.0
 """Both servers close the room a second after its last participant left (departure_timeout 1,
 checked every second here and by livekit-server)."""
@@ -238,7 +238,9 @@ async def leave_and_remove(server: ServerProcess, lk: api.LiveKitAPI) -> dict[st
             EVENT_TIMEOUT_S,
         )
         left = event_future(
-            alice, "participant_disconnected", lambda p: p.identity if p.identity == "carol" else None
+            alice,
+            "participant_disconnected",
+            lambda p: p.identity if p.identity == "carol" else None,
         )
         await carol.disconnect()
         left_identity = await asyncio.wait_for(left, EVENT_TIMEOUT_S)
@@ -298,7 +300,9 @@ async def room_model(server: ServerProcess, lk: api.LiveKitAPI) -> dict[str, Any
         bob_saw = await asyncio.wait_for(bob_changed, EVENT_TIMEOUT_S)
         await wait_until(
             lambda: any(
-                p.track_publications for p in bob.remote_participants.values() if p.identity == "alice"
+                p.track_publications
+                for p in bob.remote_participants.values()
+                if p.identity == "alice"
             ),
             "bob to see alice's track",
             EVENT_TIMEOUT_S,
@@ -352,10 +356,20 @@ async def jobs_follow_participants(server: ServerProcess, lk: api.LiveKitAPI) ->
         server.ws_url, API_KEY, API_SECRET, PARTICIPANT_JOBS_AGENT, agent.JT_ROOM, job_seconds=None
     )
     per_participant = SimWorker(
-        server.ws_url, API_KEY, API_SECRET, PARTICIPANT_JOBS_AGENT, agent.JT_PARTICIPANT, job_seconds=None
+        server.ws_url,
+        API_KEY,
+        API_SECRET,
+        PARTICIPANT_JOBS_AGENT,
+        agent.JT_PARTICIPANT,
+        job_seconds=None,
     )
     per_publisher = SimWorker(
-        server.ws_url, API_KEY, API_SECRET, PARTICIPANT_JOBS_AGENT, agent.JT_PUBLISHER, job_seconds=None
+        server.ws_url,
+        API_KEY,
+        API_SECRET,
+        PARTICIPANT_JOBS_AGENT,
+        agent.JT_PUBLISHER,
+        job_seconds=None,
     )
     rooms = Rooms(server)
     try:
@@ -376,7 +390,9 @@ async def jobs_follow_participants(server: ServerProcess, lk: api.LiveKitAPI) ->
         )
         source = await media_agent.publish_voice(caller, "caller-mic")
         pub_job = await wait_until(
-            lambda: next(iter(per_publisher.jobs.values()), None), "a JT_PUBLISHER job", JOB_TIMEOUT_S
+            lambda: next(iter(per_publisher.jobs.values()), None),
+            "a JT_PUBLISHER job",
+            JOB_TIMEOUT_S,
         )
         room_job = await wait_until(
             lambda: next(iter(per_room.jobs.values()), None), "a JT_ROOM job", JOB_TIMEOUT_S
@@ -400,8 +416,10 @@ async def jobs_follow_participants(server: ServerProcess, lk: api.LiveKitAPI) ->
         await caller.disconnect()
         try:
             await wait_until(
-                lambda: {p_job.job.id, pub_job.job.id}
-                <= {*per_participant.terminated, *per_publisher.terminated},
+                lambda: (
+                    {p_job.job.id, pub_job.job.id}
+                    <= {*per_participant.terminated, *per_publisher.terminated}
+                ),
                 "the room closing to terminate the participant and publisher jobs",
                 ROOM_CLOSE_TIMEOUT_S,
             )
@@ -432,7 +450,9 @@ async def jobs_follow_participants(server: ServerProcess, lk: api.LiveKitAPI) ->
             await w.aclose()
 
 
-SCENARIOS: Final[dict[str, Callable[[ServerProcess, api.LiveKitAPI], Awaitable[dict[str, Any]]]]] = {
+SCENARIOS: Final[
+    dict[str, Callable[[ServerProcess, api.LiveKitAPI], Awaitable[dict[str, Any]]]]
+] = {
     "audio": audio_both_ways,
     "data": data_and_rpc,
     "leave": leave_and_remove,
@@ -449,7 +469,10 @@ async def run_all(server: ServerProcess, report: dict[str, Any], only: list[str]
             try:
                 report[name] = await asyncio.wait_for(scenario(server, lk), SCENARIO_TIMEOUT_S)
             except BaseException as e:
-                report[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+                report[name] = {
+                    "error": f"{type(e).__name__}: {e}",
+                    "trace": traceback.format_exc(),
+                }
 
 
 def main(argv: list[str]) -> int:

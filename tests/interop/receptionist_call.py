@@ -1,6 +1,7 @@
-"""One call to the receptionist example through the real livekit-server, run by
-tests/interop/test_receptionist.py as `python -m tests.interop.receptionist_call WORKDIR SIDE`
-(SIDE: callboard or livekit-agents) in a process of its own.
+"""One call to a voice agent example through the real livekit-server, run by
+tests/interop/test_receptionist.py in a process of its own as
+`python -m tests.interop.receptionist_call WORKDIR SIDE EXAMPLE [SENTENCE]` (SIDE: callboard or
+livekit-agents; EXAMPLE: the agent file; SENTENCE: what the caller says).
 
 Like tests/interop/media_call.py it first moves into a private network namespace (WebRTC needs
 a non-loopback address; nothing leaves the machine), then starts livekit-server and the worker
@@ -178,13 +179,18 @@ def transcribe(pcm16k: bytes) -> str:
 
 
 async def call(
-    server: ServerProcess, side: str, example: Path, workdir: Path, report: dict[str, Any]
+    server: ServerProcess,
+    side: str,
+    example: Path,
+    says: str,
+    workdir: Path,
+    report: dict[str, Any],
 ) -> None:
     tap = WorkerTap(server.ws_url)
     await tap.start()
     worker = start_worker(tap.url, side, example, workdir)
     try:
-        await converse(server, tap, worker, workdir, report)
+        await converse(server, tap, worker, says, workdir, report)
     finally:
         await asyncio.to_thread(stop_agent_worker, worker)
         await tap.aclose()
@@ -194,6 +200,7 @@ async def converse(
     server: ServerProcess,
     tap: WorkerTap,
     worker: AgentWorker,
+    says: str,
     workdir: Path,
     report: dict[str, Any],
 ) -> None:
@@ -225,7 +232,12 @@ async def converse(
             rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE),
         )
         tasks.append(asyncio.create_task(mouth.run()))
-        said = models.hibari_voice().synthesize(CALLER_SAYS, 1.0)
+        said = models.hibari_voice().synthesize(says, 1.0)
+
+        @room.on("disconnected")
+        def on_disconnected(reason: Any) -> None:
+            report["caller_disconnected"] = rtc.DisconnectReason.Name(reason)
+
         dispatched = time.monotonic()
         await lk.agent_dispatch.create_dispatch(
             api.CreateAgentDispatchRequest(agent_name=probe.AGENT_NAME, room=room_name)
@@ -277,6 +289,7 @@ async def converse(
 
 def main(argv: list[str]) -> int:
     workdir, side, example = Path(argv[1]), argv[2], Path(argv[3])
+    says = argv[4] if len(argv) > 4 else CALLER_SAYS
     report: dict[str, Any] = {"skip": None, "error": None, "side": side}
     try:
         enter_private_network()
@@ -292,7 +305,7 @@ def main(argv: list[str]) -> int:
         server = start_server("livekit-server", workdir, media_ip=MEDIA_IP)
         report["server_log"] = str(server.log_path)
         try:
-            main_call = call(server, side, example, workdir, report)
+            main_call = call(server, side, example, says, workdir, report)
             asyncio.run(asyncio.wait_for(main_call, CALL_TIMEOUT_S))
         finally:
             stop_process(server.proc)

@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.interop, pytest.mark.realserver, pytest.mark.timeout(4
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 EXAMPLE: Final = REPO_ROOT / "examples" / "receptionist.py"
+HANG_UP_EXAMPLE: Final = REPO_ROOT / "examples" / "hang_up.py"
 OUR_IMPORT: Final = "from callboard import JobContext, JobProcess, WorkerOptions, cli"
 THEIR_IMPORT: Final = "from livekit.agents import JobContext, JobProcess, WorkerOptions, cli"
 CALL_PROCESS_TIMEOUT_S: Final = 180.0
@@ -50,11 +51,12 @@ def ported_to_livekit_agents(workdir: Path) -> Path:
     return path
 
 
-def run_call(workdir: Path, side: str, example: Path) -> dict[str, Any]:
+def run_call(workdir: Path, side: str, example: Path, *says: str) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
+    argv = [str(workdir), side, str(example), *says]
     with open(workdir / "call.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.interop.receptionist_call", str(workdir), side, example],
+            [sys.executable, "-m", "tests.interop.receptionist_call", *argv],
             cwd=REPO_ROOT,
             env=clean_env(),
             stdin=subprocess.DEVNULL,
@@ -152,3 +154,15 @@ def test_the_receptionist_answers_alike_under_callboard_and_livekit_agents(
     ours["chat"] = [(r, t) for r, t in ours["chat"] if r == "assistant"]
     reference["chat"] = [(r, t) for r, t in reference["chat"] if r == "assistant"]
     assert ours == reference
+
+
+@pytest.mark.usefixtures("prerequisites")
+def test_an_agent_with_function_tools_hangs_up_by_deleting_the_room(tmp_path: Path) -> None:
+    """examples/hang_up.py under callboard: the caller says goodbye, the scripted LLM calls the
+    agent's `end_call` tool, which deletes the room through the job context."""
+    report = run_call(tmp_path, CALLBOARD, HANG_UP_EXAMPLE, "Thank you goodbye")
+    assert {"message"} <= words(report["greeting"]), report
+    chat = observable(report)["chat"]
+    assert chat[-1] == ("assistant", "Goodbye!"), chat
+    assert report["caller_disconnected"] == "ROOM_DELETED"
+    assert report["worker_reported"] == ["JS_SUCCESS", ""]

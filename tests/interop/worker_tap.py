@@ -2,7 +2,8 @@
 
 The worker connects to the tap's `/agent` instead of the server's; every frame is forwarded
 unchanged both ways, except that a JobAssignment without a URL gets the server's own (the job
-then joins the room on the server, not through the tap). The worker's UpdateJobStatus messages
+then joins the room on the server, not through the tap); Twirp requests (a job's `ctx.api`,
+which finds the tap in LIVEKIT_URL) are forwarded too. The worker's UpdateJobStatus messages
 are kept: what the worker itself said about each job, whichever worker it is, whatever the
 server then records (livekit-server records a job whose agent left a closing room as failed).
 """
@@ -41,6 +42,7 @@ class WorkerTap:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/agent", self._relay)
+        app.router.add_post("/twirp/{method:.+}", self._forward)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         self.port = free_port()
@@ -49,6 +51,23 @@ class WorkerTap:
     async def aclose(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @property
+    def _upstream_http(self) -> str:
+        return self.upstream_ws.replace("ws://", "http://", 1)
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{self._upstream_http}{request.path}", data=await request.read(), headers=headers
+            ) as resp,
+        ):
+            body = await resp.read()
+            return web.Response(
+                status=resp.status, body=body, content_type=resp.content_type or None
+            )
 
     async def _relay(self, request: web.Request) -> web.WebSocketResponse:
         downstream = web.WebSocketResponse()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -76,7 +77,6 @@ def flaky_prewarm(proc: JobProcess) -> None:
 
 async def reports_its_process(ctx: JobContext) -> None:
     """Writes what a fresh job process looks like: its randomness, descriptors and threads."""
-    import json
     import random
     import threading
 
@@ -110,3 +110,29 @@ def recording_prewarm(proc: JobProcess) -> None:
 
 async def recording_entry(ctx: JobContext) -> None:
     _record_call("entry")
+
+
+MEMBERS_OUT_ENV = "CALLBOARD_TEST_MEMBERS_OUT"
+
+
+async def uses_livekit_agents_members(ctx: JobContext) -> None:
+    """Exercises the members callboard's JobContext has for parity with livekit-agents'."""
+    seen: dict[str, object] = {
+        "is_fake_job": ctx.is_fake_job(),
+        "token_identity": ctx.token_claims().identity,
+        "local_participant_identity": ctx.local_participant_identity,
+        "session_directory": str(ctx.session_directory),
+        "session_directory_exists": ctx.session_directory.is_dir(),
+        "inference_headers": ctx.inference_headers,
+        "simulation_context": ctx.simulation_context(),
+    }
+    try:
+        ctx.primary_session  # noqa: B018 (the property raises: no AgentSession here)
+    except RuntimeError as e:
+        seen["primary_session"] = str(e)
+    ctx.log_context_fields = {"custom": "field"}
+    seen["log_context_fields"] = ctx.log_context_fields
+    deleted = await ctx.delete_room()
+    seen["delete_room"] = type(deleted).__name__
+    with open(os.environ[MEMBERS_OUT_ENV], "w") as f:  # noqa: ASYNC230 (tiny test write)
+        json.dump(seen, f)

@@ -256,3 +256,29 @@ async def test_forked_processes_reseed_randomness_and_keep_only_their_descriptor
         assert len(sockets) <= 3, s["fds"]
         assert s["threads"] == 1
     assert worker_fds > 8  # the worker itself holds far more: none of them leaked into jobs
+
+
+async def test_the_members_callboard_has_for_livekit_agents_parity_work(
+    server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "members.json"
+    monkeypatch.setenv(agents.MEMBERS_OUT_ENV, str(out))
+    async with (
+        process_worker(server, agents.uses_livekit_agents_members) as worker,
+        api_client(server) as lk,
+    ):
+        ended = asyncio.ensure_future(worker.wait_first_job_end())
+        await lk.room.create_room(api.CreateRoomRequest(name="call-members"))
+        outcome = await asyncio.wait_for(ended, 15)
+        rooms = await lk.room.list_rooms(api.ListRoomsRequest(names=["call-members"]))
+    assert (outcome.status, outcome.error) == (agent.JS_SUCCESS, "")
+    seen = json.loads(out.read_text())
+    assert seen["is_fake_job"] is False
+    assert seen["token_identity"] == seen["local_participant_identity"]
+    assert seen["token_identity"].startswith("agent-AJ_"), seen
+    left_behind = await asyncio.to_thread(os.path.exists, seen["session_directory"])
+    assert seen["session_directory_exists"] and not left_behind
+    assert seen["inference_headers"] == {} and seen["simulation_context"] is None
+    assert "no AgentSession" in seen["primary_session"]
+    assert seen["log_context_fields"] == {"custom": "field"}
+    assert seen["delete_room"] == "DeleteRoomResponse" and list(rooms.rooms) == []

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Final
 
+from callboard.cli import EXIT_USAGE
+
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 BLOCKER: Final = '''
 import importlib.abc, sys
@@ -77,15 +79,20 @@ def test_the_core_imports_nothing_from_livekit_agents(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_callboard_demo_runs_without_livekit_agents(tmp_path: Path) -> None:
+def test_callboard_demo_says_it_needs_the_voice_extra_without_livekit_agents(
+    tmp_path: Path,
+) -> None:
+    """The demo's agent is examples/receptionist.py (an AgentSession): without livekit-agents
+    the demo stops at once with one line naming the extra that brings it."""
     done = subprocess.run(
-        [sys.executable, "-m", "callboard.cli", "demo", "--calls", "1"],
+        [sys.executable, "-m", "callboard.cli", "demo"],
         env=blocked_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=120,
         stdin=subprocess.DEVNULL,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "demo passed: 1 call(s)" in done.stdout
-    assert "blocked by the test" not in done.stderr
+    assert done.returncode == EXIT_USAGE, done.stderr[-3000:]
+    assert "callboard: error: the demo's agent needs the voice extra" in done.stderr
+    assert "pip install -e '.[voice]'" in done.stderr
+    assert "Traceback" not in done.stderr

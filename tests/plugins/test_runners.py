@@ -5,7 +5,6 @@ espeak-ng for speech."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 from collections.abc import AsyncIterator
 
 import psutil
@@ -16,35 +15,33 @@ from livekit.agents.ipc.inference_proc_executor import InferenceProcExecutor
 from livekit.agents.testing import fake_job_context
 
 from callboard.plugins.local import HibariTTS, WhisperSTT, offline_tts
-from callboard.plugins.local.runners import STT_METHOD, TTS_METHOD, SharedInferenceUnavailable
+from callboard.plugins.local.runners import (
+    STT_METHOD,
+    TTS_METHOD,
+    SharedInferenceUnavailable,
+    decode_request,
+    encode_request,
+    inference_process,
+)
 from tests.plugins.support import ESPEAK_MAX_WER, MAX_WER, SENTENCES, needs_espeak, speak, wer
 
 MODELS_RSS_MB = 150
 """Whisper tiny.en + hibari weigh ~280 MB once loaded; well above an empty process."""
+MIN_INFERENCE_CPU = 0.3
+"""CPU seconds three syntheses and three recognitions take at the least."""
 
 
 @pytest.fixture
-async def inference_process() -> AsyncIterator[InferenceProcExecutor]:
+async def shared() -> AsyncIterator[InferenceProcExecutor]:
     """The inference process livekit-agents' worker starts when runners are registered."""
-    executor = InferenceProcExecutor(
-        runners=_InferenceRunner.registered_runners,
-        initialize_timeout=120,
-        close_timeout=5,
-        memory_warn_mb=2000,
-        memory_limit_mb=0,
-        ping_interval=5,
-        ping_timeout=60,
-        high_ping_threshold=2.5,
-        mp_ctx=mp.get_context("spawn"),
-        loop=asyncio.get_running_loop(),
-        http_proxy=None,
-    )
-    await executor.start()
-    try:
-        await executor.initialize()
+    async with inference_process() as executor:
         yield executor
-    finally:
-        await executor.aclose()
+
+
+def test_requests_round_trip_with_newlines_in_text_and_pcm() -> None:
+    header = {"text": "Two\nlines.", "speed": 1.0}
+    pcm = bytes(range(256)) * 4  # every byte value, b"\n" included
+    assert decode_request(encode_request(header, pcm)) == (header, pcm)
 
 
 def test_importing_the_plugins_registers_both_models() -> None:
@@ -52,32 +49,37 @@ def test_importing_the_plugins_registers_both_models() -> None:
 
 
 async def test_jobs_use_the_workers_inference_process(
-    inference_process: InferenceProcExecutor,
+    shared: InferenceProcExecutor,
 ) -> None:
-    assert inference_process.pid is not None
-    rss_mb = psutil.Process(inference_process.pid).memory_info().rss / 2**20
+    assert shared.pid is not None
+    rss_mb = psutil.Process(shared.pid).memory_info().rss / 2**20
     assert rss_mb > MODELS_RSS_MB
     print(f"inference process with both models: {rss_mb:.0f} MB RSS")
 
-    with fake_job_context(inference_executor=inference_process):
-        audio = await speak(HibariTTS(), SENTENCES[0])
-        event = await WhisperSTT().recognize(audio)
-    assert event.type == stt.SpeechEventType.FINAL_TRANSCRIPT
-    assert wer(SENTENCES[0], event.alternatives[0].text) <= MAX_WER
+    process = psutil.Process(shared.pid)
+    cpu_before = sum(process.cpu_times()[:2])
+    with fake_job_context(inference_executor=shared):
+        # three calls at once, as three jobs of one worker would ask
+        audio = await asyncio.gather(*(speak(HibariTTS(), s) for s in SENTENCES[:3]))
+        events = await asyncio.gather(*(WhisperSTT().recognize(a) for a in audio))
+    assert sum(process.cpu_times()[:2]) - cpu_before > MIN_INFERENCE_CPU  # it did the work
+    for sentence, event in zip(SENTENCES, events, strict=False):
+        assert event.type == stt.SpeechEventType.FINAL_TRANSCRIPT
+        assert wer(sentence, event.alternatives[0].text) <= MAX_WER, event.alternatives
 
-    await inference_process.aclose()
+    await shared.aclose()
     with (
-        fake_job_context(inference_executor=inference_process),
+        fake_job_context(inference_executor=shared),
         pytest.raises(SharedInferenceUnavailable, match="failed in the shared inference process"),
     ):
-        await WhisperSTT().recognize(audio)
+        await WhisperSTT().recognize(audio[0])
 
 
 @needs_espeak
 async def test_speech_falls_back_to_espeak_when_the_inference_process_is_gone(
-    inference_process: InferenceProcExecutor,
+    shared: InferenceProcExecutor,
 ) -> None:
-    await inference_process.aclose()
+    await shared.aclose()
     chain = offline_tts()
     changes: list[tuple[str, bool]] = []
     chain.on(
@@ -85,7 +87,7 @@ async def test_speech_falls_back_to_espeak_when_the_inference_process_is_gone(
         lambda ev: changes.append((type(ev.tts).__name__, ev.available)),
     )
 
-    with fake_job_context(inference_executor=inference_process):
+    with fake_job_context(inference_executor=shared):
         audio = await speak(chain, SENTENCES[3])
     heard = (await WhisperSTT().recognize(audio)).alternatives[0].text
 

@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 from livekit import rtc
 from livekit.agents import stt
 
 from callboard.plugins.local import HibariTTS, WhisperOptions, WhisperSTT, load_vad, streaming_stt
 from callboard.plugins.local.stt import to_stt_rate
-from tests.plugins.support import MAX_WER, SENTENCES, in_frames, silence, speak, wer
+from tests.plugins.support import (
+    MAX_WER,
+    PHONE_RATE,
+    SENTENCES,
+    in_frames,
+    resample,
+    silence,
+    speak,
+    through_phone_line,
+    wer,
+)
 
 ROOM_RATE = 48000
 
 
 @pytest.mark.parametrize("sentence", SENTENCES)
 async def test_recognizes_synthesized_speech_at_the_rooms_rate(sentence: str) -> None:
-    audio = to_room_rate(await speak(HibariTTS(), sentence))
+    audio = resample(await speak(HibariTTS(), sentence), ROOM_RATE)
 
     started = time.perf_counter()
     event = await WhisperSTT().recognize(in_frames(audio))
@@ -30,14 +41,32 @@ async def test_recognizes_synthesized_speech_at_the_rooms_rate(sentence: str) ->
     print(f"stt {audio.duration:.2f} s of speech in {latency * 1000:.0f} ms: {heard!r}")
 
 
+@pytest.mark.parametrize("sentence", SENTENCES[:2])
+async def test_recognizes_speech_that_crossed_a_g711_phone_line(sentence: str) -> None:
+    call_audio = through_phone_line(await speak(HibariTTS(), sentence))
+    assert call_audio.sample_rate == PHONE_RATE
+
+    heard = (await WhisperSTT().recognize(resample(call_audio, ROOM_RATE))).alternatives[0].text
+
+    assert wer(sentence, heard) <= MAX_WER, heard
+
+
+async def test_silence_and_line_noise_are_not_transcribed() -> None:
+    hiss = np.random.default_rng(0).normal(0, 300, ROOM_RATE).astype(np.int16)
+    noise = rtc.AudioFrame(hiss.tobytes(), ROOM_RATE, 1, len(hiss))
+    stt_ = WhisperSTT()
+    for audio in (silence(1.5, ROOM_RATE), noise):
+        assert (await stt_.recognize(audio)).alternatives[0].text == ""
+
+
 async def test_streams_one_final_transcript_per_utterance_through_the_vad() -> None:
     first, second = SENTENCES[0], SENTENCES[3]
     tts = HibariTTS()
     parts = [
         silence(0.5, ROOM_RATE),
-        to_room_rate(await speak(tts, first)),
+        resample(await speak(tts, first), ROOM_RATE),
         silence(1.2, ROOM_RATE),
-        to_room_rate(await speak(tts, second)),
+        resample(await speak(tts, second), ROOM_RATE),
         silence(1.2, ROOM_RATE),
     ]
     stream = streaming_stt(load_vad()).stream()
@@ -66,11 +95,6 @@ async def test_streams_one_final_transcript_per_utterance_through_the_vad() -> N
 def test_only_english_is_offered() -> None:
     with pytest.raises(ValueError, match="English only"):
         WhisperOptions(language="fr")
-
-
-def to_room_rate(audio: rtc.AudioFrame) -> rtc.AudioFrame:
-    resampler = rtc.AudioResampler(audio.sample_rate, ROOM_RATE)
-    return rtc.combine_audio_frames([*resampler.push(audio), *resampler.flush()])
 
 
 def test_room_audio_reaches_whisper_as_16_khz_mono() -> None:

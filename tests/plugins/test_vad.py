@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from livekit import rtc
 from livekit.agents import vad
 
 from callboard.plugins.local import HibariTTS, load_vad
-from tests.plugins.support import SENTENCES, in_frames, silence, speak, voiced_seconds
+from tests.plugins.support import SENTENCES, in_frames, resample, silence, speak, voiced_seconds
 
 MAX_SEGMENT_ERROR = 0.25
 """Seconds a segment may differ from the loud part of the utterance (32 ms windows, padding)."""
@@ -38,8 +37,3 @@ async def test_one_segment_per_utterance_with_its_length(sample_rate: int) -> No
     ends = [ev for ev in events if ev.type == vad.VADEventType.END_OF_SPEECH]
     for end, utterance in zip(ends, utterances, strict=True):
         assert abs(end.speech_duration - voiced_seconds(utterance)) < MAX_SEGMENT_ERROR
-
-
-def resample(audio: rtc.AudioFrame, rate: int) -> rtc.AudioFrame:
-    resampler = rtc.AudioResampler(audio.sample_rate, rate)
-    return rtc.combine_audio_frames([*resampler.push(audio), *resampler.flush()])

@@ -48,9 +48,7 @@ class RtcClient:
         self.updates: list[rtc.ParticipantUpdate] = []
 
     @classmethod
-    async def connect(
-        cls, server: EmbeddedServer, token: str, query: str = ""
-    ) -> RtcClient:
+    async def connect(cls, server: EmbeddedServer, token: str, query: str = "") -> RtcClient:
         session = aiohttp.ClientSession()
         try:
             ws = await session.ws_connect(

@@ -81,7 +81,9 @@ async def offer_garbage_sdp(client: RtcClient) -> None:
 
 
 async def offer_broken_sdp(client: RtcClient) -> None:
-    sdp = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio notaport UDP/TLS/RTP/SAVPF x\r\n"
+    sdp = (
+        "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio notaport UDP/TLS/RTP/SAVPF x\r\n"
+    )
     await client.send(rtc.SignalRequest(offer=rtc.SessionDescription(type="offer", sdp=sdp)))
 
 

@@ -42,6 +42,7 @@ HOG_CAP_BYTES: Final = 1024 * 1024 * 1024
 """A hog stops growing here (the limit is far below; this only bounds a broken supervisor)."""
 BLOCK_S: Final = 0.5
 IDLE_PROCESSES: Final = 2
+POOL_WINDOW_S: Final = 0.1
 
 log = logging.getLogger("soak_agent")
 
@@ -114,6 +115,9 @@ if __name__ == "__main__":
             host="127.0.0.1",
             port=int(os.environ.get(HTTP_PORT_ENV, "0")),
             num_idle_processes=IDLE_PROCESSES,
+            # a pool that does not grow after bursts: the harness compares descriptors and
+            # memory at idle checkpoints, each with IDLE_PROCESSES warm processes
+            idle_processes_window=POOL_WINDOW_S,
             unresponsive_timeout=UNRESPONSIVE_TIMEOUT_S,
             job_memory_limit_mb=MEMORY_LIMIT_MB,
             job_memory_warn_mb=MEMORY_LIMIT_MB / 2,

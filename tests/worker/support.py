@@ -230,6 +230,9 @@ class GatedExecutor:
     def process_pids(self) -> list[int]:
         return self.inner.process_pids()
 
+    def shared_pids(self) -> list[int]:
+        return self.inner.shared_pids()
+
     @property
     def idle_count(self) -> int:
         return self.inner.idle_count

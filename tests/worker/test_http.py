@@ -108,6 +108,8 @@ async def test_http_endpoints_through_a_process_job(
         assert info["state"] == "available" and info["draining"] is False
         assert info["agent_name"] == AGENT
         assert 0.0 <= info["load"] <= 1.0
+        assert isinstance(info["capacity"], int) and info["capacity"] >= 1
+        assert info["job_cost"] == {"cpu": 0.25, "memory_mb": 100.0, "measured": False}
         assert info["uptime_s"] > 0
         (listed,) = info["jobs"]
         assert listed["id"] == job.id and listed["room"] == "http-room"
@@ -122,6 +124,11 @@ async def test_http_endpoints_through_a_process_job(
         assert 0 < sample(m, "callboard_job_start_latency_seconds_sum") < 10
         assert sample(m, "callboard_job_start_latency_seconds_bucket", le="+Inf") == 1
         assert 0.0 <= sample(m, "callboard_worker_load") <= 1.0
+        assert sample(m, "callboard_offer_answer_seconds_count", answer="accepted") == 1
+        assert sample(m, "callboard_worker_capacity_jobs") == info["capacity"]
+        assert sample(m, "callboard_job_cost_cpu_cores") == 0.25
+        assert sample(m, "callboard_job_cost_memory_bytes") == 100 * 1024 * 1024
+        assert sample(m, "callboard_warm_pool_target") >= 0
         total = sample(m, "callboard_processes", state="total")
         assert total >= 2, "the zygote and the job's process"
         assert 0 <= sample(m, "callboard_processes", state="idle") < total

@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 
 import pytest
 from livekit.protocol import agent
 
 from callboard import Worker
 from callboard.server.app import EmbeddedServer
-from callboard.worker.load import DEFAULT_JOB_LOAD, CpuLoadMonitor, effective_load
+from callboard.worker.load import DEFAULT_JOB_LOAD, custom_effective_load
 from callboard.worker.options import LOAD_SAMPLE_INTERVAL_S
 from callboard.worker.worker import WorkerState
 from tests.worker.support import (
@@ -88,36 +87,10 @@ async def test_a_failing_load_fnc_is_logged_once_and_the_last_load_kept(
         assert len(records_with(caplog.records, "load_fnc works again")) == 1
 
 
-def test_effective_load_reserves_for_jobs_not_yet_measured() -> None:
-    assert effective_load(0.0, 0, 0) == 0.0
-    assert effective_load(0.0, 0, 3) == pytest.approx(3 * DEFAULT_JOB_LOAD)
+def test_a_custom_load_reserves_for_jobs_not_yet_visible_in_it() -> None:
+    assert custom_effective_load(0.0, 0, 0) == 0.0
+    assert custom_effective_load(0.0, 0, 3) == pytest.approx(3 * DEFAULT_JOB_LOAD)
     # two running jobs cost 0.4: a reserved third counts as their average, 0.2
-    assert effective_load(0.4, 2, 1) == pytest.approx(0.6)
-    assert effective_load(0.9, 1, 5) == 1.0
-    assert effective_load(-0.5, 0, 0) == 0.0
-
-
-def test_cpu_monitor_samples_off_the_loop() -> None:
-    class Fixed:
-        def sample(self, interval: float) -> float:
-            time.sleep(interval)
-            return 0.25
-
-    monitor = CpuLoadMonitor(0.01, 5, source=Fixed())  # type: ignore[arg-type]
-    monitor.start()
-    try:
-        deadline = time.monotonic() + 2.0
-        while monitor.value() != pytest.approx(0.25) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert monitor.value() == pytest.approx(0.25)
-    finally:
-        monitor.stop()
-
-
-def test_idle_target_is_zero_while_draining_and_bounded_by_the_job_cap() -> None:
-    from callboard.worker.worker import idle_target
-
-    assert idle_target(4, draining=True, max_jobs=0, busy=0) == 0
-    assert idle_target(4, draining=False, max_jobs=0, busy=10) == 4
-    assert idle_target(4, draining=False, max_jobs=5, busy=3) == 2
-    assert idle_target(4, draining=False, max_jobs=2, busy=5) == 0
+    assert custom_effective_load(0.4, 2, 1) == pytest.approx(0.6)
+    assert custom_effective_load(0.9, 1, 5) == 1.0
+    assert custom_effective_load(-0.5, 0, 0) == 0.0

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from callboard import EnvOption, JobContext, WorkerOptions
+from callboard import EnvOption, JobContext, JobCost, WorkerOptions
 from callboard.worker.options import (
     ENV_AGENT_NAME,
     ENV_API_KEY,
@@ -86,6 +86,9 @@ def test_dev_and_production_defaults() -> None:
     assert math.isinf(dev.load_threshold) and prod.load_threshold == 0.7
     assert dev.num_idle_processes == 0 and prod.num_idle_processes >= 1
     assert dev.port == 0 and prod.port == 8081
+    assert dev.idle_processes_memory_mb == 256 and prod.idle_processes_memory_mb == 1024
+    assert prod.opts.initial_job_cost == JobCost(cpu=0.25, memory_mb=100.0)
+    assert prod.opts.cpu_budget is None and prod.opts.memory_budget_mb is None
 
 
 @pytest.mark.parametrize("url", ["localhost:7880", "ftp://host", "ws://", "127.0.0.1", ""])
@@ -144,6 +147,7 @@ TIMEOUTS = [
     "status_interval",
     "availability_timeout",
     "unresponsive_timeout",
+    "idle_processes_window",
 ]
 
 
@@ -166,6 +170,43 @@ def test_counts_must_be_non_negative_ints(name: str, value: Any) -> None:
 def test_memory_limits_must_be_non_negative_numbers(name: str, value: Any) -> None:
     with pytest.raises(OptionsError, match=f"^{name} must be a number >= 0"):
         options(**{name: value})
+
+
+@pytest.mark.parametrize("name", ["cpu_budget", "memory_budget_mb"])
+@pytest.mark.parametrize("value", [0, -1.0, math.nan, math.inf, "2", True])
+def test_budgets_must_be_positive_numbers_or_none(name: str, value: Any) -> None:
+    with pytest.raises(OptionsError, match=f"^{name} must be a number > 0 or None, got"):
+        options(**{name: value})
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0.25, "initial_job_cost must be a JobCost"),
+        (JobCost(cpu=0.0), r"initial_job_cost\.cpu must be a number > 0"),
+        (JobCost(memory_mb=-5.0), r"initial_job_cost\.memory_mb must be a number > 0"),
+        (JobCost(cpu=math.nan), r"initial_job_cost\.cpu must be a number > 0"),
+    ],
+)
+def test_initial_job_cost_must_be_a_positive_job_cost(value: Any, message: str) -> None:
+    with pytest.raises(OptionsError, match=message):
+        options(initial_job_cost=value)
+
+
+@pytest.mark.parametrize("value", [-1, math.nan, math.inf, "64", EnvOption(0.0, -1.0)])
+def test_idle_processes_memory_must_be_a_non_negative_number(value: Any) -> None:
+    with pytest.raises(OptionsError, match="idle_processes_memory_mb must be a number >= 0"):
+        options(idle_processes_memory_mb=value)
+
+
+def test_budgets_accepted() -> None:
+    opts = options(
+        cpu_budget=1.5,
+        memory_budget_mb=2048,
+        initial_job_cost=JobCost(cpu=0.1, memory_mb=60.0),
+        idle_processes_memory_mb=0,
+    )
+    assert opts.cpu_budget == 1.5
 
 
 def test_zero_means_no_cap_and_no_memory_limit() -> None:

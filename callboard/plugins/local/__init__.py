@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from callboard.plugins.local import runners as _runners  # registers the shared models
 from callboard.plugins.local.llm import ScriptedLLM
+from callboard.plugins.local.realtime import ScriptedRealtimeModel
 from callboard.plugins.local.script import Intent, Script, Slot
 from callboard.plugins.local.stt import WhisperOptions, WhisperSTT, streaming_stt
 from callboard.plugins.local.tts import (
@@ -37,6 +38,7 @@ __all__ = [
     "Intent",
     "Script",
     "ScriptedLLM",
+    "ScriptedRealtimeModel",
     "Slot",
     "WhisperOptions",
     "WhisperSTT",

@@ -21,6 +21,11 @@ from callboard.plugins.local.script import Script, Turn
 _WORDS: Final = re.compile(r"\S+\s*")
 
 
+def word_chunks(text: str) -> list[str]:
+    """`text` as streamed: one chunk per word, each with its trailing space."""
+    return _WORDS.findall(text)
+
+
 class ScriptedLLM(llm.LLM[Never]):
     """Follows `script`: the caller's last message picks an intent, slots come from everything
     the caller said, and the reply streams as one chunk per word, then any tool call."""
@@ -77,7 +82,7 @@ class ScriptedStream(llm.LLMStream):
     async def _run(self) -> None:
         turn = self._scripted.turn_for(self._chat_ctx, self._tools)
         request_id = utils.shortuuid("scripted_")
-        for word in _WORDS.findall(turn.text):
+        for word in word_chunks(turn.text):
             self._send(request_id, llm.ChoiceDelta(role="assistant", content=word))
             await asyncio.sleep(0)  # let the TTS start on the first sentence
         if turn.tool_call is not None:

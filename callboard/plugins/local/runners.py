@@ -10,11 +10,15 @@ the same engines load once in the calling process instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import multiprocessing as mp
 import os
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Final
 
 from livekit.agents.inference_runner import _InferenceRunner
+from livekit.agents.ipc.inference_proc_executor import InferenceProcExecutor
 from livekit.agents.job import get_job_context
 
 from callboard.log import get_logger
@@ -25,6 +29,8 @@ log = get_logger("plugins.local")
 STT_METHOD: Final = "callboard_local_stt"
 TTS_METHOD: Final = "callboard_local_tts"
 _HEADER_END: Final = b"\n"
+INFERENCE_INITIALIZE_TIMEOUT: Final = 300.0
+"""livekit-agents' worker allows its inference process 5 minutes to load the models."""
 
 
 def encode_request(header: dict[str, Any], payload: bytes = b"") -> bytes:
@@ -114,6 +120,31 @@ async def infer(method: str, data: bytes) -> bytes:
             extra={"method": method, "pid": os.getpid()},
         )
     return await asyncio.to_thread(_LOCAL_RUNS[method], data)
+
+
+@contextlib.asynccontextmanager
+async def inference_process() -> AsyncIterator[InferenceProcExecutor]:
+    """livekit-agents' own inference process with every registered runner, as its worker starts
+    it: for programs that run sessions without a worker (pass it to `fake_job_context`)."""
+    executor = InferenceProcExecutor(
+        runners=_InferenceRunner.registered_runners,
+        initialize_timeout=INFERENCE_INITIALIZE_TIMEOUT,
+        close_timeout=5,
+        memory_warn_mb=2000,
+        memory_limit_mb=0,
+        ping_interval=5,
+        ping_timeout=60,
+        high_ping_threshold=2.5,
+        mp_ctx=mp.get_context("spawn"),
+        loop=asyncio.get_running_loop(),
+        http_proxy=None,
+    )
+    await executor.start()
+    try:
+        await executor.initialize()
+        yield executor
+    finally:
+        await executor.aclose()
 
 
 def _register() -> None:

@@ -42,12 +42,12 @@ class Member(Protocol):
     def unsubscribe(self, track_sid: str) -> None:
         """Stop receiving `track_sid` (unpublished, its publisher left, or unsubscribed)."""
 
+    def on_track_subscribed(self, track_sid: str) -> None:
+        """This member's track `track_sid` got its first subscriber (livekit's TrackSubscribed,
+        which livekit-agents waits for before speaking)."""
+
     def on_removed(self, reason: int) -> None:
         """The room ends this membership (RemoveParticipant, duplicate identity, room closed)."""
-
-    def track_subscribed(self, track_sid: str) -> None:
-        """Someone now receives this member's track `track_sid` (SDKs wait for it before they
-        send: livekit-agents' room output does not speak until its track has a subscriber)."""
 
 
 @dataclass(eq=False)
@@ -94,6 +94,15 @@ class Participant:
     @property
     def log_fields(self) -> dict[str, object]:
         return {"identity": self.identity, "participant_sid": self.sid}
+
+    @property
+    def takes_everything(self) -> bool:
+        """Connected, auto-subscribing and allowed to subscribe: gets each new track."""
+        return (
+            self.auto_subscribe
+            and self.info.permission.can_subscribe
+            and self.info.state == models.ParticipantInfo.ACTIVE
+        )
 
     def touch(self) -> None:
         self.info.version += 1
@@ -157,7 +166,9 @@ class LiveRoom:
 
     # -- membership ---------------------------------------------------------------------------
 
-    def join(self, info: models.ParticipantInfo, member: Member, auto_subscribe: bool) -> Participant:
+    def join(
+        self, info: models.ParticipantInfo, member: Member, auto_subscribe: bool
+    ) -> Participant:
         """Add a participant; an earlier one with the same identity is removed first."""
         old = self.participants.get(info.identity)
         if old is not None:
@@ -169,7 +180,11 @@ class LiveRoom:
         self._sync_num_participants()
         log.info(
             "participant joined",
-            extra={"room": self.name, **p.log_fields, "kind": models.ParticipantInfo.Kind.Name(info.kind)},
+            extra={
+                "room": self.name,
+                **p.log_fields,
+                "kind": models.ParticipantInfo.Kind.Name(info.kind),
+            },
         )
         self.broadcast(p)
         self._hooks.participant_joined(self, p)
@@ -254,14 +269,18 @@ class LiveRoom:
         p.touch()
         log.info(
             "track published",
-            extra={"room": self.name, **p.log_fields, "track_sid": track.sid, "track_name": track.name},
+            extra={
+                "room": self.name,
+                **p.log_fields,
+                "track_sid": track.sid,
+                "track_name": track.name,
+            },
         )
         self.broadcast(p)
         if not p.hidden:
             for other in list(self.participants.values()):
-                if other is not p and other.auto_subscribe and other.info.permission.can_subscribe:
-                    if other.info.state == models.ParticipantInfo.ACTIVE:
-                        self._subscribe(other, pub)
+                if other is not p and other.takes_everything:
+                    self._subscribe(other, pub)
         if p.identity not in self._published:
             self._published.add(p.identity)
             self._hooks.first_publish(self, p)
@@ -322,9 +341,11 @@ class LiveRoom:
             return
         if not p.info.permission.can_subscribe:
             return
+        first = not pub.sinks
         pub.sinks[p.sid] = p.member.subscribe(pub.publisher.info, pub.info)
         p.subscribed.add(sid)
-        pub.publisher.member.track_subscribed(sid)
+        if first:
+            pub.publisher.member.on_track_subscribed(sid)
 
     def _unsubscribe_sid(self, p: Participant, track_sid: str) -> None:
         if track_sid not in p.subscribed:
@@ -337,7 +358,9 @@ class LiveRoom:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def send_data(self, sender: Participant | None, packet: models.DataPacket, reliable: bool) -> int:
+    def send_data(
+        self, sender: Participant | None, packet: models.DataPacket, reliable: bool
+    ) -> int:
         """Relay `packet` to its destination identities (all others when none); the sender's
         identity is set by the room, never taken from the packet. Returns the recipients."""
         if sender is not None:

@@ -70,7 +70,9 @@ def parse_candidate(candidate_init: str) -> Any:
         text = str(init.get("candidate", ""))
         if not text:
             return None
-        candidate = candidate_from_sdp(text.split(":", 1)[1] if text.startswith("candidate:") else text)
+        candidate = candidate_from_sdp(
+            text.split(":", 1)[1] if text.startswith("candidate:") else text
+        )
         candidate.sdpMid = init.get("sdpMid")
         candidate.sdpMLineIndex = init.get("sdpMLineIndex")
     except (ValueError, TypeError, AttributeError, IndexError) as e:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from fractions import Fraction
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import av
 from aiortc import MediaStreamTrack
@@ -32,7 +32,10 @@ RELAY_QUEUE_FRAMES: Final = 50
 """Frames a subscriber may lag (1 s of 20 ms frames) before the oldest are dropped."""
 RTP_TIMESTAMP_MODULO: Final = 1 << 32
 
-Frame = av.Packet | av.AudioFrame
+if TYPE_CHECKING:
+    Frame: TypeAlias = av.Packet[Any] | av.AudioFrame
+else:  # av.Packet is generic only in its stubs
+    Frame = av.Packet | av.AudioFrame
 """What flows through a room: an encoded Opus packet (pts in 1/48000 s), or PCM to be encoded
 by each WebRTC subscriber's sender."""
 FrameSink = Callable[[Frame], None]
@@ -44,7 +47,7 @@ class OpusUnwrapper:
     def __init__(self) -> None:
         self._origin: int | None = None
 
-    def packet(self, rtp: RtpPacket) -> av.Packet:
+    def packet(self, rtp: RtpPacket) -> av.Packet[Any]:
         if self._origin is None:
             self._origin = rtp.timestamp
         frame = av.Packet(rtp.payload)
@@ -67,7 +70,7 @@ def tap_receiver(receiver: Any, payload_types: frozenset[int], sink: FrameSink) 
     receiver._handle_rtp_packet = handle_rtp_packet
 
 
-class RelayTrack(MediaStreamTrack):  # type: ignore[misc]
+class RelayTrack(MediaStreamTrack):
     """An audio track fed by `push` (one per subscriber); an aiortc sender reads it."""
 
     kind = "audio"

@@ -201,7 +201,7 @@ class SignalSession:
         self._out: asyncio.Queue[rtc.SignalResponse | None] = asyncio.Queue()
         self._pending_tracks: dict[str, models.TrackInfo] = {}
         self._ending: str | None = None
-        self._leave_reason = models.CLIENT_INITIATED
+        self._leave_reason: int = models.CLIENT_INITIATED
         g = spec.grants
         self._info = participant_info(
             g.identity,
@@ -214,7 +214,7 @@ class SignalSession:
         self._info.client_protocol = spec.client_protocol
         self._participant: Participant | None = None
         self._peers = PeerConnections(
-            self._send_offer, self._on_track, self._on_data, self._fail
+            self._send_offer, self._on_track, self._on_data, self._media_failed
         )
 
     @property
@@ -258,18 +258,21 @@ class SignalSession:
             level = logging.INFO if reason == CLIENT_LEFT else logging.WARNING
             log.log(level, "rtc connection ended", extra={**self.log_fields, "reason": reason})
 
-    def _fail(self, reason: str) -> None:
-        """End this connection from a callback (a failed peer connection, an offer timeout)."""
+    def _fail(self, reason: str, leave_reason: int) -> None:
+        """End this connection from outside the read loop: the writer closes the WebSocket."""
         if self._ending is None:
             self._ending = reason
-            self._leave_reason = models.MEDIA_FAILURE if "peer" in reason else models.SIGNAL_CLOSE
+            self._leave_reason = leave_reason
             self._out.put_nowait(None)
+
+    def _media_failed(self, reason: str) -> None:
+        self._fail(reason, models.MEDIA_FAILURE)
 
     async def _offer_task(self) -> None:
         try:
             await self._peers.offer_task(self._answer_timeout)
         except SignalError as e:
-            self._fail(str(e))
+            self._fail(str(e), models.SIGNAL_CLOSE)
 
     async def _write_task(self) -> None:
         while True:
@@ -372,11 +375,15 @@ class SignalSession:
             stream=req.stream,
         )
         self._pending_tracks[req.cid] = track
-        self._send(rtc.SignalResponse(track_published=rtc.TrackPublishedResponse(cid=req.cid, track=track)))
+        self._send(
+            rtc.SignalResponse(track_published=rtc.TrackPublishedResponse(cid=req.cid, track=track))
+        )
 
     def _update_metadata(self, p: Participant, req: rtc.UpdateParticipantMetadata) -> None:
         if not p.info.permission.can_update_metadata:
-            log.info("metadata update refused: no canUpdateOwnMetadata grant", extra=self.log_fields)
+            log.info(
+                "metadata update refused: no canUpdateOwnMetadata grant", extra=self.log_fields
+            )
             return
         if req.name:
             p.info.name = req.name
@@ -411,7 +418,9 @@ class SignalSession:
     def _send_offer(self, sdp: str) -> None:
         self._send(rtc.SignalResponse(offer=rtc.SessionDescription(type="offer", sdp=sdp)))
 
-    def _on_track(self, cid: str, receiver: Any, payload_types: frozenset[int], mid: str | None) -> None:
+    def _on_track(
+        self, cid: str, receiver: Any, payload_types: frozenset[int], mid: str | None
+    ) -> None:
         p = self._participant
         track = self._pending_tracks.pop(cid, None)
         if track is None and self._pending_tracks:
@@ -453,14 +462,17 @@ class SignalSession:
     def unsubscribe(self, track_sid: str) -> None:
         self._peers.remove_track(track_sid)
 
-    def track_subscribed(self, track_sid: str) -> None:
+    def on_track_subscribed(self, track_sid: str) -> None:
+        # livekit-agents' audio output waits for this before it plays anything
         self._send(rtc.SignalResponse(track_subscribed=rtc.TrackSubscribed(track_sid=track_sid)))
 
     def on_removed(self, reason: int) -> None:
         self._ending = f"removed by the server ({models.DisconnectReason.Name(reason)})"
         self._leave_reason = reason
         leave = rtc.LeaveRequest(
-            can_reconnect=False, reason=reason, action=rtc.LeaveRequest.DISCONNECT  # type: ignore[arg-type]
+            can_reconnect=False,
+            reason=reason,  # type: ignore[arg-type]
+            action=rtc.LeaveRequest.DISCONNECT,
         )
         self._send(rtc.SignalResponse(leave=leave))
         self._out.put_nowait(None)
@@ -468,5 +480,3 @@ class SignalSession:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-

@@ -191,6 +191,7 @@ class SipGateway:
             rooms=self.rooms,
             respond=lambda response: self._send(msg, peer, response),
             contact=self.contact,
+            client=self.client,
         )
         self._by_branch[branch] = call
         self.calls[(msg.call_id, call.local_tag)] = call
@@ -360,7 +361,7 @@ class SipGateway:
         call = self._find_participant(req.room_name, req.participant_identity)
         if call is None:
             raise TwirpError("not_found", "requested sip participant does not exist")
-        response = await call.refer(req.transfer_to, self.client)
+        response = await call.refer(req.transfer_to)
         transfer_id = new_id("ST_")
         if response.status != 202 and not 200 <= response.status < 300:
             return sip.TransferSIPParticipantResponse(
@@ -369,7 +370,7 @@ class SipGateway:
                 reason=sip.STR_REJECTED,
                 sip_status=sip.SIPStatus(code=response.status, status=response.reason),  # type: ignore[arg-type]
             )
-        await call.bye(self.client, "transferred")
+        await call.bye("transferred")
         return sip.TransferSIPParticipantResponse(
             transfer_id=transfer_id, status=sip.STS_TRANSFER_SUCCESSFUL
         )

@@ -19,6 +19,7 @@ from callboard.server.sip import rules, sdp
 from callboard.server.sip.codecs import Pcm
 from callboard.server.sip.config import SipConfig
 from callboard.server.sip.digest import DigestAuth, parse_credentials
+from callboard.server.sip.headers import header_attributes
 from callboard.server.sip.media import RtpSession
 from callboard.server.sip.message import NameAddr, SipMessage, SipUri, reply
 from callboard.server.sip.room_leg import CallRooms, RoomLeg
@@ -68,6 +69,7 @@ class InboundSipCall:
         rooms: CallRooms,
         respond: Responder,
         contact: str,
+        client: ClientTransactions,
     ) -> None:
         self.invite = invite
         self.peer = peer
@@ -77,6 +79,8 @@ class InboundSipCall:
         self.rooms = rooms
         self._respond = respond
         self.contact = contact
+        self.client = client
+        self._background: set[asyncio.Task[None]] = set()
         self.call_id = new_id(CALL_PREFIX)
         self.local_tag = new_id("")
         self.media: RtpSession | None = None
@@ -150,9 +154,13 @@ class InboundSipCall:
             self.answer = sdp.choose(offer, self.config.host, port)
         except sdp.SdpError as e:
             raise Refused(488, str(e)) from None
-        attrs = {**dispatch.attributes, ATTR_CALL_STATUS: CallStatus.RINGING.value}
+        headers = header_attributes(
+            self.invite, dispatch.headers_to_attributes, dispatch.include_headers
+        )
+        attrs = {**dispatch.attributes, **headers, ATTR_CALL_STATUS: CallStatus.RINGING.value}
         dispatch = dataclasses.replace(dispatch, attributes=attrs)
-        self.leg = await self.rooms.join(dispatch, self._to_caller, self._digit_to_caller)
+        self.leg = await self.rooms.join(dispatch, self._digit_to_caller, self._removed)
+        self.media.source = self.leg.next_frame
         self.media.start(self.answer, (offer.address, offer.port))
         self.room_name, self.identity = dispatch.room_name, dispatch.identity
         self.log_extra.update(room=dispatch.room_name, identity=dispatch.identity)
@@ -208,9 +216,12 @@ class InboundSipCall:
         if self.leg is not None:
             self.leg.caller_digit(digit)
 
-    def _to_caller(self, pcm: Pcm) -> None:
-        if self.media is not None:
-            self.media.play(pcm)
+    def _removed(self, reason: int) -> None:
+        """The room ended the caller's membership (RemoveParticipant, room closed): hang up."""
+        if self.leg is not None and self.status != CallStatus.HANGUP.value:
+            task = asyncio.get_running_loop().create_task(self.bye("removed from the room"))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _digit_to_caller(self, digit: str) -> None:
         if self.media is not None:
@@ -239,20 +250,20 @@ class InboundSipCall:
     def contact_port(self) -> int:
         return NameAddr.parse(self.contact).uri.port or self.config.port
 
-    async def refer(self, refer_to: str, client: ClientTransactions) -> SipMessage:
+    async def refer(self, refer_to: str) -> SipMessage:
         """Blind transfer (RFC 3515): ask the caller's side to call `refer_to`."""
         request = self._in_dialog("REFER")
         request.add("Refer-To", refer_to)
         request.add("Referred-By", self.contact)
         reliable = self.peer.transport != "UDP"
         log.info("sip transfer", extra=self.log_extra)
-        return await client.request(request, self.peer.send, reliable=reliable)
+        return await self.client.request(request, self.peer.send, reliable=reliable)
 
-    async def bye(self, client: ClientTransactions, reason: str) -> None:
+    async def bye(self, reason: str) -> None:
         """We hang up: BYE, then the participant leaves the room."""
         request = self._in_dialog("BYE")
         request.add("Reason", f'SIP;cause=200;text="{reason}"')
-        await client.request(request, self.peer.send, reliable=self.peer.transport != "UDP")
+        await self.client.request(request, self.peer.send, reliable=self.peer.transport != "UDP")
         await self.hang_up(models.DisconnectReason.CLIENT_INITIATED)
 
     # -- endings -----------------------------------------------------------------------------
@@ -271,7 +282,21 @@ class InboundSipCall:
         if self.leg is not None:
             self.leg.set_attributes({ATTR_CALL_STATUS: CallStatus.HANGUP.value})
             await self.leg.leave(reason)
-        log.info("sip call ended", extra={**self.log_extra, "reason": int(reason)})
+        log.info(
+            "sip call ended",
+            extra={**self.log_extra, "reason": int(reason), **self._media_stats()},
+        )
+
+    def _media_stats(self) -> dict[str, int]:
+        """RTP counters for the log line that closes the call."""
+        if self.media is None:
+            return {}
+        return {
+            "rtp_received": self.media.received,
+            "rtp_dropped": self.media.dropped,
+            "rtp_lost": self.media.lost,
+            "rtp_sent": self.media.sent,
+        }
 
 
 def remote_target(invite: SipMessage) -> NameAddr | None:

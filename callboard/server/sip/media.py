@@ -61,6 +61,8 @@ class RtpSession(asyncio.DatagramProtocol):
         self._ts = secrets.randbelow(MAX_TIMESTAMP)
         self._ssrc = secrets.randbits(32)
         self._sender: asyncio.Task[None] | None = None
+        self.source: Callable[[], Pcm | None] | None = None
+        """Where audio comes from when nothing was `play`ed (the room's mix)."""
         self.received = 0
         self.dropped = 0
         self.sent = 0
@@ -79,6 +81,11 @@ class RtpSession(asyncio.DatagramProtocol):
             self._sender = asyncio.get_running_loop().create_task(
                 self._send_task(), name="sip-rtp-send"
             )
+
+    @property
+    def lost(self) -> int:
+        """Caller frames never received (gaps the jitter buffer gave up on)."""
+        return self._jitter.lost
 
     def close(self) -> None:
         if self._sender is not None:
@@ -189,8 +196,13 @@ class RtpSession(asyncio.DatagramProtocol):
         assert answer is not None
         silence = CODECS[answer.codec].silence
         next_at = loop.time()
+        codec = CODECS[answer.codec]
         while True:
-            payload = self._out.popleft() if self._out else silence
+            pcm = self.source() if self.source is not None and not self._out else None
+            if pcm is not None:
+                payload = codec.encode(pcm)
+            else:
+                payload = self._out.popleft() if self._out else silence
             self._send(RtpPacket(answer.codec_pt, self._next_seq(), self._ts, self._ssrc, payload))
             self._ts = (self._ts + FRAME_SAMPLES) % MAX_TIMESTAMP
             next_at += FRAME_S

@@ -88,6 +88,7 @@ class OutboundSipCall:
         self.answer: sdp.Answer | None = None
         self.acked = asyncio.Event()
         self.ended = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         self.status = CallStatus.DIALING.value
         self.log_extra = {
             "call_id": self.call_id,
@@ -125,7 +126,8 @@ class OutboundSipCall:
 
     async def join(self) -> None:
         """Join the room as `dialing` (what CreateSIPParticipant waits for by default)."""
-        self.leg = await self.rooms.join(self._dispatch(), self.media.play, self.media.send_digit)
+        self.leg = await self.rooms.join(self._dispatch(), self.media.send_digit, self._removed)
+        self.media.source = self.leg.next_frame
         log.info("sip dialing", extra=self.log_extra)
 
     async def dial(self) -> SipMessage:
@@ -158,6 +160,19 @@ class OutboundSipCall:
     def _callee_digit(self, digit: str) -> None:
         if self.leg is not None:
             self.leg.caller_digit(digit)
+
+    def _removed(self, reason: int) -> None:
+        """The room ended the callee's membership: hang up on them."""
+        if self.status == CallStatus.HANGUP.value:
+            return
+        task = asyncio.get_running_loop().create_task(self._hang_up_callee(reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _hang_up_callee(self, reason: int) -> None:
+        if self.status == CallStatus.ACTIVE.value:
+            await self.dialog.bye("removed from the room")
+        await self.end(reason)
 
     def caller_digit(self, digit: str) -> None:
         self._callee_digit(digit)

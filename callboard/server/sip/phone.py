@@ -25,6 +25,30 @@ from callboard.server.sip.uac import ClientTransactions, DialTarget, OutgoingDia
 
 SPEECH_LEVEL: Final = 500
 """Mean absolute sample above which a 20 ms frame counts as sound rather than silence."""
+VOICED_RMS: Final = 300.0
+"""A 20 ms frame louder than this (RMS) is speech."""
+QUIET_FRAMES: Final = 60
+"""1.2 s of quiet (20 ms frames) ends an utterance."""
+GREETING_WAIT_S: Final = 15.0
+
+
+def rms(frame: Pcm) -> float:
+    return float(np.sqrt(np.mean(frame.astype(np.float64) ** 2)))
+
+
+def utterance(heard: list[Pcm], since: int) -> tuple[int, int] | None:
+    """(first, end) frame indices of the first thing said at or after frame `since`, once
+    QUIET_FRAMES of quiet followed it; None until then."""
+    loud = [i for i in range(since, len(heard)) if rms(heard[i]) > VOICED_RMS]
+    if not loud or len(heard) - loud[-1] < QUIET_FRAMES:
+        return None
+    first = end = loud[0]
+    for i in loud:
+        if i - end > QUIET_FRAMES:
+            break
+        end = i
+    return first, end + 1
+
 
 Say = Callable[[str], None]
 
@@ -38,6 +62,10 @@ class CallResult:
     codec: str = ""
     heard: list[Pcm] = field(default_factory=list)
     hung_up_by_callee: bool = False
+    sent: int = 0
+    """RTP packets sent to the callee."""
+    lost: int = 0
+    """Packets from the callee that never arrived (sequence gaps)."""
 
     @property
     def audio(self) -> Pcm:
@@ -76,18 +104,17 @@ class SipPhone:
             self._hangup.set()
         peer.send(reply(msg, 200 if msg.method in ("BYE", "OPTIONS", "INFO") else 405).encode())
 
-    async def call(
-        self,
-        target: DialTarget,
-        audio: Pcm,
-        *,
-        listen: float,
-        dtmf: str = "",
-        say: Say = lambda _: None,
-    ) -> CallResult:
-        """Dial `target`, play `audio`, keep listening `listen` s after it, then hang up."""
+    async def dial(self, target: DialTarget, say: Say = lambda _: None) -> ActiveCall:
+        """Dial `target`; the call is answered when `ActiveCall.result.status` is 2xx (else it
+        is already over)."""
         heard: list[Pcm] = []
-        media = RtpSession(heard.append, lambda digit: say(f"received DTMF {digit}"))
+        digits: list[str] = []
+
+        def digit(d: str) -> None:
+            digits.append(d)
+            say(f"received DTMF {d}")
+
+        media = RtpSession(heard.append, digit)
         port = await media.open(self.host)
         self._hangup.clear()
         dialog = OutgoingDialog(
@@ -102,28 +129,94 @@ class SipPhone:
             if response.status in (180, 183):
                 say(f"{response.status} {response.reason}")
 
-        try:
-            response = await dialog.invite(sdp.offer(self.host, port), progress)
-            result = CallResult(response.status, response.reason, heard=heard)
-            if not 200 <= response.status < 300:
-                return result
-            remote = sdp.parse(response.body)
-            answer = sdp.choose(remote, self.host, port)
-            result.codec = answer.codec
-            say(f"answered ({answer.codec})")
-            media.start(answer, (remote.address, remote.port))
-            media.play(audio)
-            for digit in dtmf:
-                media.send_digit(digit)
-            talk = len(audio) / FRAME_SAMPLES * FRAME_S + listen
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._hangup.wait(), talk)
-            result.hung_up_by_callee = self._hangup.is_set()
-            if not result.hung_up_by_callee:
-                await dialog.bye()
-            return result
-        finally:
+        call = ActiveCall(dialog, media, self._hangup, digits)
+        response = await dialog.invite(sdp.offer(self.host, port), progress)
+        call.result = CallResult(response.status, response.reason, heard=heard)
+        if not 200 <= response.status < 300:
             media.close()
+            return call
+        remote = sdp.parse(response.body)
+        answer = sdp.choose(remote, self.host, port)
+        call.result.codec = answer.codec
+        say(f"answered ({answer.codec})")
+        media.start(answer, (remote.address, remote.port))
+        return call
+
+    async def call(
+        self,
+        target: DialTarget,
+        audio: Pcm,
+        *,
+        listen: float,
+        dtmf: str = "",
+        say: Say = lambda _: None,
+        wait_greeting: bool = False,
+    ) -> CallResult:
+        """Dial `target`, (let the other side greet first,) play `audio`, keep listening
+        `listen` s after it, then hang up."""
+        call = await self.dial(target, say)
+        if not call.answered:
+            return call.result
+        if wait_greeting:
+            greeting = await call.wait_utterance(0, GREETING_WAIT_S)
+            if greeting is not None:
+                say(f"heard a greeting of {(greeting[1] - greeting[0]) * FRAME_S:.1f} s")
+        call.media.play(audio)
+        for digit in dtmf:
+            call.media.send_digit(digit)
+        await call.wait_hangup(len(audio) / FRAME_SAMPLES * FRAME_S + listen)
+        return await call.hang_up()
+
+
+class ActiveCall:
+    """A call this phone placed: its media, what it heard, and how it ends."""
+
+    def __init__(
+        self,
+        dialog: OutgoingDialog,
+        media: RtpSession,
+        hung_up: asyncio.Event,
+        digits: list[str],
+    ) -> None:
+        self.dialog = dialog
+        self.media = media
+        self.hung_up = hung_up
+        self.digits = digits
+        self.result = CallResult(0, "")
+
+    @property
+    def answered(self) -> bool:
+        return 200 <= self.result.status < 300
+
+    async def wait_utterance(self, since: int, timeout: float) -> tuple[int, int] | None:
+        """The frames of the next thing the other side says (after frame `since`), once it
+        has finished; None if nothing was said within `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and not self.hung_up.is_set():
+            found = utterance(self.result.heard, since)
+            if found is not None:
+                return found
+            await asyncio.sleep(FRAME_S)
+        return None
+
+    async def wait_hangup(self, timeout: float) -> bool:
+        """Whether the other side hung up within `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.hung_up.wait(), timeout)
+        return self.hung_up.is_set()
+
+    async def hang_up(self) -> CallResult:
+        """BYE (unless the other side hung up first); the media stops."""
+        result = self.result
+        result.hung_up_by_callee = self.hung_up.is_set()
+        try:
+            if not result.hung_up_by_callee:
+                await self.dialog.bye()
+        finally:
+            self.media.close()
+        result.sent, result.lost = self.media.sent, self.media.lost
+        return result
 
 
 DEFAULT_ADDRESS: Final = "127.0.0.1:5060"
@@ -150,6 +243,8 @@ class CallOptions:
     dtmf: str = ""
     username: str = ""
     password: str = ""
+    wait_greeting: bool = True
+    """Let the other side say its greeting before speaking (up to 15 s)."""
 
     def __post_init__(self) -> None:
         host, _, port = self.address.rpartition(":")

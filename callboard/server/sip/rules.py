@@ -74,6 +74,8 @@ class Dispatch:
     room_preset: str = ""
     room_config: room_pb.RoomConfiguration | None = None
     headers_to_attributes: Mapping[str, str] = field(default_factory=dict)
+    include_headers: int = 0
+    """The trunk's `SIPHeaderOptions`: which INVITE headers become `sip.h.*` attributes."""
 
 
 def pin_and_room(rule: sip.SIPDispatchRuleInfo) -> tuple[str, str]:
@@ -318,4 +320,5 @@ def evaluate_dispatch_rule(
         room_preset=rule.room_preset,
         room_config=rule.room_config if rule.HasField("room_config") else None,
         headers_to_attributes=dict(trunk.headers_to_attributes) if trunk is not None else {},
+        include_headers=trunk.include_headers if trunk is not None else 0,
     )

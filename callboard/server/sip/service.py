@@ -8,7 +8,7 @@ Trunk passwords are stored and answered as livekit-server does, and never logged
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from google.protobuf.message import Message
 from livekit.protocol import sip
@@ -22,6 +22,7 @@ from callboard.server.sip.validation import invalid
 from callboard.server.twirp import Handler, TwirpError, TwirpRouter
 
 log = get_logger("server.sip")
+M = TypeVar("M", bound=Message)
 
 SIP_SERVICE: Final = "livekit.SIP"
 PERMISSION_DENIED: Final = "permissions denied"
@@ -139,9 +140,7 @@ class SipService:
             raise invalid("trunk id in the info must be empty or match the id in the update")
         if action == "update":
             _check_inbound_update(req.update)
-        info = self.store.inbound_trunk(req.sip_trunk_id)
-        if info is None:
-            raise TwirpError("not_found", TRUNK_NOT_FOUND)
+        info = _found(self.store.inbound_trunk(req.sip_trunk_id), TRUNK_NOT_FOUND)
         if action == "replace":
             info.CopyFrom(req.replace)
             info.sip_trunk_id = req.sip_trunk_id
@@ -161,9 +160,7 @@ class SipService:
         action = _check_update(req.sip_trunk_id, req.WhichOneof("action"), "trunk")
         if action == "replace" and req.replace.sip_trunk_id not in ("", req.sip_trunk_id):
             raise invalid("trunk id in the info must be empty or match the id in the update")
-        info = self.store.outbound_trunk(req.sip_trunk_id)
-        if info is None:
-            raise TwirpError("not_found", TRUNK_NOT_FOUND)
+        info = _found(self.store.outbound_trunk(req.sip_trunk_id), TRUNK_NOT_FOUND)
         if action == "replace":
             info.CopyFrom(req.replace)
             info.sip_trunk_id = req.sip_trunk_id
@@ -178,23 +175,15 @@ class SipService:
         self, grants: Grants | None, req: sip.GetSIPInboundTrunkRequest
     ) -> sip.GetSIPInboundTrunkResponse:
         require_sip(grants, "admin")
-        if not req.sip_trunk_id:
-            raise invalid("trunk ID is required")
-        trunk = self.store.inbound_trunk(req.sip_trunk_id)
-        if trunk is None:
-            raise TwirpError("not_found", TRUNK_NOT_FOUND)
-        return sip.GetSIPInboundTrunkResponse(trunk=trunk)
+        trunk = self.store.inbound_trunk(_trunk_id(req.sip_trunk_id))
+        return sip.GetSIPInboundTrunkResponse(trunk=_found(trunk, TRUNK_NOT_FOUND))
 
     async def get_outbound(
         self, grants: Grants | None, req: sip.GetSIPOutboundTrunkRequest
     ) -> sip.GetSIPOutboundTrunkResponse:
         require_sip(grants, "admin")
-        if not req.sip_trunk_id:
-            raise invalid("trunk ID is required")
-        trunk = self.store.outbound_trunk(req.sip_trunk_id)
-        if trunk is None:
-            raise TwirpError("not_found", TRUNK_NOT_FOUND)
-        return sip.GetSIPOutboundTrunkResponse(trunk=trunk)
+        trunk = self.store.outbound_trunk(_trunk_id(req.sip_trunk_id))
+        return sip.GetSIPOutboundTrunkResponse(trunk=_found(trunk, TRUNK_NOT_FOUND))
 
     async def list_inbound(
         self, grants: Grants | None, req: sip.ListSIPInboundTrunkRequest
@@ -212,10 +201,8 @@ class SipService:
         self, grants: Grants | None, req: sip.DeleteSIPTrunkRequest
     ) -> sip.SIPTrunkInfo:
         require_sip(grants, "admin")
-        if not req.sip_trunk_id:
-            raise invalid("trunk ID is required")
         # livekit-server answers the id whether or not such a trunk existed.
-        self.store.delete_trunk(req.sip_trunk_id)
+        self.store.delete_trunk(_trunk_id(req.sip_trunk_id))
         log.info("sip trunk deleted", extra={"trunk_id": req.sip_trunk_id})
         return sip.SIPTrunkInfo(sip_trunk_id=req.sip_trunk_id)
 
@@ -247,9 +234,7 @@ class SipService:
             validation.check_dispatch_rule(req.replace)
         else:
             validation.check_list_update(_field(req.update, "trunk_ids"))
-        info = self.store.rule(req.sip_dispatch_rule_id)
-        if info is None:
-            raise TwirpError("not_found", RULE_NOT_FOUND)
+        info = _found(self.store.rule(req.sip_dispatch_rule_id), RULE_NOT_FOUND)
         if action == "replace":
             info.CopyFrom(req.replace)
             info.sip_dispatch_rule_id = req.sip_dispatch_rule_id
@@ -276,9 +261,7 @@ class SipService:
         require_sip(grants, "admin")
         if not req.sip_dispatch_rule_id:
             raise invalid("dispatch rule ID is required")
-        info = self.store.rule(req.sip_dispatch_rule_id)
-        if info is None:
-            raise TwirpError("not_found", RULE_NOT_FOUND)
+        info = _found(self.store.rule(req.sip_dispatch_rule_id), RULE_NOT_FOUND)
         self.store.delete_rule(req.sip_dispatch_rule_id)
         log.info("sip dispatch rule deleted", extra={"rule_id": req.sip_dispatch_rule_id})
         return info
@@ -292,9 +275,7 @@ class SipService:
         _check_dial(req)
         trunk = None
         if req.sip_trunk_id:
-            trunk = self.store.outbound_trunk(req.sip_trunk_id)
-            if trunk is None:
-                raise TwirpError("not_found", TRUNK_NOT_FOUND)
+            trunk = _found(self.store.outbound_trunk(req.sip_trunk_id), TRUNK_NOT_FOUND)
         if self.calls is None:
             raise TwirpError("unavailable", "no SIP gateway is running on this server")
         return await self.calls.create_participant(req, trunk)
@@ -313,6 +294,18 @@ class SipService:
         if self.calls is None:
             raise TwirpError("unavailable", "no SIP gateway is running on this server")
         return await self.calls.transfer_participant(req)
+
+
+def _found(item: M | None, not_found: str) -> M:
+    if item is None:
+        raise TwirpError("not_found", not_found)
+    return item
+
+
+def _trunk_id(trunk_id: str) -> str:
+    if not trunk_id:
+        raise invalid("trunk ID is required")
+    return trunk_id
 
 
 def _check_update(item_id: str, action: str | None, what: str) -> str:

@@ -246,34 +246,7 @@ def answering_phone(hang_up_after_ms: int = 1000) -> str:
       <ereg regexp=".*" search_in="hdr" header="From:" check_it="true" assign_to="caller"/>
     </action>
   </recv>
-  <send>
-    <![CDATA[
-      SIP/2.0 180 Ringing
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <send retrans="500">
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-{SDP}
-    ]]>
-  </send>
+{_uas_response("180 Ringing")}{_uas_response("200 OK", SDP)}\
   <recv request="ACK" rtd="true" crlf="true"/>
   <pause milliseconds="{hang_up_after_ms}"/>
   <send retrans="500">
@@ -293,6 +266,29 @@ def answering_phone(hang_up_after_ms: int = 1000) -> str:
   <recv response="200"/>
 """,
     )
+
+
+def _uas_response(status: str, sdp: str = "") -> str:
+    """An answer to the INVITE, with our tag (and an SDP body)."""
+    body = (
+        f"Content-Type: application/sdp\n      Content-Length: [len]\n\n{sdp}"
+        if sdp
+        else ("Content-Length: 0\n")
+    )
+    retrans = ' retrans="500"' if status.startswith("2") else ""
+    return f"""  <send{retrans}>
+    <![CDATA[
+      SIP/2.0 {status}
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      {body}
+    ]]>
+  </send>
+"""
 
 
 def transferred_call() -> str:
@@ -318,6 +314,24 @@ def _answer(status: str) -> str:
       [last_To:]
       [last_Call-ID:]
       [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
+
+def cancel() -> str:
+    """CANCEL the INVITE just sent (same branch and CSeq number, RFC 3261 §9.1)."""
+    return """  <send>
+    <![CDATA[
+      CANCEL sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      [last_Via:]
+      [last_From:]
+      To: <sip:[service]@[remote_ip]:[remote_port]>
+      [last_Call-ID:]
+      CSeq: [cseq] CANCEL
+      Max-Forwards: 70
       Content-Length: 0
 
     ]]>

@@ -1,85 +1,75 @@
-"""Phone calls into `callboard server`, with sipp as the phone on loopback: the SIP answers
-livekit-sip gives (pkg/sip/inbound.go), the room the dispatch rule names, the caller's
-participant state over the call, RTP and DTMF from the phone."""
+"""Phone calls into `callboard server`, with sipp as the phone on loopback and a server-side
+member standing in for the agent: the SIP answers livekit-sip gives (pkg/sip/inbound.go), the
+room the dispatch rule names, the caller's participant as the room sees it over the call, the
+caller's audio and DTMF in the room, outbound dialing and transfer."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from livekit import api
 from livekit.protocol import models, room, sip
 
-from callboard.server.app import EmbeddedServer, run_server
-from callboard.server.config import ServerConfig
-from callboard.server.sip.room_leg import DispatchLeg, DispatchRooms
+from callboard.server.app import EmbeddedServer
 from tests.conftest import API_KEY, API_SECRET
 from tests.server.sip import sipp
+from tests.server.sip.provisioning import trunk_and_rule
+from tests.server.sip.room_agent import LIST_ROOMS, CallSeen, RoomAgent
 from tests.server.support import wait_until
 
 pytestmark = pytest.mark.skipif(sipp.shutil.which("sipp") is None, reason=sipp.SIPP_MISSING)
-
-
-@pytest.fixture
-async def gateway() -> AsyncIterator[EmbeddedServer]:
-    """The embedded server with its SIP gateway on a free loopback port."""
-    async with run_server(ServerConfig(port=0, sip_port=0)) as srv:
-        yield srv
 
 
 async def provision(
     srv: EmbeddedServer, *, auth: tuple[str, str] | None = None, rule: bool = True
 ) -> tuple[str, str]:
     """An inbound trunk for the called number and an individual rule (prefix `call-`) with an
-    agent, through the official client: (trunk id, rule id)."""
-    async with api.LiveKitAPI(srv.http_url, API_KEY, API_SECRET) as lk:
-        trunk = sip.SIPInboundTrunkInfo(name="acme", numbers=[sipp.CALLED])
-        if auth:
-            trunk.auth_username, trunk.auth_password = auth
-        else:
-            trunk.allowed_addresses.append("127.0.0.1")
-        created = await lk.sip.create_inbound_trunk(sip.CreateSIPInboundTrunkRequest(trunk=trunk))
-        if not rule:
-            return created.sip_trunk_id, ""
-        info = sip.SIPDispatchRuleInfo(
-            rule=sip.SIPDispatchRule(
-                dispatch_rule_individual=sip.SIPDispatchRuleIndividual(room_prefix="call-")
-            ),
-            trunk_ids=[created.sip_trunk_id],
-            attributes={"team": "sales"},
-            room_config=room.RoomConfiguration(
-                agents=[api.RoomAgentDispatch(agent_name="assistant")]
-            ),
-        )
-        made = await lk.sip.create_dispatch_rule(
-            sip.CreateSIPDispatchRuleRequest(dispatch_rule=info)
-        )
-        return created.sip_trunk_id, made.sip_dispatch_rule_id
+    agent and an attribute: (trunk id, rule id)."""
+    return await trunk_and_rule(
+        srv.http_url,
+        sipp.CALLED,
+        auth=auth,
+        rule=rule,
+        attributes={"team": "sales"},
+        agents=["assistant"],
+    )
 
 
-def legs(srv: EmbeddedServer) -> list[DispatchLeg]:
-    assert srv.sip is not None and isinstance(srv.sip.rooms, DispatchRooms)
-    return srv.sip.rooms.legs
+def sip_port(srv: EmbeddedServer) -> int:
+    assert srv.sip is not None
+    return srv.sip.port
+
+
+async def one_call(agent: RoomAgent) -> CallSeen:
+    await wait_until(lambda: len(agent.calls) == 1, "the phone participant")
+    [seen] = agent.calls.values()
+    return seen
 
 
 async def test_a_call_reaches_the_room_its_rule_names(
-    gateway: EmbeddedServer, tmp_path: Path
+    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path
 ) -> None:
+    """The seed's call: room `call-_<caller>_<12 random>`, participant `sip_<caller>` of kind
+    SIP with livekit-sip's attributes, ringing → active → hangup, the caller's audio and
+    DTMF in the room, and a CLIENT_INITIATED leave on BYE."""
     trunk_id, rule_id = await provision(gateway)
     wav = sipp.write_ulaw_wav(tmp_path / "hello.wav", sipp.tone(1.0))
-    assert gateway.sip is not None
-    run = await sipp.run_sipp(
-        tmp_path, sipp.answered_call(audio=str(wav), dtmf="12#", talk_ms=2500), gateway.sip.port
-    )
+    scenario = sipp.answered_call(audio=str(wav), dtmf="12#", talk_ms=2500)
+    run = await sipp.run_sipp(tmp_path, scenario, sip_port(gateway))
     assert run.returncode == 0, run.output + run.errors
-    [leg] = legs(gateway)
-    assert re.fullmatch(r"call-_\+56975231235_[2-9A-HJ-NP-Za-km-z]{12}", leg.room_name)
-    assert leg.identity == "sip_+56975231235"
-    attributes = dict(leg.attributes)
+    seen = await one_call(agent)
+    await wait_until(lambda: seen.left, "the caller's leave")
+    assert re.fullmatch(r"call-_\+56975231235_[2-9A-HJ-NP-Za-km-z]{12}", seen.room)
+    info = seen.info
+    assert (info.identity, info.name) == ("sip_+56975231235", "Phone +56975231235")
+    assert info.kind == models.ParticipantInfo.SIP
+    attributes = dict(info.attributes)
     assert re.fullmatch(r"SCL_\w{12}", attributes.pop("sip.callID"))
+    assert re.fullmatch(r"\d+SIPpTag\d+", attributes.pop("sip.callTag"))
+    assert re.fullmatch(r"1-\d+@127\.0\.0\.1", attributes.pop("sip.callIDFull"))
     assert attributes == {
         "team": "sales",
         "sip.trunkID": trunk_id,
@@ -89,46 +79,58 @@ async def test_a_call_reaches_the_room_its_rule_names(
         "sip.trunkPhoneNumber": sipp.CALLED,
         "sip.callStatus": "hangup",
     }
-    assert leg.left == models.DisconnectReason.CLIENT_INITIATED
-    assert leg.frames >= 40, "about a second of the caller's audio reached the room"
-    assert leg.digits == ["1", "2", "#"]
+    assert seen.statuses == ["ringing", "active", "hangup"]
+    assert info.disconnect_reason == models.DisconnectReason.CLIENT_INITIATED
+    heard = len(seen.audio) / 48000
+    assert heard >= 0.8, f"about a second of the caller's tone reached the room ({heard:.2f} s)"
+    assert seen.digits == ["1", "2", "#"]
 
 
-async def test_digest_auth_challenges_then_accepts(gateway: EmbeddedServer, tmp_path: Path) -> None:
+async def test_the_call_rings_until_someone_subscribes(
+    gateway: EmbeddedServer, tmp_path: Path
+) -> None:
+    """livekit-sip waitSubscribe: with nobody in the room the call keeps ringing; the caller's
+    CANCEL ends it with 487 Request Terminated and the participant leaves."""
+    await provision(gateway)
+    steps = sipp.invite() + '  <recv response="100" optional="true"/>\n'
+    steps += '  <recv response="180"/>\n  <pause milliseconds="1000"/>\n'
+    steps += sipp.cancel() + '  <recv response="200"/>\n  <recv response="487"/>\n'
+    steps += sipp.ack_for_error()
+    run = await sipp.run_sipp(tmp_path, sipp.scenario("cancelled", steps), sip_port(gateway))
+    assert run.returncode == 0, run.output + run.errors
+    listed = await gateway.rooms.list_rooms(LIST_ROOMS, room.ListRoomsRequest())
+    [called] = listed.rooms
+    assert gateway.rooms.live_room(called.name).participants == {}
+
+
+async def test_digest_auth_challenges_then_accepts(
+    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path
+) -> None:
     """inbound.go handleInviteAuth: no credentials → 407 with Proxy-Authenticate; the answer
     with the trunk's username and password → the call goes through."""
     await provision(gateway, auth=("acme", "s3cret"))
-    assert gateway.sip is not None
-    run = await sipp.run_sipp(
-        tmp_path,
-        sipp.answered_call(auth=True, talk_ms=200),
-        gateway.sip.port,
-        auth=("acme", "s3cret"),
-    )
+    scenario = sipp.answered_call(auth=True, talk_ms=200)
+    run = await sipp.run_sipp(tmp_path, scenario, sip_port(gateway), auth=("acme", "s3cret"))
     assert run.returncode == 0, run.output + run.errors
-    [leg] = legs(gateway)
-    assert leg.attributes["sip.callStatus"] == "hangup"
+    seen = await one_call(agent)
+    await wait_until(lambda: seen.left, "the caller's leave")
+    assert seen.statuses == ["ringing", "active", "hangup"]
 
 
 async def test_wrong_password_is_refused(
-    gateway: EmbeddedServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """inbound.go handleInviteAuth: a digest that does not match → 401 Unauthorized; no room;
     neither password appears in the logs."""
     await provision(gateway, auth=("acme", "s3cret"))
-    assert gateway.sip is not None
     steps = sipp.invite() + '  <recv response="100" optional="true"/>\n'
     steps += '  <recv response="407" auth="true"/>\n' + sipp.ack_for_error()
     steps += sipp.invite(extra="[authentication]") + '  <recv response="100" optional="true"/>\n'
     steps += '  <recv response="401"/>\n' + sipp.ack_for_error()
-    run = await sipp.run_sipp(
-        tmp_path,
-        sipp.scenario("wrong password", steps),
-        gateway.sip.port,
-        auth=("acme", "guess"),
-    )
+    scenario = sipp.scenario("wrong password", steps)
+    run = await sipp.run_sipp(tmp_path, scenario, sip_port(gateway), auth=("acme", "guess"))
     assert run.returncode == 0, run.output + run.errors
-    assert legs(gateway) == []
+    assert agent.calls == {} and agent.members == {}
     assert "s3cret" not in caplog.text and "guess" not in caplog.text
 
 
@@ -140,24 +142,23 @@ async def test_wrong_password_is_refused(
     ],
 )
 async def test_unmatched_calls_are_refused(
-    gateway: EmbeddedServer, tmp_path: Path, trunk: bool, rule: bool, status: int
+    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path, trunk: bool, rule: bool, status: int
 ) -> None:
     if trunk:
         await provision(gateway, rule=rule)
-    assert gateway.sip is not None
-    run = await sipp.run_sipp(tmp_path, sipp.refused_call(status), gateway.sip.port)
+    run = await sipp.run_sipp(tmp_path, sipp.refused_call(status), sip_port(gateway))
     assert run.returncode == 0, run.output + run.errors
-    assert legs(gateway) == []
+    assert agent.calls == {}
 
 
-async def test_a_call_over_tcp(gateway: EmbeddedServer, tmp_path: Path) -> None:
+async def test_a_call_over_tcp(gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path) -> None:
     await provision(gateway)
-    assert gateway.sip is not None
-    run = await sipp.run_sipp(
-        tmp_path, sipp.answered_call(talk_ms=200), gateway.sip.port, transport="t1"
-    )
+    scenario = sipp.answered_call(talk_ms=200)
+    run = await sipp.run_sipp(tmp_path, scenario, sip_port(gateway), transport="t1")
     assert run.returncode == 0, run.output + run.errors
-    assert legs(gateway)[0].left == models.DisconnectReason.CLIENT_INITIATED
+    seen = await one_call(agent)
+    await wait_until(lambda: seen.left, "the caller's leave")
+    assert seen.info.disconnect_reason == models.DisconnectReason.CLIENT_INITIATED
 
 
 async def outbound_trunk(srv: EmbeddedServer, port: int) -> str:
@@ -173,11 +174,11 @@ async def outbound_trunk(srv: EmbeddedServer, port: int) -> str:
 
 
 async def test_create_sip_participant_dials_a_phone_that_answers(
-    gateway: EmbeddedServer, tmp_path: Path
+    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path
 ) -> None:
     """CreateSIPParticipant through a stored outbound trunk to sipp answering as a phone: the
     callee joins the room as dialing, goes active on 200 OK, and hangs up (BYE) after a
-    second; RTP flowed both ways."""
+    second."""
     phone_port = sipp.free_port()
     trunk_id = await outbound_trunk(gateway, phone_port)
     phone = asyncio.create_task(
@@ -198,15 +199,17 @@ async def test_create_sip_participant_dials_a_phone_that_answers(
     assert re.fullmatch(r"SCL_\w{12}", info.sip_call_id)
     run = await phone
     assert run.returncode == 0, run.output + run.errors
-    [leg] = legs(gateway)
-    await wait_until(lambda: leg.left is not None, "the callee's BYE")
-    assert leg.statuses == ["dialing", "active", "hangup"]
-    assert leg.attributes["sip.phoneNumber"] == "+15550123"
-    assert leg.attributes["sip.trunkID"] == trunk_id
-    assert leg.left == models.DisconnectReason.CLIENT_INITIATED
+    seen = await one_call(agent)
+    await wait_until(lambda: seen.left, "the callee's BYE")
+    assert seen.statuses == ["dialing", "active", "hangup"]
+    assert seen.info.attributes["sip.phoneNumber"] == "+15550123"
+    assert seen.info.attributes["sip.trunkID"] == trunk_id
+    assert seen.info.disconnect_reason == models.DisconnectReason.CLIENT_INITIATED
 
 
-async def test_dialing_without_a_stored_trunk_is_refused(gateway: EmbeddedServer) -> None:
+async def test_dialing_without_a_stored_trunk_is_refused(
+    gateway: EmbeddedServer, agent: RoomAgent
+) -> None:
     """No open relay: a caller with the sip.call grant still cannot name an arbitrary host."""
     async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
         with pytest.raises(api.TwirpError) as refused:
@@ -218,28 +221,26 @@ async def test_dialing_without_a_stored_trunk_is_refused(gateway: EmbeddedServer
                 )
             )
     assert refused.value.code == "failed_precondition"
-    assert legs(gateway) == []
+    assert agent.calls == {}
 
 
 async def test_transfer_refers_the_caller_and_hangs_up(
-    gateway: EmbeddedServer, tmp_path: Path
+    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path
 ) -> None:
     await provision(gateway)
-    assert gateway.sip is not None
-    caller = asyncio.create_task(sipp.run_sipp(tmp_path, sipp.transferred_call(), gateway.sip.port))
-    await wait_until(
-        lambda: bool(legs(gateway)) and "active" in legs(gateway)[0].statuses, "answer"
+    caller = asyncio.create_task(
+        sipp.run_sipp(tmp_path, sipp.transferred_call(), sip_port(gateway))
     )
-    [leg] = legs(gateway)
+    seen = await one_call(agent)
+    await wait_until(lambda: "active" in seen.statuses, "the answer")
     async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
         result = await lk.sip.transfer_sip_participant(
             sip.TransferSIPParticipantRequest(
-                room_name=leg.room_name,
-                participant_identity=leg.identity,
-                transfer_to="tel:+15550777",
+                room_name=seen.room, participant_identity=seen.identity, transfer_to="tel:+15550777"
             )
         )
     assert result.status == sip.STS_TRANSFER_SUCCESSFUL
     run = await caller
     assert run.returncode == 0, run.output + run.errors
-    assert leg.statuses[-1] == "hangup"
+    await wait_until(lambda: seen.left, "the caller's leave")
+    assert seen.statuses[-1] == "hangup"

@@ -7,17 +7,15 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from livekit import api
+from livekit.protocol import sip
 
 from callboard.server.app import EmbeddedServer, run_server
 from callboard.server.config import ServerConfig
+from tests.conftest import API_KEY, API_SECRET
 from tests.server.sip.raw_sip import OFFER, RawSipClient, request
-from tests.server.sip.test_calls import provision
-
-
-@pytest.fixture
-async def gateway() -> AsyncIterator[EmbeddedServer]:
-    async with run_server(ServerConfig(port=0, sip_port=0)) as srv:
-        yield srv
+from tests.server.sip.room_agent import RoomAgent
+from tests.server.sip.test_calls import one_call, provision
 
 
 @pytest.fixture
@@ -84,7 +82,7 @@ async def test_a_final_error_is_retransmitted_until_acked(
 ) -> None:
     """RFC 3261 §17.2.1: over UDP the 404 repeats (T1, 2·T1, ...) while no ACK comes."""
     await phone.request(request("INVITE", port_of(gateway), body=OFFER))
-    repeats = await phone.responses(timeout=1.2)
+    repeats = await phone.responses(timeout=3.0)  # the first repeat is due 0.5 s after
     assert [m.status for m in repeats] == [404]
 
 
@@ -112,7 +110,7 @@ async def test_bye_for_no_call_is_481(gateway: EmbeddedServer, phone: RawSipClie
 
 
 async def test_a_hold_reinvite_is_answered_recvonly(
-    gateway: EmbeddedServer, phone: RawSipClient
+    gateway: EmbeddedServer, agent: RoomAgent, phone: RawSipClient
 ) -> None:
     await provision(gateway)
     invite = request("INVITE", port_of(gateway), body=OFFER)
@@ -155,3 +153,36 @@ async def test_an_invite_flood_is_shed_with_503_and_calls_go_on(
             assert ok.status == 200
         finally:
             phone.close()
+
+
+async def test_invite_headers_become_attributes(
+    gateway: EmbeddedServer, agent: RoomAgent, phone: RawSipClient
+) -> None:
+    """livekit-sip HeadersToAttrs: with include_headers X- headers, each X- header is
+    `sip.h.<name>`; provider headers get their names; the trunk's mapping applies."""
+    async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
+        trunk = await lk.sip.create_inbound_trunk(
+            sip.CreateSIPInboundTrunkRequest(
+                trunk=sip.SIPInboundTrunkInfo(
+                    numbers=["+15550100"],
+                    headers_to_attributes={"X-Customer": "customer"},
+                    include_headers=sip.SIP_X_HEADERS,
+                )
+            )
+        )
+        rule = sip.SIPDispatchRule(dispatch_rule_direct=sip.SIPDispatchRuleDirect(room_name="r"))
+        await lk.sip.create_dispatch_rule(
+            sip.CreateSIPDispatchRuleRequest(
+                dispatch_rule=sip.SIPDispatchRuleInfo(rule=rule, trunk_ids=[trunk.sip_trunk_id])
+            )
+        )
+    extra = "X-Customer: 42\r\nX-Twilio-CallSid: CA123\r\nSubject: hello"
+    invite = request("INVITE", port_of(gateway), body=OFFER, extra=extra)
+    *_, ok = await phone.request(invite)
+    assert ok.status == 200
+    seen = await one_call(agent)
+    assert seen.room == "r"
+    attrs = seen.info.attributes
+    assert attrs["customer"] == "42" and attrs["sip.twilio.callSid"] == "CA123"
+    assert attrs["sip.h.x-customer"] == "42" and "sip.h.subject" not in attrs
+    assert attrs["sip.callIDFull"] == ok.call_id and attrs["sip.callTag"] == ok.from_.tag

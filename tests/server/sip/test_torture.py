@@ -4,13 +4,11 @@ dropped, nothing takes the gateway down, and it answers an OPTIONS afterwards.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 
-from callboard.server.app import EmbeddedServer, run_server
-from callboard.server.config import ServerConfig
+from callboard.server.app import EmbeddedServer
 from callboard.server.sip.message import SipParseError, parse
 from tests.server.sip.raw_sip import RawSipClient, request
 
@@ -188,12 +186,6 @@ INVALID = [
         400,
     ),
 ]
-
-
-@pytest.fixture
-async def gateway() -> AsyncIterator[EmbeddedServer]:
-    async with run_server(ServerConfig(port=0, sip_port=0)) as srv:
-        yield srv
 
 
 @pytest.mark.parametrize(

@@ -6,19 +6,24 @@ both executors and every scenario:
 - `{"sleep": 2.0}`: run that many seconds, then return (JS_SUCCESS);
 - `{"until": "/tmp/x"}`: run until that file exists (the test releases the job);
 - `{"raise": "boom"}`: raise (JS_FAILED);
+- `{"burn": 0.15, ...}`: keep that share of a core busy (CPU time, in BURN_PERIOD_S slices)
+  while doing what the rest of the script says;
 - anything else, or no metadata: run until terminated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import time
 from typing import Any, Final
 
 from callboard import JobContext, JobProcess
 
 POLL_S: Final = 0.02
+BURN_PERIOD_S: Final = 0.1
 
 
 def job_script(job_metadata: str) -> dict[str, Any]:
@@ -36,6 +41,32 @@ def script(**what: Any) -> str:
 
 async def scripted(ctx: JobContext) -> None:
     what = job_script(ctx.job.metadata)
+    if "burn" in what:
+        burner = asyncio.create_task(burn(float(what["burn"])))
+        try:
+            await act(what)
+        finally:
+            burner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await burner
+        return
+    await act(what)
+
+
+async def burn(duty: float) -> None:
+    """Busy `duty` of each BURN_PERIOD_S in CPU time on a fixed schedule, so the rate stays
+    `duty` cores even when the machine is shared (the busy slice just takes longer)."""
+    loop = asyncio.get_running_loop()
+    next_slice = loop.time()
+    while True:
+        start = time.thread_time()
+        while time.thread_time() - start < duty * BURN_PERIOD_S:
+            pass
+        next_slice += BURN_PERIOD_S
+        await asyncio.sleep(max(0.0, next_slice - loop.time()))
+
+
+async def act(what: dict[str, Any]) -> None:
     if "raise" in what:
         raise RuntimeError(str(what["raise"]))
     if "sleep" in what:

@@ -1,0 +1,345 @@
+"""Media through the server: concurrent 1:1 calls (a caller and an agent, audio both ways) on
+`callboard server` and on the real livekit-server, in the same run.
+
+    python -m bench.media [--calls 25] [--seconds 20] [--clients 4] [--timeout 900]
+
+The bench moves into a private network namespace (tests/interop/netns.py; root) so that WebRTC
+has an interface address and every packet stays on this machine. For each server it starts the
+server, then `--clients` client processes sharing the calls: each call is two official rtc SDK
+participants in their own room, each publishing a tone in 200 ms bursts once a second and
+listening to the other. While all calls run it samples the server process's CPU time for
+`--seconds`. It reports per server:
+
+- audio frames lost: 1 − Opus packets received by subscribers ÷ packets sent by publishers
+  (the SDK's RTC stats; one packet is one 20 ms frame);
+- CPU per forwarded track: server CPU over the window ÷ (window × tracks), in % of one core;
+- mouth-to-ear latency: each burst's first frame handed to the SDK → its first tone frame
+  out of the receiving SDK (same clock, median and p95 over every burst); the difference
+  between the two servers is what ours adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import psutil
+from livekit import api, rtc
+
+from bench._common import percentile
+from tests.interop.livekit_server import (
+    API_KEY,
+    API_SECRET,
+    ServerUnavailable,
+    clean_env,
+    start_server,
+    stop_process,
+)
+from tests.interop.netns import MEDIA_IP, NetnsUnavailable, enter_private_network
+
+SERVERS: Final = ("callboard", "livekit-server")
+SAMPLE_RATE: Final = 48000
+FRAME_SAMPLES: Final = SAMPLE_RATE // 100
+TONE_AMPLITUDE: Final = 0.3 * 32767
+TONE_RMS_MIN: Final = 1000.0
+"""A 10 ms frame louder than this carries the other side's tone (silence is far below)."""
+FRAME_MS: Final = 10
+BURST_FRAMES: Final = 20
+PERIOD_FRAMES: Final = 100
+SOURCE_QUEUE_MS: Final = 20
+"""A short SDK capture queue: a frame handed over is sent within this."""
+WARMUP_S: Final = 3.0
+TAIL_S: Final = 2.0
+"""Speaking goes on this long after the CPU window."""
+STUCK_SLACK_S: Final = 10.0
+"""A speaker still talking this long after it should have stopped is stuck (its call broke)."""
+IN_FLIGHT_S: Final = 1.0
+"""Stats are read this long after the last frame was said: every packet has landed."""
+JOIN_TIMEOUT_S: Final = 60.0
+JOIN_S_PER_CALL: Final = 4.0
+MIN_CALLS: Final = 1
+MAX_CALLS: Final = 60
+
+
+def tone_frame(hz: float, index: int) -> rtc.AudioFrame:
+    """The `index`-th 10 ms frame of a continuous sine at `hz`."""
+    t = np.arange(index * FRAME_SAMPLES, (index + 1) * FRAME_SAMPLES)
+    samples = (TONE_AMPLITUDE * np.sin(2 * np.pi * hz * t / SAMPLE_RATE)).astype(np.int16)
+    return rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, FRAME_SAMPLES)
+
+
+def token(identity: str, room: str) -> str:
+    grants = api.VideoGrants(room_join=True, room=room)
+    return api.AccessToken(API_KEY, API_SECRET).with_identity(identity).with_grants(grants).to_jwt()
+
+
+@dataclass
+class Side:
+    """One participant of a call: says bursts, hears the other's."""
+
+    room: rtc.Room = field(default_factory=rtc.Room)
+    sent_onsets: list[float] = field(default_factory=list)
+    heard_onsets: list[float] = field(default_factory=list)
+
+    async def speak(self, source: rtc.AudioSource, hz: float, seconds: float) -> None:
+        silence = rtc.AudioFrame(bytes(FRAME_SAMPLES * 2), SAMPLE_RATE, 1, FRAME_SAMPLES)
+        for i in range(int(seconds * 1000 / FRAME_MS)):
+            phase = i % PERIOD_FRAMES
+            if phase < BURST_FRAMES:
+                frame = tone_frame(hz, i)
+                if phase == 0:
+                    self.sent_onsets.append(time.monotonic())
+            else:
+                frame = silence
+            await source.capture_frame(frame)
+
+    async def listen(self, track: rtc.Track) -> None:
+        stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
+        loud = False
+        async for event in stream:
+            samples = np.frombuffer(event.frame.data, dtype=np.int16).astype(np.float64)
+            now_loud = bool(samples.size) and float(np.sqrt(np.mean(samples**2))) >= TONE_RMS_MIN
+            if now_loud and not loud:
+                self.heard_onsets.append(time.monotonic())
+            loud = now_loud
+
+
+async def remote_track(room: rtc.Room) -> rtc.Track:
+    found: asyncio.Future[rtc.Track] = asyncio.get_running_loop().create_future()
+
+    def on(track: rtc.Track, *_: Any) -> None:
+        if not found.done():
+            found.set_result(track)
+
+    room.on("track_subscribed", on)
+    for p in room.remote_participants.values():
+        for pub in p.track_publications.values():
+            if pub.track is not None:
+                on(pub.track)
+    return await found
+
+
+async def packets(room: rtc.Room) -> tuple[int, int]:
+    """(audio packets sent, audio packets received) by this participant, from RTC stats."""
+    stats = await room.get_rtc_stats()
+    sent = received = 0
+    # both connections: with one peer connection (livekit-server's /rtc/v1) all is on one
+    for s in [*stats.publisher_stats, *stats.subscriber_stats]:
+        if s.HasField("outbound_rtp") and s.outbound_rtp.stream.kind == "audio":
+            sent += s.outbound_rtp.sent.packets_sent
+        if s.HasField("inbound_rtp") and s.inbound_rtp.stream.kind == "audio":
+            received += s.inbound_rtp.received.packets_received
+    return sent, received
+
+
+def latencies(sender: Side, receiver: Side) -> list[float]:
+    """Each burst's onset → the receiver's next onset after it (bursts are 1 s apart)."""
+    out = []
+    heard = sorted(receiver.heard_onsets)
+    for sent in sender.sent_onsets:
+        later = [h - sent for h in heard if 0 <= h - sent < PERIOD_FRAMES * FRAME_MS / 1000 / 2]
+        if later:
+            out.append(later[0])
+    return out
+
+
+async def run_client(
+    url: str, calls: int, prefix: str, seconds: float, ready: Path
+) -> dict[str, Any]:
+    """`calls` calls in this process: join, speak, signal ready, and report."""
+    pairs = [(Side(), Side()) for _ in range(calls)]
+    for i, (caller, agent) in enumerate(pairs):
+        room = f"{prefix}-{i}"
+        await caller.room.connect(url, token("caller", room))
+        await agent.room.connect(url, token("agent", room))
+    tasks, speaking = [], []
+    speak_s = WARMUP_S + seconds + TAIL_S
+    for caller, agent in pairs:
+        for side, hz in ((caller, 440.0), (agent, 880.0)):
+            source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=SOURCE_QUEUE_MS)
+            track = rtc.LocalAudioTrack.create_audio_track("mic", source)
+            opts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+            await side.room.local_participant.publish_track(track, opts)
+            speaking.append(asyncio.create_task(side.speak(source, hz, speak_s)))
+    for caller, agent in pairs:
+        tasks.append(asyncio.create_task(caller.listen(await remote_track(caller.room))))
+        tasks.append(asyncio.create_task(agent.listen(await remote_track(agent.room))))
+    await asyncio.to_thread(ready.write_text, str(time.monotonic()))
+    _, stuck = await asyncio.wait(speaking, timeout=speak_s + STUCK_SLACK_S)
+    for t in stuck:  # a source nobody reads any more: its call broke
+        t.cancel()
+    await asyncio.sleep(IN_FLIGHT_S)
+    totals = [0, 0]
+    for side in (s for pair in pairs for s in pair):
+        sent, received = await packets(side.room)
+        totals[0] += sent
+        totals[1] += received
+    lat: list[float] = []
+    for caller, agent in pairs:
+        lat += latencies(caller, agent) + latencies(agent, caller)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    broken = sum(not side.room.isconnected() for pair in pairs for side in pair)
+    for side in (s for pair in pairs for s in pair):
+        await side.room.disconnect()
+    return {
+        "sent": totals[0],
+        "received": totals[1],
+        "latencies": lat,
+        "stuck": len(stuck),
+        "disconnected": broken,
+    }
+
+
+def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """One server: start it, run the clients, sample its CPU over the window."""
+    server = start_server(kind, workdir / kind, media_ip=MEDIA_IP)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        proc = psutil.Process(server.proc.pid)
+        per_client = [
+            args.calls // args.clients + (i < args.calls % args.clients)
+            for i in range(args.clients)
+        ]
+        readies, outs = [], []
+        for i, n in enumerate(c for c in per_client if c):
+            ready, out = workdir / f"{kind}-{i}.ready", workdir / f"{kind}-{i}.json"
+            readies.append(ready)
+            outs.append(out)
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.media",
+                "--client",
+                server.ws_url,
+                "--calls",
+                str(n),
+                "--seconds",
+                str(args.seconds),
+                "--prefix",
+                f"{kind}-{i}",
+                "--ready",
+                str(ready),
+                "--out",
+                str(out),
+            ]
+            procs.append(subprocess.Popen(cmd, env=clean_env(), stdin=subprocess.DEVNULL))
+        deadline = time.monotonic() + JOIN_TIMEOUT_S + JOIN_S_PER_CALL * args.calls
+        while not all(r.exists() for r in readies):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                tail = "\n".join(
+                    line for line in server.log_tail(20000).splitlines() if "WARN" in line.upper()
+                )
+                raise RuntimeError(f"{kind}: the calls did not all start\n{tail[-3000:]}")
+            time.sleep(0.1)
+        time.sleep(WARMUP_S)
+        cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+        time.sleep(args.seconds)
+        cpu1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
+        for p in procs:
+            p.wait(timeout=args.seconds + JOIN_TIMEOUT_S)
+        results = [json.loads(o.read_text()) for o in outs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        stop_process(server.proc)
+    sent = sum(r["sent"] for r in results)
+    received = sum(r["received"] for r in results)
+    lat = sorted(x for r in results for x in r["latencies"])
+    tracks = 2 * args.calls
+    return {
+        "server": kind,
+        "calls": args.calls,
+        "tracks": tracks,
+        "cpu_cores": (cpu1 - cpu0) / (t1 - t0),
+        "cpu_per_track_pct": 100 * (cpu1 - cpu0) / (t1 - t0) / tracks,
+        "packets_sent": sent,
+        "packets_received": received,
+        "lost_pct": 100 * (1 - received / sent) if sent else float("nan"),
+        "latency_ms_p50": 1000 * percentile(lat, 50),
+        "latency_ms_p95": 1000 * percentile(lat, 95),
+        "bursts": len(lat),
+        "broken_sides": sum(r["stuck"] + r["disconnected"] for r in results),
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"{'server':16} {'calls':>5} {'lost %':>7} {'CPU cores':>9} {'CPU/track %':>11} "
+        f"{'m2e p50 ms':>10} {'m2e p95 ms':>10} {'broken':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r['server']:16} {r['calls']:>5} {r['lost_pct']:>7.2f} {r['cpu_cores']:>9.2f} "
+            f"{r['cpu_per_track_pct']:>11.2f} {r['latency_ms_p50']:>10.1f} "
+            f"{r['latency_ms_p95']:>10.1f} {r['broken_sides']:>6}"
+        )
+    if len(rows) == 2:
+        ours, theirs = rows
+        print(
+            f"CPU per track, callboard / livekit-server: "
+            f"{ours['cpu_per_track_pct'] / theirs['cpu_per_track_pct']:.2f}x; "
+            f"added mouth-to-ear latency (p50): "
+            f"{ours['latency_ms_p50'] - theirs['latency_ms_p50']:+.1f} ms"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.media", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--calls", type=int, default=25)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--workdir", help="keep the servers' logs here (default: a temp dir)")
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--ready", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not MIN_CALLS <= args.calls <= MAX_CALLS:
+        parser.error(f"--calls must be in {MIN_CALLS}..{MAX_CALLS}")
+    if args.client:
+        result = asyncio.run(
+            run_client(args.client, args.calls, args.prefix, args.seconds, Path(args.ready))
+        )
+        Path(args.out).write_text(json.dumps(result))
+        return 0
+    try:
+        enter_private_network()
+    except NetnsUnavailable as e:
+        print(f"bench.media needs a private network namespace: {e}", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + args.timeout
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-media-") as tmp_dir:
+        tmp = args.workdir or tmp_dir
+        for kind in args.servers.split(","):
+            if time.monotonic() > deadline:
+                print(f"--timeout reached before {kind}", file=sys.stderr)
+                break
+            try:
+                rows.append(measure(kind, args, Path(tmp)))
+            except ServerUnavailable as e:
+                print(f"{kind}: skipped ({e})", file=sys.stderr)
+            print(json.dumps(rows[-1]) if rows else "", file=sys.stderr)
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Concurrent phone calls into `callboard server`'s SIP gateway, on loopback.
+
+`python -m bench.sip [--calls 20] [--seconds 5]` starts the server (with `--sip-port`) in its
+own process, provisions a trunk and a dispatch rule, then places `--calls` calls at once from
+this process (callboard's own SIP phone), each sending a tone for `--seconds` and listening.
+It prints: call set-up time INVITE → 200 OK (p50/p99), frames lost each way (from the phones'
+counts and the server's per-call log line), and the server's CPU per call.
+
+The agent is a server-side stand-in (tests/server/sip/room_agent.py, echo mode) that joins
+each call's room, subscribes to the phone, which is what makes the gateway answer (so its join
+and subscribe are inside the set-up time), and publishes back what it hears: audio goes both
+ways through the room. There is no reference side: livekit-sip is not served by the Go module
+proxy here, so it cannot run next to ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import psutil
+
+from bench._common import LOOPBACK, ServerProcess, free_port, machine_summary, percentile
+from callboard.log import setup_logging
+from callboard.server.sip.codecs import FRAME_SAMPLES
+from callboard.server.sip.phone import SipPhone
+from callboard.server.sip.uac import DialTarget
+from tests.server.sip.provisioning import trunk_and_rule
+
+CALLED: Final = "+15550100"
+TIMEOUT_S: Final = 300.0
+MAX_CALLS: Final = 200
+
+
+@dataclass
+class SipServerProcess(ServerProcess):
+    """The server with its SIP gateway on `sip_port` and a stand-in agent that echoes each
+    caller (`serve()` below), logging each call's end (INFO)."""
+
+    sip_port: int = field(default_factory=lambda: free_port())
+    log_level: str = "INFO"
+
+    def command(self) -> list[str]:
+        ports = ["--http-port", str(self.port), "--sip-port", str(self.sip_port)]
+        return [sys.executable, "-m", "bench.sip", "--serve", *ports]
+
+
+async def serve(http_port: int, sip_port: int) -> None:
+    """`callboard server` with SIP, plus a server-side member in every called room that
+    subscribes to the phone (so the call is answered) and says back what it hears."""
+    from callboard.server.app import run_server
+    from callboard.server.config import ServerConfig
+    from tests.server.sip.room_agent import room_agent
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    async with (
+        run_server(ServerConfig(port=http_port, sip_port=sip_port)) as srv,
+        room_agent(srv, echo=True),
+    ):
+        await stop.wait()
+
+
+@dataclass
+class CallFigures:
+    setup_s: float
+    heard_frames: int
+    echo_s: float
+    lost_frames: int
+    sent_packets: int
+
+
+async def one_call(server: SipServerProcess, number: int, seconds: float) -> CallFigures:
+    t = np.arange(int(8000 * seconds)) / 8000
+    tone = (6000 * np.sin(2 * np.pi * (300 + number) * t)).astype(np.int16)
+    target = DialTarget(LOOPBACK, server.sip_port, CALLED, f"+1555{number:07d}")
+    answered_at: list[float] = []
+    async with SipPhone() as phone:
+        started = time.perf_counter()
+        result = await phone.call(
+            target,
+            tone,
+            listen=0.0,
+            say=lambda line: (
+                answered_at.append(time.perf_counter()) if line.startswith("answered") else None
+            ),
+        )
+    if result.hung_up_by_callee:
+        print(f"call {number}: the gateway hung up first", file=sys.stderr)
+    if result.status != 200 or not answered_at:
+        raise RuntimeError(f"call {number}: {result.status} {result.reason}")
+    heard = len(result.audio) // FRAME_SAMPLES
+    return CallFigures(
+        answered_at[0] - started, heard, result.sound_seconds, result.lost, result.sent
+    )
+
+
+def server_call_stats(server: SipServerProcess) -> list[dict[str, int]]:
+    stats = []
+    for line in server.log_path.read_text(errors="replace").splitlines():
+        if '"sip call ended"' in line:
+            record = json.loads(line)
+            stats.append({k: v for k, v in record.items() if k.startswith("rtp_")})
+    return stats
+
+
+async def run(calls: int, seconds: float) -> None:
+    server = SipServerProcess()
+    server.start()
+    try:
+        await trunk_and_rule(server.http_url, CALLED)
+        process = psutil.Process(server.pid)
+        cpu_before = sum(process.cpu_times()[:2])
+        figures = await asyncio.gather(*(one_call(server, i, seconds) for i in range(calls)))
+        cpu = sum(process.cpu_times()[:2]) - cpu_before
+        await asyncio.sleep(0.5)  # the server's call-ended lines
+        stats = server_call_stats(server)
+    finally:
+        server.stop()
+    setups = sorted(f.setup_s for f in figures)
+    heard = sum(f.heard_frames for f in figures)
+    lost_heard = sum(f.lost_frames for f in figures)
+    echo_s = sorted(f.echo_s for f in figures)
+    sent_by_phones = sum(f.sent_packets for f in figures)
+    received = sum(s.get("rtp_received", 0) for s in stats)
+    lost = sum(s.get("rtp_lost", 0) for s in stats)
+    print(machine_summary())
+    print(f"{calls} concurrent calls of {seconds:g} s, audio both ways (G.711 PCMU, 20 ms)")
+    print(
+        f"set-up INVITE -> 200 OK: p50 {percentile(setups, 50) * 1000:.0f} ms, "
+        f"p99 {percentile(setups, 99) * 1000:.0f} ms, max {setups[-1] * 1000:.0f} ms"
+    )
+    print(
+        f"gateway -> phones: {heard} frames heard, {lost_heard} lost "
+        f"({100 * lost_heard / max(heard, 1):.2f} %); each phone heard its {seconds:g} s tone "
+        f"echoed for {echo_s[0]:.1f}-{echo_s[-1]:.1f} s"
+    )
+    print(
+        f"phones -> gateway: {received} RTP packets received of {sent_by_phones} sent, "
+        f"{lost} lost in the jitter buffer ({100 * lost / max(received, 1):.2f} %)"
+    )
+    print(
+        f"server CPU: {cpu:.2f} s for {calls} calls of {seconds:g} s "
+        f"= {100 * cpu / (calls * seconds):.2f} % of a core per call"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="The HMAC key is")
+    parser = argparse.ArgumentParser(prog="python -m bench.sip", description=__doc__)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--http-port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--sip-port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        setup_logging("json", "INFO")
+        asyncio.run(serve(args.http_port, args.sip_port))
+        return 0
+    if not 1 <= args.calls <= MAX_CALLS or not 0 < args.seconds <= 60:
+        parser.error(f"--calls in 1..{MAX_CALLS}, --seconds in (0, 60]")
+    try:
+        asyncio.run(asyncio.wait_for(run(args.calls, args.seconds), TIMEOUT_S))
+    except TimeoutError:
+        print(f"bench.sip: did not finish within {TIMEOUT_S:g}s", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
