@@ -43,8 +43,10 @@ def test_demo_holds_a_spoken_conversation_on_each_of_two_concurrent_calls(tmp_pa
         lines = [line for line in out.splitlines() if f" {call} " in line]
         said = [line.split("“", 1)[1] for line in lines if " caller " in line]
         answered = [line for line in lines if " agent " in line and "[turn " in line]
-        assert len(said) == len(SCRIPT) and len(answered) == len(SCRIPT), out
-        assert "appointment" in said[0].lower() and "monday" in said[0].lower(), out
+        # the agent's STT may split a sentence at a pause: at least one line per sentence
+        assert len(said) >= len(SCRIPT) and len(answered) == len(SCRIPT), out
+        heard = " ".join(said).lower()
+        assert "appointment" in heard and "monday" in heard and "goodbye" in heard, out
         assert any("hears the hang-up" in line for line in lines), out
         assert any("ended JS_SUCCESS (reported by the worker)" in line for line in lines), out
     assert re.search(r"turn latency .*: p50 \d+\.\d\d s, p95 \d+\.\d\d s over 6", out), out
