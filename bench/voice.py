@@ -1,33 +1,45 @@
-"""The voice agent, ours vs livekit-agents 1.8.9, on the real livekit-server: memory of the
-worker's process tree and how fast a dispatched job starts and joins the room.
+"""The voice agent, ours vs livekit-agents 1.8.9, on the real livekit-server.
 
 Both sides run examples/receptionist.py (AgentSession, silero VAD, offline Whisper STT, scripted
 LLM, hibari TTS), ours as it is, theirs with its one import changed back to livekit-agents'
 (bench/agents/<side>_voice_agent.py, the two differing only in their import), each with its
-production defaults (`start`) but for the load (reported 0, never refused). For each side, in
-turn, on a fresh worker that has run one untimed job:
+production defaults (`start`) but for the load (reported 0, never refused). WebRTC needs a
+non-loopback address, so the benchmark first moves into a private network namespace
+(tests/interop/netns.py: root, Linux; nothing leaves the machine) and runs livekit-server there
+(built with Go by the interop tests, cached). Each side in turn, on a fresh worker that has run
+one untimed job.
 
-- idle tree PSS: the worker and every process it started (zygote or forkserver, the shared
-  inference process holding Whisper and hibari, the warm pool), settled;
-- dispatch → entrypoint: `time.time()` just before CreateDispatch to the entrypoint's first act;
-- dispatch → agent joined: to the moment a client already in the room sees the agent arrive
-  (`participant_connected`): process start, AgentSession set-up and the WebRTC connection;
-- added USS per running job: tree USS with `--memory-jobs` sessions running (each in its own
-  room, greeting to nobody), minus the idle USS, per job.
+**Conversations** (`python -m bench.voice`): callers shaped like LiveKit SIP participants
+(callboard.voice_caller.SipCaller: identity `sip_+56975231235`, kind SIP) hear the greeting, say
+two sentences (hibari) and hang up; each side is measured the same way:
 
-WebRTC needs a non-loopback address, so the benchmark first moves into a private network
-namespace (tests/interop/netns.py: root, Linux; nothing leaves the machine) and runs
-livekit-server there (built with Go by the interop tests, cached).
+- turn latency: the caller's end of speech (its last sample leaving the caller's audio queue) to
+  the first voiced 10 ms of the agent's answer arriving at the caller, over `--trials`
+  sequential calls, p50 and p95;
+- tree PSS (the worker and every process it started), settled with the voice stack idle, and
+  while `--calls` conversations are in progress (sampled once every caller heard its greeting);
+  added PSS per call is the difference over `--calls`;
+- concurrent conversations held: 1, 2, ... `--max-calls` calls at once, until the p95 of their
+  turn latencies exceeds 1.5 s or a call fails (the search stops by itself).
+
+    sudo python -m bench.voice [--trials 3] [--calls 3] [--max-calls 6]
+
+**Jobs** (`python -m bench.jobs --voice`): idle tree PSS; dispatch → entrypoint (`time.time()`
+just before CreateDispatch to the entrypoint's first act); dispatch → agent joined (a client in
+the room sees the agent arrive); added USS per running job (`--memory-jobs` sessions greeting
+nobody).
 
     sudo python -m bench.jobs --voice [--trials 5] [--memory-jobs 3]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,6 +56,13 @@ from bench._side_by_side import (
     median,
     settle,
     table,
+)
+from callboard.voice_caller import (
+    SipCaller,
+    hibari_voice,
+    percentile,
+    sip_caller_token,
+    sip_room_name,
 )
 from tests.interop.livekit_server import API_KEY, API_SECRET, start_server, stop_process
 from tests.interop.netns import MEDIA_IP, enter_private_network
@@ -67,6 +86,16 @@ def ported_example(workdir: Path) -> Path:
     lines = [THEIR_IMPORT if ln.startswith(OUR_IMPORT) else ln for ln in text.splitlines()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+async def wait_registered(worker: AgentProcess) -> None:
+    """Until the worker logged its registration (and settled); fails if it exits first."""
+    deadline = time.monotonic() + REGISTER_TIMEOUT_S
+    while "registered worker" not in worker.log_path.read_text(errors="replace"):
+        if worker.exited() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{worker.label}: no registration\n{worker.log_tail()}")
+        await asyncio.sleep(0.1)
+    await settle(worker)
 
 
 @dataclass
@@ -133,7 +162,7 @@ class VoiceBench:
             extra_env={"BENCH_EXAMPLE": str(self.examples[side])},
         )
         try:
-            await self.wait_registered(worker)
+            await wait_registered(worker)
             await self.one_call(lk, worker)  # untimed: every figure after a first job
             await settle(worker)
             out.idle = worker.memory()
@@ -152,14 +181,6 @@ class VoiceBench:
         finally:
             await asyncio.to_thread(worker.stop)
         return out
-
-    async def wait_registered(self, worker: AgentProcess) -> None:
-        deadline = time.monotonic() + REGISTER_TIMEOUT_S
-        while "registered worker" not in worker.log_path.read_text(errors="replace"):
-            if worker.exited() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{worker.label}: no registration\n{worker.log_tail()}")
-            await asyncio.sleep(0.1)
-        await settle(worker)
 
     async def dispatch(self, lk: api.LiveKitAPI, worker: AgentProcess) -> tuple[str, float]:
         self._rooms += 1
@@ -239,3 +260,209 @@ def main(trials: int, memory_jobs: int, json_out: bool) -> int:
         del os.environ["LIVEKIT_URL"]
     enter_private_network()
     return asyncio.run(run_voice(trials, memory_jobs, json_out))
+
+
+# -- conversations: `python -m bench.voice` ----------------------------------------------------
+
+CALLER_NUMBER: Final = "+56975231235"
+CALLER_SAYS: Final = (
+    "Hello, I would like to book an appointment for Monday, please.",
+    "What time are you open?",
+)
+TURN_P95_LIMIT_S: Final = 1.5
+"""A concurrency is held while the p95 of its turn latencies stays within this."""
+CONVERSATION_TIMEOUT_S: Final = 120.0
+
+
+@dataclass
+class ConversationResult:
+    idle: TreeMemory | None = None
+    busy: TreeMemory | None = None
+    calls: int = 0
+    latencies: list[float] = field(default_factory=list)
+    capacity: int = 0
+    steps: list[tuple[int, float, int]] = field(default_factory=list)
+    """(concurrent calls, turn latency p95, failed calls) per step of the capacity search."""
+
+    @property
+    def added_pss_mb(self) -> float:
+        if self.idle is None or self.busy is None or not self.calls:
+            return float("nan")
+        return (self.busy.pss_mb - self.idle.pss_mb) / self.calls
+
+
+class ConversationBench:
+    """Each side in turn: a fresh worker running the receptionist, one untimed conversation,
+    idle PSS, `trials` conversations one after another (turn latency), `calls` at once (PSS
+    while all of them are in their call), then the capacity search."""
+
+    def __init__(self, server: Any, workdir: Path, trials: int, calls: int, max_calls: int):
+        self.server = server
+        self.workdir = workdir
+        self.trials = trials
+        self.calls = calls
+        self.max_calls = max_calls
+        self.examples = {"ours": EXAMPLE, "theirs": ported_example(workdir)}
+        self.results: dict[str, ConversationResult] = {}
+        self.voice = hibari_voice()
+
+    async def run(self, lk: api.LiveKitAPI) -> None:
+        for side in SIDES:
+            self.results[side] = await self.measure(lk, side)
+
+    async def measure(self, lk: api.LiveKitAPI, side: str) -> ConversationResult:
+        out = ConversationResult()
+        worker = AgentProcess(
+            side,
+            "start",
+            self.server,
+            f"talk-{side}",
+            self.workdir,
+            script="voice_agent",
+            extra_env={"BENCH_EXAMPLE": str(self.examples[side])},
+        )
+        try:
+            await wait_registered(worker)
+            await self.conversations(lk, worker, 1)  # untimed
+            await settle(worker)
+            out.idle = worker.memory()
+            for _ in range(self.trials):
+                out.latencies += (await self.conversations(lk, worker, 1))[0]
+                await settle(worker)
+            out.calls = self.calls
+            _, out.busy = await self.conversations(lk, worker, self.calls, measure=True)
+            await settle(worker)
+            for n in range(1, self.max_calls + 1):
+                latencies, _ = await self.conversations(lk, worker, n)
+                failed = n - len(latencies) // len(CALLER_SAYS)
+                p95 = percentile(latencies, 95)
+                out.steps.append((n, p95, failed))
+                print(f"  {side}: {n} concurrent call(s): turn p95 {p95:.2f} s, {failed} failed")
+                if failed or not p95 <= TURN_P95_LIMIT_S:
+                    break
+                out.capacity = n
+                await settle(worker)
+        finally:
+            await asyncio.to_thread(worker.stop)
+        return out
+
+    async def conversations(
+        self, lk: api.LiveKitAPI, worker: AgentProcess, n: int, measure: bool = False
+    ) -> tuple[list[float], TreeMemory | None]:
+        """`n` calls at once, each greeting + CALLER_SAYS; the turn latencies of those that
+        completed and, with `measure`, the tree's memory once every caller heard its greeting."""
+        greeted = [asyncio.Event() for _ in range(n)]
+        memory: list[TreeMemory] = []
+
+        async def sample() -> None:
+            for event in greeted:
+                await event.wait()
+            memory.append(worker.memory())
+
+        sampler = asyncio.create_task(sample()) if measure else None
+        results = await asyncio.gather(
+            *(self.one_call(lk, worker, greeted[i]) for i in range(n)), return_exceptions=True
+        )
+        if sampler is not None:
+            sampler.cancel()
+        latencies = [x for r in results if isinstance(r, list) for x in r]
+        for r in results:
+            if isinstance(r, BaseException):
+                print(f"  {worker.side}: a call failed: {type(r).__name__}: {r}")
+        return latencies, (memory[0] if memory else None)
+
+    async def one_call(
+        self, lk: api.LiveKitAPI, worker: AgentProcess, greeted: asyncio.Event
+    ) -> list[float]:
+        room = sip_room_name(CALLER_NUMBER)
+        await lk.room.create_room(api.CreateRoomRequest(name=room, departure_timeout=1))
+        token = sip_caller_token(API_KEY, API_SECRET, room, CALLER_NUMBER)
+        caller = SipCaller(self.server.ws_url, token, self.voice)
+        await caller.dial()
+        try:
+            async with asyncio.timeout(CONVERSATION_TIMEOUT_S):
+                await lk.agent_dispatch.create_dispatch(
+                    api.CreateAgentDispatchRequest(agent_name=worker.agent_name, room=room)
+                )
+                await caller.listen_to_greeting()
+                greeted.set()
+                turns = [await caller.say(sentence) for sentence in CALLER_SAYS]
+        finally:
+            await caller.hang_up()
+        await asyncio.sleep(END_WAIT_S)  # the job ends with the call
+        return [t.latency_s for t in turns if t.latency_s is not None]
+
+    def rows(self) -> list[Row]:
+        o, t = self.results["ours"], self.results["theirs"]
+        assert o.idle and t.idle and o.busy and t.busy
+        p50_ours = percentile(o.latencies, 50)
+        return [
+            Row(
+                "turn latency p50",
+                p50_ours * 1000,
+                percentile(t.latencies, 50) * 1000,
+                "ms",
+                absolute_target="p50 <= 1200 ms",
+                absolute_met=p50_ours <= 1.2,
+            ),
+            Row(
+                "turn latency p95",
+                percentile(o.latencies, 95) * 1000,
+                percentile(t.latencies, 95) * 1000,
+                "ms",
+            ),
+            Row("tree PSS, voice stack idle", o.idle.pss_mb, t.idle.pss_mb, "MB"),
+            Row(f"tree PSS, {self.calls} calls", o.busy.pss_mb, t.busy.pss_mb, "MB"),
+            Row("added PSS per call", o.added_pss_mb, t.added_pss_mb, "MB", target=0.25),
+            Row(
+                f"concurrent calls held (turn p95 <= {TURN_P95_LIMIT_S} s)",
+                o.capacity,
+                t.capacity,
+                "count",
+            ),
+        ]
+
+
+async def run_conversations(trials: int, calls: int, max_calls: int, json_out: bool) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-talk-"))
+    server = await asyncio.to_thread(start_server, "livekit-server", workdir, MEDIA_IP)
+    try:
+        bench = ConversationBench(server, workdir, trials, calls, max_calls)
+        async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
+            await bench.run(lk)
+    finally:
+        stop_process(server.proc)
+    print(
+        f"\nconversations with examples/receptionist.py on the real livekit-server: {trials} "
+        f"sequential calls of {len(CALLER_SAYS)} turns per side, then {calls} at once, then "
+        f"1..{max_calls} at once until turn p95 > {TURN_P95_LIMIT_S} s"
+    )
+    print(table(bench.rows()))
+    for side, r in bench.results.items():
+        print(f"{side}: idle {r.idle}, with {r.calls} calls {r.busy}")
+        print(f"  turn latencies s {[round(x, 2) for x in r.latencies]}")
+        print(f"  capacity steps (calls, p95 s, failed) {r.steps}")
+    if json_out:
+        print(json.dumps({s: r.__dict__ for s, r in bench.results.items()}, default=str))
+    return 0
+
+
+def conversations_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.voice", description=__doc__)
+    p.add_argument("--trials", type=int, default=3, help="sequential calls per side (3)")
+    p.add_argument("--calls", type=int, default=3, help="calls at once for memory (3)")
+    p.add_argument("--max-calls", type=int, default=6, help="capacity search bound (6)")
+    p.add_argument("--timeout", type=float, default=2400.0, help="overall limit, s (2400)")
+    p.add_argument("--json", action="store_true", help="also print every measure as JSON")
+    a = p.parse_args(argv)
+    if min(a.trials, a.calls, a.max_calls) < 1:
+        p.error("--trials, --calls and --max-calls must be at least 1")
+    with contextlib.suppress(KeyError):
+        del os.environ["LIVEKIT_URL"]
+    enter_private_network()
+    main_task = run_conversations(a.trials, a.calls, a.max_calls, a.json)
+    return asyncio.run(asyncio.wait_for(main_task, a.timeout))
+
+
+if __name__ == "__main__":
+    sys.exit(conversations_main())

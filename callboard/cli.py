@@ -59,9 +59,12 @@ def _server_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "demo", help="run the whole flow on one machine: server, workers, a call, its job"
+        "demo", help="a phone conversation with a voice agent on one machine, offline"
     )
-    p.add_argument("--calls", type=int, default=3, help="how many calls to place (default 3)")
+    p.add_argument("--calls", type=int, default=1, help="concurrent calls to place (default 1)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="where to save the calls' WAVs and the log"
+    )
 
 
 def _call_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -131,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.calls < 1:
                 raise ConfigError("--calls must be at least 1")
-            return asyncio.run(run_demo(calls=args.calls))
+            return asyncio.run(run_demo(calls=args.calls, out_dir=args.out))
         elif args.command == "call":
             return _call(args)
     except ConfigError as e:

@@ -1,297 +1,338 @@
-"""`callboard demo`: the whole flow on one machine, nothing to install or configure.
+"""`callboard demo`: a phone conversation with a voice agent, on one machine, offline.
 
-Starts the embedded server on a free loopback port and a real worker (prewarmed job processes
-forked from a zygote), places calls the way LiveKit's SIP gateway does (rooms named
-`call-_<caller>_<random>`, created through RoomService with the official `livekit-api`
-client, the caller joining as `sip_<number>` with kind SIP), and holds a conversation in each:
-the caller says a 440 Hz tone, the agent (in its job process) answers with 880 Hz; each side
-counts what it heard of the other (the agent tells the caller over a data packet). The caller
-then hangs up and the demo reports each job's terminal status as the server recorded it.
+Starts the embedded server on a free loopback port and a real worker running
+examples/receptionist.py (livekit-agents' AgentSession with callboard's offline plugins: silero
+VAD, Whisper tiny.en, a scripted LLM, hibari TTS) in zygote-forked job processes. Then it places
+calls the way LiveKit's SIP gateway does (room `call-_<number>_<random>`, the caller joining as
+`sip_<number>` with kind SIP and the `sip.*` attributes) and the caller speaks: each sentence is
+synthesized offline and published with the rtc SDK, the agent hears it, answers by voice, and
+the terminal shows the call live (worker state, job phases, the transcript with each turn's
+latency). Each call's audio is saved as a stereo WAV (caller left, agent right) and the full
+log beside it; a summary ends the demo.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
+import importlib
 import logging
-import secrets
+import os
+import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Final
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Final, TextIO
 
-import numpy as np
-from livekit import api, rtc
+from livekit import api
 from livekit.protocol import agent
 
-from callboard.job.context import JobContext, JobExecutorType, JobRequest
-from callboard.log import get_logger
+from callboard.job.context import JobExecutorType
+from callboard.log import JsonFormatter
 from callboard.server.app import run_server
-from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ServerConfig
-from callboard.server.ids import BASE57
+from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ConfigError, ServerConfig
 from callboard.server.rtc.network import NO_MEDIA_ADDRESS, media_addresses
+from callboard.voice_caller import (
+    CallEvent,
+    SipCaller,
+    Synthesize,
+    hibari_voice,
+    percentile,
+    sip_caller_token,
+    sip_room_name,
+)
+from callboard.worker.jobs import ActiveJob
 from callboard.worker.options import WorkerOptions
 from callboard.worker.worker import Worker
 
-log = get_logger("demo")
-
 CALLER: Final = "+56975231235"
-CALLER_IDENTITY: Final = f"sip_{CALLER}"
-DEMO_TIMEOUT_S: Final = 60.0
-ENDED = (agent.JS_SUCCESS, agent.JS_FAILED)
-SAMPLE_RATE: Final = 48000
-FRAME_SAMPLES: Final = SAMPLE_RATE // 100
-CALLER_TONE_HZ: Final = 440.0
-AGENT_TONE_HZ: Final = 880.0
-TONE_AMPLITUDE: Final = 0.3 * 32767
-TONE_RMS_MIN: Final = 1000.0
-"""A 10 ms frame louder than this carries the other side's tone (silence is far below)."""
-HEARD_FRAMES: Final = 50
-"""Half a second of the other side's voice: enough to say the call carries audio both ways."""
-MAX_SPEAK_S: Final = 30.0
-HEARD_TOPIC: Final = "demo.heard"
+SCRIPT: Final = (
+    "Hi, I'd like to book an appointment for Monday, please.",
+    "What time are you open?",
+    "That's all, goodbye.",
+)
+"""What each caller says, one sentence per turn, after the agent's greeting."""
+EXAMPLES_DIR: Final = Path(__file__).resolve().parents[1] / "examples"
+AGENT_MODULE: Final = "receptionist"
+REGISTER_TIMEOUT_S: Final = 120.0
+CALL_TIMEOUT_S: Final = 180.0
+JOB_END_TIMEOUT_S: Final = 30.0
+WATCH_INTERVAL_S: Final = 0.1
+ENDED_BY_WORKER: Final = "ended "
+LOG_FILE: Final = "demo.log"
 
 
-def sip_room_name(caller: str) -> str:
-    """A room name as LiveKit's SIP gateway makes it for an individual dispatch rule."""
-    return f"call-_{caller}_" + "".join(secrets.choice(BASE57) for _ in range(12))
+class Screen:
+    """What the person running the demo reads: one timestamped line per thing that happened."""
 
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        self.out = out
+        self.t0 = time.monotonic()
 
-@dataclass
-class Ear:
-    """Counts the 10 ms frames of a remote audio track that carry a tone."""
-
-    frames: int = 0
-    heard: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def listen(self, track: rtc.Track) -> None:
-        stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
-        try:
-            async for event in stream:
-                samples = np.frombuffer(event.frame.data, dtype=np.int16).astype(np.float64)
-                if samples.size and float(np.sqrt(np.mean(samples**2))) >= TONE_RMS_MIN:
-                    self.frames += 1
-                    if self.frames >= HEARD_FRAMES:
-                        self.heard.set()
-        finally:
-            await stream.aclose()
-
-
-def tone_frame(hz: float, index: int) -> rtc.AudioFrame:
-    """The `index`-th 10 ms frame of a continuous sine at `hz`."""
-    t = np.arange(index * FRAME_SAMPLES, (index + 1) * FRAME_SAMPLES)
-    samples = (TONE_AMPLITUDE * np.sin(2 * np.pi * hz * t / SAMPLE_RATE)).astype(np.int16)
-    return rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, FRAME_SAMPLES)
-
-
-async def speak(room: rtc.Room, name: str, hz: float) -> None:
-    """Publish a microphone track and say a tone into it, in real time."""
-    source = rtc.AudioSource(SAMPLE_RATE, 1)
-    track = rtc.LocalAudioTrack.create_audio_track(name, source)
-    options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
-    await room.local_participant.publish_track(track, options)
-    try:
-        for i in range(int(MAX_SPEAK_S * 100)):
-            await source.capture_frame(tone_frame(hz, i))
-    finally:
-        await source.aclose()
-
-
-def audio_of(room: rtc.Room, identity: str) -> asyncio.Future[rtc.Track]:
-    """The first audio track of `identity` this room subscribes to."""
-    found: asyncio.Future[rtc.Track] = asyncio.get_running_loop().create_future()
-
-    def subscribed(
-        track: rtc.Track, _: rtc.RemoteTrackPublication, p: rtc.RemoteParticipant
-    ) -> None:
-        if p.identity == identity and track.kind == rtc.TrackKind.KIND_AUDIO and not found.done():
-            found.set_result(track)
-
-    room.on("track_subscribed", subscribed)
-    for p in room.remote_participants.values():
-        for pub in p.track_publications.values():
-            if pub.track is not None:
-                subscribed(pub.track, pub, p)
-    return found
-
-
-async def answer_call(ctx: JobContext) -> None:
-    """The demo agent, in its own job process: joins, answers the caller's voice with its own,
-    and tells the caller how much of it it heard."""
-    await ctx.connect()
-    caller = await ctx.wait_for_participant()
-    logging.getLogger("demo.agent").info(
-        "answering call",
-        extra={"room": ctx.room_name, "job_id": ctx.job.id, "caller": caller.identity},
-    )
-    ear = Ear()
-    tasks = [asyncio.create_task(speak(ctx.room, "agent-voice", AGENT_TONE_HZ))]
-    tasks.append(asyncio.create_task(ear.listen(await audio_of(ctx.room, caller.identity))))
-
-    async def hung_up() -> None:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    ctx.add_shutdown_callback(hung_up)
-    await ear.heard.wait()
-    await ctx.room.local_participant.publish_data(
-        json.dumps({"frames": ear.frames}),
-        topic=HEARD_TOPIC,
-        destination_identities=[caller.identity],
-    )
-
-
-async def accept_calls(req: JobRequest) -> None:
-    await req.accept(identity=f"agent-{req.id}", name="Asistente de Voz")
+    def line(self, who: str, what: str, text: str) -> None:
+        at = time.monotonic() - self.t0
+        print(f"{at:6.1f}s  {who:<7} {what:<7} {text}", file=self.out, flush=True)
 
 
 @dataclass
-class Call:
-    """One call as the caller lived it."""
+class CallRecord:
+    """One call as the demo saw it: the caller's turns and the job's phases."""
 
+    label: str
     room: str
-    caller_heard: int = 0
-    agent_heard: int = 0
+    caller: SipCaller | None = None
+    job: ActiveJob | None = None
+    job_id: str = ""
+    status: str = ""
+    job_error: str = ""
     error: str = ""
+    wav: Path | None = None
 
 
-def caller_token(room: str) -> str:
-    grants = api.VideoGrants(room_join=True, room=room, can_publish=True, can_subscribe=True)
-    return (
-        api.AccessToken(DEV_API_KEY, DEV_API_SECRET)
-        .with_identity(CALLER_IDENTITY)
-        .with_name(CALLER)
-        .with_kind("sip")
-        .with_attributes({"sip.phoneNumber": CALLER, "sip.callStatus": "active"})
-        .with_grants(grants)
-        .to_jwt()
-    )
-
-
-async def place_call(ws_url: str, call: Call) -> None:
-    """Dial in, talk until both sides heard each other, hang up."""
-    room = rtc.Room()
-    ear = Ear()
-    told: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-    def data(packet: rtc.DataPacket) -> None:
-        if packet.topic == HEARD_TOPIC and not told.done():
-            told.set_result(int(json.loads(packet.data)["frames"]))
-
-    room.on("data_received", data)
-    tasks: list[asyncio.Task[None]] = []
+def load_agent() -> ModuleType:
+    """examples/receptionist.py, imported by name so that the worker's job processes find it;
+    a ConfigError (the CLI prints it) when it or the voice extra is missing."""
+    if not (EXAMPLES_DIR / f"{AGENT_MODULE}.py").exists():
+        raise ConfigError(
+            f"{EXAMPLES_DIR / AGENT_MODULE}.py not found: run the demo from a clone of the "
+            "repository installed with pip install -e '.[voice]'"
+        )
+    if str(EXAMPLES_DIR) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES_DIR))
     try:
-        await room.connect(ws_url, caller_token(call.room))
-        tasks.append(asyncio.create_task(speak(room, "caller-mic", CALLER_TONE_HZ)))
-        agent_voice = await audio_of(room, f"agent-{(await _agent_job_id(room))}")
-        tasks.append(asyncio.create_task(ear.listen(agent_voice)))
-        call.agent_heard = await told
-        await ear.heard.wait()
-        call.caller_heard = ear.frames
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await room.disconnect()
+        return importlib.import_module(AGENT_MODULE)
+    except ImportError as e:
+        raise ConfigError(
+            f"the demo's agent needs the voice extra ({e}): pip install -e '.[voice]'"
+        ) from e
 
 
-async def _agent_job_id(room: rtc.Room) -> str:
-    """The job id of the agent that joined `room` (its identity is `agent-<job id>`)."""
-    joined: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    def check(p: rtc.RemoteParticipant) -> None:
-        if p.identity.startswith("agent-") and not joined.done():
-            joined.set_result(p.identity.removeprefix("agent-"))
-
-    room.on("participant_connected", check)
-    for p in room.remote_participants.values():
-        check(p)
-    return await joined
+def log_to_file(path: Path) -> None:
+    """Everything logged (worker, job processes, livekit-agents) goes to `path`; the terminal
+    keeps warnings only, so that the call reads well."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for h in root.handlers:
+        h.setLevel(logging.ERROR)
+    root.addHandler(handler)
+    root.setLevel(os.environ.get("DEMO_DEBUG", "INFO"))
 
 
-async def run_demo(calls: int) -> int:
+async def run_demo(calls: int, out_dir: Path | None = None) -> int:
+    receptionist = load_agent()
     if not media_addresses():
         print(f"demo FAILED: {NO_MEDIA_ADDRESS}", file=sys.stdout)
         return 1
+    out = out_dir or Path(tempfile.mkdtemp(prefix="callboard-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    log_to_file(out / LOG_FILE)
+    screen = Screen()
+    voice = hibari_voice()  # the callers' voice
+    screen.line("", "demo", f"{calls} call(s) to examples/receptionist.py; audio and log in {out}")
     async with run_server(ServerConfig(port=0)) as server:
+        screen.line("", "server", f"{server.url}, media on {', '.join(media_addresses())}")
         worker = Worker(
             WorkerOptions(
-                entrypoint_fnc=answer_call,
-                request_fnc=accept_calls,
+                entrypoint_fnc=receptionist.entrypoint,
+                prewarm_fnc=receptionist.prewarm,
                 job_executor_type=JobExecutorType.PROCESS,
                 ws_url=server.url,
                 api_key=DEV_API_KEY,
                 api_secret=DEV_API_SECRET,
-                num_idle_processes=2,
+                num_idle_processes=min(calls, 4),
                 host="127.0.0.1",
                 port=0,
             ),
             devmode=True,
         )
-        running = asyncio.create_task(worker.run())
+        running = asyncio.create_task(worker.run(), name="demo_worker_task")
+        watcher = asyncio.create_task(_watch_worker(worker, screen), name="demo_watch_task")
         try:
-            placed, statuses = await _place_calls(server.url, server.http_url, worker, calls)
+            records = await _converse(
+                server.url, server.http_url, worker, calls, screen, out, voice
+            )
         finally:
             await worker.drain(10)
             await worker.aclose()
             await running
-    return _report(placed, statuses)
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+    return _summary(records, screen, out)
 
 
-async def _place_calls(
-    ws_url: str, http_url: str, worker: Worker, calls: int
-) -> tuple[list[Call], dict[str, agent.JobState]]:
-    deadline = time.monotonic() + DEMO_TIMEOUT_S
+async def _watch_worker(worker: Worker, screen: Screen) -> None:
+    """Print the worker's state when it changes (registration, availability, running jobs)."""
+    seen: tuple[object, ...] = ()
+    while True:
+        now = (worker.registered, worker.state, len(worker.active_jobs))
+        if now != seen:
+            registered, state, jobs = now
+            what = f"{state.value}, {jobs} job(s) running"
+            if registered and (not seen or not seen[0]):
+                what = f"registered as {worker.id}; {what}"
+            screen.line("", "worker", what)
+            seen = now
+        await asyncio.sleep(WATCH_INTERVAL_S)
+
+
+async def _converse(
+    ws_url: str,
+    http_url: str,
+    worker: Worker,
+    calls: int,
+    screen: Screen,
+    out: Path,
+    voice: Synthesize,
+) -> list[CallRecord]:
+    deadline = time.monotonic() + REGISTER_TIMEOUT_S
     while not worker.registered:
         if time.monotonic() > deadline:
             raise RuntimeError("the worker did not register with the embedded server")
-        await asyncio.sleep(0.05)
-    placed = [Call(sip_room_name(CALLER)) for _ in range(calls)]
+        await asyncio.sleep(WATCH_INTERVAL_S)
+    records = [CallRecord(f"call {i + 1}", sip_room_name(CALLER)) for i in range(calls)]
+    notes = _AgentNotes(screen, records)
+    logging.getLogger("livekit.agents").addHandler(notes)
     async with api.LiveKitAPI(http_url, DEV_API_KEY, DEV_API_SECRET) as lk:
-        await asyncio.gather(
-            *(lk.room.create_room(api.CreateRoomRequest(name=c.room)) for c in placed)
+        phases = asyncio.create_task(
+            _watch_jobs(lk, worker, records, screen), name="demo_jobs_task"
         )
         outcomes = await asyncio.gather(
-            *(asyncio.wait_for(place_call(ws_url, c), DEMO_TIMEOUT_S) for c in placed),
+            *(
+                asyncio.wait_for(_call(lk, ws_url, r, screen, voice), CALL_TIMEOUT_S)
+                for r in records
+            ),
             return_exceptions=True,
         )
-        for call, outcome in zip(placed, outcomes, strict=True):
+        for record, outcome in zip(records, outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                call.error = f"{type(outcome).__name__}: {outcome}"
-        states: dict[str, agent.JobState] = {}
-        while time.monotonic() < deadline and len(states) < len(placed):
-            for call in placed:
-                for d in await lk.agent_dispatch.list_dispatch(call.room):
+                record.error = f"{type(outcome).__name__}: {outcome}"
+                screen.line(record.label, "error", record.error)
+            if record.caller is not None:
+                record.wav = out / f"{record.room}.wav"
+                record.caller.recording.save(record.wav)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(phases), JOB_END_TIMEOUT_S)
+        phases.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await phases
+    logging.getLogger("livekit.agents").removeHandler(notes)
+    return records
+
+
+async def _call(
+    lk: api.LiveKitAPI, ws_url: str, record: CallRecord, screen: Screen, voice: Synthesize
+) -> None:
+    """One caller: dial in, hear the greeting, say the script, hang up."""
+
+    def show(ev: CallEvent) -> None:
+        if ev.kind == "joined":
+            screen.line(record.label, "phone", f"sip_{CALLER} dials in (room {ev.text})")
+        elif ev.kind == "caller":
+            screen.line(record.label, "caller", f"“{ev.text}”")
+        elif ev.kind == "agent":
+            turn = f"   [turn {ev.latency_s:.2f} s]" if ev.latency_s is not None else ""
+            screen.line(record.label, "agent", f"“{ev.text}”{turn}")
+        elif ev.kind == "hangup":
+            screen.line(record.label, "phone", "hangs up")
+
+    await lk.room.create_room(api.CreateRoomRequest(name=record.room, departure_timeout=1))
+    token = sip_caller_token(DEV_API_KEY, DEV_API_SECRET, record.room, CALLER)
+    caller = SipCaller(ws_url, token, voice, show)
+    record.caller = caller
+    await caller.dial()
+    try:
+        await caller.listen_to_greeting()
+        for sentence in SCRIPT:
+            await caller.say(sentence)
+    finally:
+        await caller.hang_up()
+
+
+async def _watch_jobs(
+    lk: api.LiveKitAPI, worker: Worker, records: list[CallRecord], screen: Screen
+) -> None:
+    """Print each call's job phases: as the server records them while the room lives, and the
+    outcome the worker reported when the job ended. Returns once every job has ended."""
+    while not all(r.status.startswith(ENDED_BY_WORKER) for r in records):
+        for r in records:
+            active = next((j for j in worker.active_jobs if j.info.job.room.name == r.room), None)
+            r.job = active or r.job
+            if r.job is not None:
+                r.job_id = r.job.info.job.id
+            if r.job is not None and r.job.outcome is not None:
+                if not r.status.startswith(ENDED_BY_WORKER):
+                    r.status = f"{ENDED_BY_WORKER}{r.job.outcome.status_name}"
+                    r.job_error = r.job.outcome.error
+                    screen.line(r.label, "job", f"{r.job_id} {r.status} (reported by the worker)")
+                continue
+            with contextlib.suppress(api.TwirpError):
+                for d in await lk.agent_dispatch.list_dispatch(r.room):
                     for job in d.state.jobs:
-                        if job.state.status in ENDED:
-                            states[call.room] = job.state
-            await asyncio.sleep(0.1)
-    return placed, states
+                        status = agent.JobStatus.Name(job.state.status).removeprefix("JS_")
+                        if (job.id, status) != (r.job_id, r.status):
+                            r.job_id, r.status = job.id, status
+                            screen.line(r.label, "job", f"{job.id} {status.lower()}")
+        await asyncio.sleep(WATCH_INTERVAL_S)
 
 
-def _report(placed: list[Call], states: dict[str, agent.JobState]) -> int:
+class _AgentNotes(logging.Handler):
+    """Shows the livekit-agents log lines that tell the story of a call (relayed from the job
+    processes with their room) on the screen."""
+
+    NOTES: Final = {
+        "closing agent session due to participant disconnect": "hears the hang-up: session closed",
+    }
+
+    def __init__(self, screen: Screen, records: list[CallRecord]) -> None:
+        super().__init__(logging.INFO)
+        self.screen = screen
+        self.labels = {r.room: r.label for r in records}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        label = self.labels.get(str(getattr(record, "room", "")))
+        message = record.getMessage()
+        for start, note in self.NOTES.items():
+            if label and message.startswith(start):
+                self.screen.line(label, "agent", note)
+
+
+def _summary(records: list[CallRecord], screen: Screen, out: Path) -> int:
+    print("", file=screen.out)
+    print("summary", file=screen.out)
+    latencies: list[float] = []
     ok = True
-    for call in placed:
-        state = states.get(call.room)
-        status = agent.JobStatus.Name(state.status) if state else "no outcome"
-        took = (state.ended_at - state.started_at) / 1e9 if state and state.ended_at else 0.0
-        heard = call.agent_heard >= HEARD_FRAMES and call.caller_heard >= HEARD_FRAMES
-        ok = ok and heard and not call.error and bool(state) and status == "JS_SUCCESS"
-        line = f"{call.room}: {status} in {took:.2f}s"
-        if call.error:
-            line += f" ({call.error})"
-        else:
-            line += (
-                f", agent heard the caller {call.agent_heard * 10} ms,"
-                f" caller heard the agent {call.caller_heard * 10} ms"
-            )
-        if state and state.error:
-            line += f" ({state.error})"
-        print(line, file=sys.stdout)
+    for r in records:
+        turns = r.caller.turns if r.caller else []
+        lat = [t.latency_s for t in turns if t.latency_s is not None]
+        latencies += lat
+        spoke = bool(turns) and all(t.heard_by_agent and t.agent_said for t in turns)
+        ended = r.status == f"{ENDED_BY_WORKER}JS_SUCCESS"
+        good = not r.error and ended and spoke and len(turns) == len(SCRIPT)
+        ok = ok and good
+        line = f"  {r.label}: {len(turns)} turn(s), job {r.job_id or '-'} {r.status or 'no status'}"
+        if lat:
+            line += f", turn latency {statistics.median(lat):.2f} s median, {max(lat):.2f} s max"
+        if r.error or r.job_error:
+            line += f" ({r.error or r.job_error})"
+        print(line, file=screen.out)
+        if r.wav is not None:
+            print(f"    audio: {r.wav}", file=screen.out)
+    if latencies:
+        p95 = percentile(latencies, 95)
+        print(
+            f"  turn latency (caller's end of speech → first agent audio): "
+            f"p50 {statistics.median(latencies):.2f} s, p95 {p95:.2f} s over {len(latencies)}",
+            file=screen.out,
+        )
+    print(f"  log: {out / LOG_FILE}", file=screen.out)
     verdict = "passed" if ok else "FAILED"
     print(
-        f"demo {verdict}: {len(placed)} call(s) answered by job processes, audio both ways",
-        file=sys.stdout,
+        f"demo {verdict}: {len(records)} call(s), each a spoken conversation with the agent",
+        file=screen.out,
     )
     return 0 if ok else 1
