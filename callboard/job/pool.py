@@ -35,6 +35,9 @@ MAX_CONSECUTIVE_INIT_FAILURES: Final = 5
 """After this many prewarm failures in a row the pool stops prefilling (no crash loop)."""
 LAUNCH_ATTEMPTS: Final = 3
 INFERENCE_READY_POLL_S: Final = 0.02
+INFERENCE_START_TIMEOUT_S: Final = 300.0
+"""How long the shared inference process may take to load its models (livekit-agents allows the
+same 5 minutes): loading Whisper and a TTS voice took ~20 s on a loaded 2-core machine."""
 IDLE_PSS_PRIOR_MB: Final = 25.0
 """PSS assumed for an idle process until one has been measured (a small agent's idle process
 measures ~4 MB, one that imported livekit-agents and voice plugins in the zygote ~10-20 MB)."""
@@ -257,12 +260,12 @@ class ProcessExecutor:
         pid, _ = await self._zygote.fork(ipc.FORK_INFERENCE)
         self._inference_pid = pid
         address = socket_name(self._zygote.pid)
-        deadline = asyncio.get_running_loop().time() + self._limits.initialize_timeout
+        deadline = asyncio.get_running_loop().time() + INFERENCE_START_TIMEOUT_S
         while not _can_connect(address):
             if asyncio.get_running_loop().time() > deadline or pid != self._inference_pid:
                 raise ZygoteError(
                     "the inference process did not start within "
-                    f"{self._limits.initialize_timeout:g}s (see its log above)"
+                    f"{INFERENCE_START_TIMEOUT_S:g}s (see its log above)"
                 )
             await asyncio.sleep(INFERENCE_READY_POLL_S)
         log.info(
