@@ -39,12 +39,11 @@ from bench._common import percentile
 from callboard.demo_tones import (
     AGENT_TONE_HZ,
     CALLER_TONE_HZ,
-    FRAME_MS,
     FRAME_SAMPLES,
-    SAMPLE_RATE,
     TONE_RMS_MIN,
     tone_frame,
 )
+from callboard.voice_caller import FRAME_MS, SAMPLE_RATE
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,

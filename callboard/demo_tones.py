@@ -13,13 +13,12 @@ import numpy as np
 from livekit import rtc
 
 from callboard.job.context import JobContext
+from callboard.voice_caller import FRAME_MS, SAMPLE_RATE, rms
 
 if TYPE_CHECKING:
     from callboard.demo import CallRecord, Screen
 
-SAMPLE_RATE: Final = 48000
-FRAME_SAMPLES: Final = SAMPLE_RATE // 100
-FRAME_MS: Final = 10
+FRAME_SAMPLES: Final = SAMPLE_RATE * FRAME_MS // 1000
 CALLER_TONE_HZ: Final = 440.0
 AGENT_TONE_HZ: Final = 880.0
 TONE_AMPLITUDE: Final = 0.3 * 32767
@@ -51,8 +50,7 @@ class Ear:
         stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
         try:
             async for event in stream:
-                samples = np.frombuffer(event.frame.data, dtype=np.int16).astype(np.float64)
-                if samples.size and float(np.sqrt(np.mean(samples**2))) >= TONE_RMS_MIN:
+                if rms(np.frombuffer(event.frame.data, dtype=np.int16)) >= TONE_RMS_MIN:
                     self.frames += 1
                     if self.frames >= HEARD_FRAMES:
                         self.heard.set()
