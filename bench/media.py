@@ -36,6 +36,14 @@ import psutil
 from livekit import api, rtc
 
 from bench._common import percentile
+from callboard.demo_tones import (
+    AGENT_TONE_HZ,
+    CALLER_TONE_HZ,
+    FRAME_SAMPLES,
+    TONE_RMS_MIN,
+    tone_frame,
+)
+from callboard.voice_caller import FRAME_MS, SAMPLE_RATE
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
@@ -47,12 +55,6 @@ from tests.interop.livekit_server import (
 from tests.interop.netns import MEDIA_IP, NetnsUnavailable, enter_private_network
 
 SERVERS: Final = ("callboard", "livekit-server")
-SAMPLE_RATE: Final = 48000
-FRAME_SAMPLES: Final = SAMPLE_RATE // 100
-TONE_AMPLITUDE: Final = 0.3 * 32767
-TONE_RMS_MIN: Final = 1000.0
-"""A 10 ms frame louder than this carries the other side's tone (silence is far below)."""
-FRAME_MS: Final = 10
 BURST_FRAMES: Final = 20
 PERIOD_FRAMES: Final = 100
 RMS_STRIDE: Final = 8
@@ -70,13 +72,6 @@ JOIN_TIMEOUT_S: Final = 60.0
 JOIN_S_PER_CALL: Final = 4.0
 MIN_CALLS: Final = 1
 MAX_CALLS: Final = 60
-
-
-def tone_frame(hz: float, index: int) -> rtc.AudioFrame:
-    """The `index`-th 10 ms frame of a continuous sine at `hz`."""
-    t = np.arange(index * FRAME_SAMPLES, (index + 1) * FRAME_SAMPLES)
-    samples = (TONE_AMPLITUDE * np.sin(2 * np.pi * hz * t / SAMPLE_RATE)).astype(np.int16)
-    return rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, FRAME_SAMPLES)
 
 
 def token(identity: str, room: str) -> str:
@@ -163,7 +158,7 @@ async def run_client(
     tasks, speaking = [], []
     speak_s = WARMUP_S + seconds + TAIL_S
     for caller, agent in pairs:
-        for side, hz in ((caller, 440.0), (agent, 880.0)):
+        for side, hz in ((caller, CALLER_TONE_HZ), (agent, AGENT_TONE_HZ)):
             source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=SOURCE_QUEUE_MS)
             track = rtc.LocalAudioTrack.create_audio_track("mic", source)
             opts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)

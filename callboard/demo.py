@@ -8,7 +8,8 @@ calls the way LiveKit's SIP gateway does (room `call-_<number>_<random>`, the ca
 synthesized offline and published with the rtc SDK, the agent hears it, answers by voice, and
 the terminal shows the call live (worker state, job phases, the transcript with each turn's
 latency). Each call's audio is saved as a stereo WAV (caller left, agent right) and the full
-log beside it; a summary ends the demo.
+log beside it; a summary ends the demo. Without the voice extra (livekit-agents and the offline
+plugins) the call carries tones instead of speech (callboard/demo_tones.py).
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 from livekit import api
 from livekit.protocol import agent
 
+from callboard import demo_tones
 from callboard.job.context import JobExecutorType
 from callboard.log import JsonFormatter
 from callboard.server.app import run_server
@@ -62,7 +65,9 @@ CALL_TIMEOUT_S: Final = 180.0
 JOB_END_TIMEOUT_S: Final = 30.0
 WATCH_INTERVAL_S: Final = 0.1
 ENDED_BY_WORKER: Final = "ended "
+ENDED_OK: Final = f"{ENDED_BY_WORKER}JS_SUCCESS"
 LOG_FILE: Final = "demo.log"
+VOICE_EXTRA: Final = "pip install -e '.[voice]'"
 
 
 class Screen:
@@ -90,6 +95,16 @@ class CallRecord:
     job_error: str = ""
     error: str = ""
     wav: Path | None = None
+    heard: dict[str, int] = field(default_factory=dict)
+    """Frames of the other side's tone each side heard (the media-only call)."""
+
+
+class NoVoiceExtra(ConfigError):
+    """The demo's voice agent cannot be imported: livekit-agents or the offline plugins are
+    missing."""
+
+
+PlaceCall = Callable[[api.LiveKitAPI, str, CallRecord, "Screen"], Awaitable[None]]
 
 
 def load_agent() -> ModuleType:
@@ -105,9 +120,7 @@ def load_agent() -> ModuleType:
     try:
         return importlib.import_module(AGENT_MODULE)
     except ImportError as e:
-        raise ConfigError(
-            f"the demo's agent needs the voice extra ({e}): pip install -e '.[voice]'"
-        ) from e
+        raise NoVoiceExtra(f"the demo's agent needs the voice extra ({e}): {VOICE_EXTRA}") from e
 
 
 def log_to_file(path: Path) -> None:
@@ -123,7 +136,12 @@ def log_to_file(path: Path) -> None:
 
 
 async def run_demo(calls: int, out_dir: Path | None = None) -> int:
-    receptionist = load_agent()
+    receptionist: ModuleType | None = None
+    missing: BaseException | None = None
+    try:
+        receptionist = load_agent()
+    except NoVoiceExtra as e:
+        missing = e.__cause__
     if not media_addresses():
         print(f"demo FAILED: {NO_MEDIA_ADDRESS}", file=sys.stdout)
         return 1
@@ -131,14 +149,28 @@ async def run_demo(calls: int, out_dir: Path | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log_to_file(out / LOG_FILE)
     screen = Screen()
-    voice = hibari_voice()  # the callers' voice
-    screen.line("", "demo", f"{calls} call(s) to examples/receptionist.py; audio and log in {out}")
+    if receptionist is None:
+        screen.line(
+            "", "demo", f"media only ({missing}): a spoken conversation needs {VOICE_EXTRA}"
+        )
+        screen.line("", "demo", f"{calls} call(s), tones both ways; log in {out}")
+        agent_fns: dict[str, Any] = {"entrypoint_fnc": demo_tones.answer_with_tone}
+        place: PlaceCall = _tone_call
+    else:
+        voice = hibari_voice()  # the callers' voice
+        screen.line(
+            "", "demo", f"{calls} call(s) to examples/receptionist.py; audio and log in {out}"
+        )
+        agent_fns = {"entrypoint_fnc": receptionist.entrypoint, "prewarm_fnc": receptionist.prewarm}
+
+        async def place(lk: api.LiveKitAPI, ws_url: str, r: CallRecord, s: Screen) -> None:
+            await _call(lk, ws_url, r, s, voice)
+
     async with run_server(ServerConfig(port=0)) as server:
         screen.line("", "server", f"{server.url}, media on {', '.join(media_addresses())}")
         worker = Worker(
             WorkerOptions(
-                entrypoint_fnc=receptionist.entrypoint,
-                prewarm_fnc=receptionist.prewarm,
+                **agent_fns,
                 job_executor_type=JobExecutorType.PROCESS,
                 ws_url=server.url,
                 api_key=DEV_API_KEY,
@@ -153,7 +185,7 @@ async def run_demo(calls: int, out_dir: Path | None = None) -> int:
         watcher = asyncio.create_task(_watch_worker(worker, screen), name="demo_watch_task")
         try:
             records = await _converse(
-                server.url, server.http_url, worker, calls, screen, out, voice
+                server.url, server.http_url, worker, calls, screen, out, place
             )
         finally:
             await worker.drain(10)
@@ -162,6 +194,8 @@ async def run_demo(calls: int, out_dir: Path | None = None) -> int:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+    if receptionist is None:
+        return demo_tones.tone_summary(records, screen, ENDED_OK)
     return _summary(records, screen, out)
 
 
@@ -187,7 +221,7 @@ async def _converse(
     calls: int,
     screen: Screen,
     out: Path,
-    voice: Synthesize,
+    place: PlaceCall,
 ) -> list[CallRecord]:
     deadline = time.monotonic() + REGISTER_TIMEOUT_S
     while not worker.registered:
@@ -202,10 +236,7 @@ async def _converse(
             _watch_jobs(lk, worker, records, screen), name="demo_jobs_task"
         )
         outcomes = await asyncio.gather(
-            *(
-                asyncio.wait_for(_call(lk, ws_url, r, screen, voice), CALL_TIMEOUT_S)
-                for r in records
-            ),
+            *(asyncio.wait_for(place(lk, ws_url, r, screen), CALL_TIMEOUT_S) for r in records),
             return_exceptions=True,
         )
         for record, outcome in zip(records, outcomes, strict=True):
@@ -251,6 +282,13 @@ async def _call(
             await caller.say(sentence)
     finally:
         await caller.hang_up()
+
+
+async def _tone_call(lk: api.LiveKitAPI, ws_url: str, record: CallRecord, screen: Screen) -> None:
+    """One media-only call: the caller dials in as the SIP gateway would and trades tones."""
+    await lk.room.create_room(api.CreateRoomRequest(name=record.room, departure_timeout=1))
+    token = sip_caller_token(DEV_API_KEY, DEV_API_SECRET, record.room, CALLER)
+    await demo_tones.tone_call(ws_url, token, record, screen)
 
 
 async def _watch_jobs(
@@ -311,7 +349,7 @@ def _summary(records: list[CallRecord], screen: Screen, out: Path) -> int:
         lat = [t.latency_s for t in turns if t.latency_s is not None]
         latencies += lat
         spoke = bool(turns) and all(t.heard_by_agent and t.agent_said for t in turns)
-        ended = r.status == f"{ENDED_BY_WORKER}JS_SUCCESS"
+        ended = r.status == ENDED_OK
         good = not r.error and ended and spoke and len(turns) == len(SCRIPT)
         ok = ok and good
         line = f"  {r.label}: {len(turns)} turn(s), job {r.job_id or '-'} {r.status or 'no status'}"

@@ -5,12 +5,15 @@ installed with `pip install -e .` and no `agents` extra; job processes inherit t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Final
 
-from callboard.cli import EXIT_USAGE
+import pytest
+
+from tests.interop.netns import SKIP_EXIT, unavailable_reason
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 BLOCKER: Final = '''
@@ -32,6 +35,7 @@ CORE_MODULES: Final = (
     "callboard",
     "callboard.cli",
     "callboard.demo",
+    "callboard.demo_tones",
     "callboard.job.child",
     "callboard.job.flavour",
     "callboard.job.inference",
@@ -79,20 +83,36 @@ def test_the_core_imports_nothing_from_livekit_agents(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_callboard_demo_says_it_needs_the_voice_extra_without_livekit_agents(
-    tmp_path: Path,
-) -> None:
-    """The demo's agent is examples/receptionist.py (an AgentSession): without livekit-agents
-    the demo stops at once with one line naming the extra that brings it."""
+def test_callboard_demo_trades_tones_both_ways_without_livekit_agents(tmp_path: Path) -> None:
+    """Without the voice extra the demo still places its calls: the caller sip_+56975231235 and
+    callboard's own agent (no livekit-agents in any process) hear each other's tones, each side
+    counting, and one line names the extra that brings the spoken conversation. It runs in a
+    private network namespace (tests/interop/netns.py): WebRTC needs an interface address."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    demo = [sys.executable, "-m", "callboard.cli", "demo", "--calls", "2", "--out", str(tmp_path)]
     done = subprocess.run(
-        [sys.executable, "-m", "callboard.cli", "demo"],
+        [sys.executable, "-m", "tests.interop.netns", *demo],
         env=blocked_env(tmp_path),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
         stdin=subprocess.DEVNULL,
     )
-    assert done.returncode == EXIT_USAGE, done.stderr[-3000:]
-    assert "callboard: error: the demo's agent needs the voice extra" in done.stderr
-    assert "pip install -e '.[voice]'" in done.stderr
+    if done.returncode == SKIP_EXIT:
+        pytest.skip(done.stderr.strip())
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr[-3000:]
+    assert (
+        "blocked by the test" in out
+        and "a spoken conversation needs pip install -e '.[voice]'" in out
+    )
+    assert "demo passed: 2 call(s) answered by job processes, tones both ways" in out
+    for call in ("call 1", "call 2"):
+        lines = [line for line in out.splitlines() if f" {call} " in line]
+        assert any("sip_+56975231235 dials in" in line for line in lines), out
+        assert any(re.search(r"agent +heard the caller: \d+ ms", line) for line in lines), out
+        assert any(re.search(r"caller +heard the agent: \d+ ms", line) for line in lines), out
+        assert any("ended JS_SUCCESS (reported by the worker)" in line for line in lines), out
     assert "Traceback" not in done.stderr
