@@ -237,8 +237,9 @@ def _read_errors(work: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def answering_phone(hang_up_after_ms: int = 1000) -> str:
-    """A UAS: answers an INVITE (180, 200 with SDP), takes the ACK, hangs up after a while."""
+def answering_phone(hang_up_after_ms: int = 1000, ring_ms: int = 0) -> str:
+    """A UAS: answers an INVITE (180, `ring_ms` of ringing, 200 with SDP), takes the ACK, hangs
+    up after a while."""
     return scenario(
         "answering phone",
         f"""  <recv request="INVITE" crlf="true" rrs="true">
@@ -246,7 +247,8 @@ def answering_phone(hang_up_after_ms: int = 1000) -> str:
       <ereg regexp=".*" search_in="hdr" header="From:" check_it="true" assign_to="caller"/>
     </action>
   </recv>
-{_uas_response("180 Ringing")}{_uas_response("200 OK", SDP)}\
+{_uas_response("180 Ringing")}  <pause milliseconds="{ring_ms}"/>
+{_uas_response("200 OK", SDP)}\
   <recv request="ACK" rtd="true" crlf="true"/>
   <pause milliseconds="{hang_up_after_ms}"/>
   <send retrans="500">

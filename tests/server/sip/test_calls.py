@@ -178,12 +178,13 @@ async def test_create_sip_participant_dials_a_phone_that_answers(
 ) -> None:
     """CreateSIPParticipant through a stored outbound trunk to sipp answering as a phone: the
     callee joins the room as dialing, goes active on 200 OK, and hangs up (BYE) after a
-    second."""
+    second. The phone rings for half a second first, as phones do: answered at once on
+    loopback, the callee could be active before the test's agent (which looks for phones in
+    rooms every 10 ms) has joined to see it dialing."""
     phone_port = sipp.free_port()
     trunk_id = await outbound_trunk(gateway, phone_port)
-    phone = asyncio.create_task(
-        sipp.run_sipp(tmp_path, sipp.answering_phone(1000), None, listen_port=phone_port)
-    )
+    scenario = sipp.answering_phone(1000, ring_ms=500)
+    phone = asyncio.create_task(sipp.run_sipp(tmp_path, scenario, None, listen_port=phone_port))
     await asyncio.sleep(0.5)  # sipp is listening
     async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
         info = await lk.sip.create_sip_participant(
