@@ -104,7 +104,7 @@ class EmbeddedServer:
         info = server_info(self.config, self.node_id)
         agents = AgentEndpoint(self.keys, self.engine, self.config, info)
         app.router.add_get("/agent", agents.handle)
-        RtcEndpoint(self.keys, self.rooms, info, self.config.rtc_answer_timeout).install(app)
+        RtcEndpoint(self.keys, self.rooms, info, self.config).install(app)
         app.on_shutdown.append(agents.on_shutdown)
         app.router.add_get("/", self._health)
         router = TwirpRouter(self.keys)

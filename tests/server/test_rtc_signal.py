@@ -3,6 +3,7 @@ logged (with room and identity); the room and its other participants carry on.""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,8 @@ from livekit.protocol import models, rtc
 
 from callboard.server.app import EmbeddedServer, run_server
 from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ServerConfig
-from tests.server.rtc_client import RtcClient, join_token
+from callboard.server.rtc.peer import MAX_CANDIDATES_PER_SDP
+from tests.server.rtc_client import RtcClient, join_token, without_candidates
 from tests.server.support import wait_until
 
 ROOM: Final = "bad-input"
@@ -24,7 +26,10 @@ ANSWER_TIMEOUT_S: Final = 0.5
 
 @pytest.fixture
 async def server() -> AsyncIterator[EmbeddedServer]:
-    async with run_server(ServerConfig(port=0, rtc_answer_timeout=ANSWER_TIMEOUT_S)) as srv:
+    config = ServerConfig(
+        port=0, rtc_answer_timeout=ANSWER_TIMEOUT_S, rtc_join_timeout=ANSWER_TIMEOUT_S
+    )
+    async with run_server(config) as srv:
         yield srv
 
 
@@ -99,7 +104,7 @@ BAD_CLIENTS: Final[dict[str, tuple[Callable[[RtcClient], Awaitable[None]], str]]
     "broken SDP": (offer_broken_sdp, "unusable publisher offer SDP"),
     "subscriber never answers": (
         never_answer,
-        f"did not answer the subscriber offer within {ANSWER_TIMEOUT_S:g}s",
+        f"did not answer the first subscriber offer within {ANSWER_TIMEOUT_S:g}s",
     ),
 }
 
@@ -170,3 +175,40 @@ async def test_single_peer_connection_path_answers_404_so_sdks_fall_back(
 ) -> None:
     async with aiohttp.ClientSession() as http, http.get(f"{server.http_url}/rtc/v1") as resp:
         assert resp.status == 404
+
+
+def trickle(port: int) -> rtc.SignalRequest:
+    """A publisher candidate on loopback (nothing listens there; nothing leaves the host)."""
+    init = {"candidate": f"candidate:{port} 1 udp 2122260223 127.0.0.1 {port} typ host"}
+    init |= {"sdpMid": "0", "sdpMLineIndex": 0}
+    return rtc.SignalRequest(
+        trickle=rtc.TrickleRequest(candidateInit=json.dumps(init), target=rtc.PUBLISHER)
+    )
+
+
+async def test_ice_candidates_are_bounded_per_negotiation_and_the_client_stays(
+    server: EmbeddedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rejoining SDK may trickle many candidates; past the limit they are dropped with one
+    warning per negotiation, the count starts again at each SDP, and the client stays."""
+    caplog.set_level(logging.INFO, logger="callboard")
+    client = await RtcClient.connect(server, join_token("chatty", ROOM))
+    try:
+        await client.answer()
+        for port in range(MAX_CANDIDATES_PER_SDP + 6):
+            await client.send(trickle(10000 + port))
+        client.pc.addTransceiver("audio", direction="sendonly")
+        await client.pc.setLocalDescription(await client.pc.createOffer())
+        offer = without_candidates(str(client.pc.localDescription.sdp))
+        await client.send(rtc.SignalRequest(offer=rtc.SessionDescription(type="offer", sdp=offer)))
+        for port in range(MAX_CANDIDATES_PER_SDP + 1):
+            await client.send(trickle(20000 + port))
+        await client.send(rtc.SignalRequest(ping_req=rtc.Ping(timestamp=7)))
+        while (msg := await client.receive()) is not None and not msg.HasField("pong_resp"):
+            pass
+        assert msg is not None, "the server ended the connection"
+        assert "chatty" in server.rooms.live_room(ROOM).participants
+    finally:
+        await client.aclose()
+    dropped = [r for r in caplog.records if r.getMessage().startswith("ICE candidates dropped")]
+    assert [r.__dict__["connection"] for r in dropped] == ["publisher", "publisher"]

@@ -30,8 +30,9 @@ MAX_PENDING_RELIABLE: Final = 256
 """Reliable packets kept for a subscriber channel that is not open yet."""
 SDP_START: Final = "v=0"
 MEDIA_LINE: Final = "\nm="
-MAX_EARLY_CANDIDATES: Final = 64
-"""ICE candidates kept for a connection whose remote SDP has not come yet."""
+MAX_CANDIDATES_PER_SDP: Final = 64
+"""ICE candidates taken for a connection per remote SDP (counted from that SDP, or from the
+start); more are dropped: a trickle flood costs its sender, not the server's memory."""
 
 
 class SignalError(Exception):
@@ -89,6 +90,7 @@ class PeerConnections:
         on_track: Callable[[str, RTCRtpReceiver, frozenset[int], str | None], None],
         on_data: Callable[[bytes, bool], None],
         on_failed: Callable[[str], None],
+        on_flood: Callable[[str], None],
     ) -> None:
         config = RTCConfiguration(iceServers=[])  # aiortc's default is a public STUN server
         self.publisher = RTCPeerConnection(config)
@@ -97,6 +99,7 @@ class PeerConnections:
         self._on_track = on_track
         self._on_data = on_data
         self._on_failed = on_failed
+        self._on_flood = on_flood
         self._channels = {
             RELIABLE_LABEL: self.subscriber.createDataChannel(RELIABLE_LABEL, ordered=True),
             LOSSY_LABEL: self.subscriber.createDataChannel(
@@ -113,6 +116,7 @@ class PeerConnections:
             self.publisher: [],
             self.subscriber: [],
         }
+        self._candidates_taken = {self.publisher: 0, self.subscriber: 0}
         self.publisher.on("track", self._track)
         self.publisher.on("datachannel", self._datachannel)
         for name, pc in (("publisher", self.publisher), ("subscriber", self.subscriber)):
@@ -130,7 +134,7 @@ class PeerConnections:
     async def answer_publisher(self, sdp: str) -> str:
         """Answer the client's publisher offer."""
         await _set_remote(self.publisher, sdp, "offer", "publisher offer")
-        await self._add_early_candidates(self.publisher)
+        await self._remote_sdp_set(self.publisher)
         answer = await self.publisher.createAnswer()
         await self.publisher.setLocalDescription(answer)
         return str(self.publisher.localDescription.sdp)
@@ -182,8 +186,11 @@ class PeerConnections:
     def renegotiate(self) -> None:
         self._offer_wanted.set()
 
-    async def offer_task(self, answer_timeout: float) -> None:
-        """Send subscriber offers, one at a time: each waits for its answer."""
+    async def offer_task(self, join_timeout: float, answer_timeout: float) -> None:
+        """Send subscriber offers, one at a time: each waits for its answer, the first one
+        for `join_timeout` (the client is still connecting), later ones for `answer_timeout`.
+        livekit-server bounds these the same way (JoinTimeout, negotiationFailedTimeout)."""
+        timeout, what = join_timeout, "the first subscriber offer"
         while True:
             await self._offer_wanted.wait()
             self._offer_wanted.clear()
@@ -195,12 +202,11 @@ class PeerConnections:
             try:
                 # asyncio.timeout, not wait_for: in 3.11 wait_for swallows a cancellation that
                 # lands as the answer arrives
-                async with asyncio.timeout(answer_timeout):
+                async with asyncio.timeout(timeout):
                     await self._answered.wait()
             except TimeoutError:
-                raise SignalError(
-                    f"the client did not answer the subscriber offer within {answer_timeout:g}s"
-                ) from None
+                raise SignalError(f"the client did not answer {what} within {timeout:g}s") from None
+            timeout, what = answer_timeout, "a subscriber offer"
 
     async def accept_answer(self, sdp: str) -> None:
         if not self._awaiting_answer:
@@ -208,29 +214,31 @@ class PeerConnections:
         await _set_remote(self.subscriber, sdp, "answer", "subscriber answer")
         self._awaiting_answer = False
         self._answered.set()
-        await self._add_early_candidates(self.subscriber)
+        await self._remote_sdp_set(self.subscriber)
 
     async def add_candidate(self, candidate_init: str, to_subscriber: bool) -> None:
         """Add a trickled candidate; one that comes before its connection's remote SDP (the
-        SDK may send it before its answer) waits for it."""
+        SDK may send it before its answer) waits for it. Past `MAX_CANDIDATES_PER_SDP` since
+        that connection's last remote SDP, candidates are dropped (logged once)."""
         pc = self.subscriber if to_subscriber else self.publisher
         candidate = parse_candidate(candidate_init)
         if candidate is None:
             return
+        taken = self._candidates_taken[pc]
+        self._candidates_taken[pc] = taken + 1
+        if taken >= MAX_CANDIDATES_PER_SDP:
+            if taken == MAX_CANDIDATES_PER_SDP:
+                self._on_flood("subscriber" if to_subscriber else "publisher")
+            return
         if pc.remoteDescription is not None:
             await pc.addIceCandidate(candidate)
-            return
-        early = self._early_candidates[pc]
-        if len(early) >= MAX_EARLY_CANDIDATES:
-            which = "subscriber" if to_subscriber else "publisher"
-            raise SignalError(
-                f"more than {MAX_EARLY_CANDIDATES} ICE candidates for the {which} connection "
-                "before its SDP"
-            )
-        early.append(candidate)
+        else:
+            self._early_candidates[pc].append(candidate)
 
-    async def _add_early_candidates(self, pc: RTCPeerConnection) -> None:
+    async def _remote_sdp_set(self, pc: RTCPeerConnection) -> None:
+        """A new negotiation: add the candidates that waited for it and count afresh."""
         early, self._early_candidates[pc] = self._early_candidates[pc], []
+        self._candidates_taken[pc] = 0
         for candidate in early:
             await pc.addIceCandidate(candidate)
 

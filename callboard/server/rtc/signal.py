@@ -21,6 +21,7 @@ from livekit.protocol import models, rtc
 
 from callboard.log import get_logger
 from callboard.server.auth import AuthError, Grants, KeyStore
+from callboard.server.config import ServerConfig
 from callboard.server.ids import new_id
 from callboard.server.rtc.model import (
     OPUS_MIME,
@@ -30,7 +31,7 @@ from callboard.server.rtc.model import (
     participant_info,
 )
 from callboard.server.rtc.network import NO_MEDIA_ADDRESS, media_addresses
-from callboard.server.rtc.peer import PeerConnections, SignalError
+from callboard.server.rtc.peer import MAX_CANDIDATES_PER_SDP, PeerConnections, SignalError
 from callboard.server.rtc.relay import FrameSink, tap_receiver
 
 log = get_logger("server.rtc")
@@ -131,10 +132,10 @@ class RtcEndpoint:
     """aiohttp handlers for /rtc, /rtc/validate and the refused /rtc/v1."""
 
     def __init__(
-        self, keys: KeyStore, rooms: RoomSource, info: models.ServerInfo, answer_timeout: float
+        self, keys: KeyStore, rooms: RoomSource, info: models.ServerInfo, config: ServerConfig
     ) -> None:
         self._keys = keys
-        self._answer_timeout = answer_timeout
+        self._config = config
         self._rooms = rooms
         self._info = info
         self._sessions: set[SignalSession] = set()
@@ -169,7 +170,7 @@ class RtcEndpoint:
         ws = web.WebSocketResponse(max_msg_size=MAX_SIGNAL_FRAME_BYTES)
         await ws.prepare(request)
         room = self._rooms.live_room(spec.room)
-        session = SignalSession(ws, spec, room, self._info, self._answer_timeout)
+        session = SignalSession(ws, spec, room, self._info, self._config)
         self._sessions.add(session)
         try:
             await session.run()
@@ -191,10 +192,10 @@ class SignalSession:
         spec: JoinSpec,
         room: LiveRoom,
         info: models.ServerInfo,
-        answer_timeout: float,
+        config: ServerConfig,
     ) -> None:
         self._ws = ws
-        self._answer_timeout = answer_timeout
+        self._config = config
         self._spec = spec
         self._room = room
         self._server_info = info
@@ -214,7 +215,7 @@ class SignalSession:
         self._info.client_protocol = spec.client_protocol
         self._participant: Participant | None = None
         self._peers = PeerConnections(
-            self._send_offer, self._on_track, self._on_data, self._media_failed
+            self._send_offer, self._on_track, self._on_data, self._media_failed, self._flood
         )
 
     @property
@@ -265,12 +266,20 @@ class SignalSession:
             self._leave_reason = leave_reason
             self._out.put_nowait(None)
 
+    def _flood(self, connection: str) -> None:
+        log.warning(
+            "ICE candidates dropped: too many for one negotiation",
+            extra={**self.log_fields, "connection": connection, "limit": MAX_CANDIDATES_PER_SDP},
+        )
+
     def _media_failed(self, reason: str) -> None:
         self._fail(reason, models.MEDIA_FAILURE)
 
     async def _offer_task(self) -> None:
         try:
-            await self._peers.offer_task(self._answer_timeout)
+            await self._peers.offer_task(
+                self._config.rtc_join_timeout, self._config.rtc_answer_timeout
+            )
         except SignalError as e:
             self._fail(str(e), models.SIGNAL_CLOSE)
 
