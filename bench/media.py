@@ -94,7 +94,7 @@ def skip_sdk_logs() -> None:
     from livekit.rtc import _ffi_client
     from livekit.rtc._proto import ffi_pb2
 
-    @ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t)  # type: ignore[misc]
+    @ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t)  # type: ignore[untyped-decorator]
     def on_event(data: Any, length: int) -> None:
         raw = ctypes.string_at(data, int(length))
         if raw.startswith(SDK_LOG_EVENT):
