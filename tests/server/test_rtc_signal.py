@@ -16,12 +16,13 @@ from livekit.protocol import models, rtc
 
 from callboard.server.app import EmbeddedServer, run_server
 from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ServerConfig
-from callboard.server.rtc.peer import MAX_CANDIDATES_PER_SDP
+from callboard.server.rtc import peer
 from tests.server.rtc_client import RtcClient, join_token, without_candidates
 from tests.server.support import wait_until
 
 ROOM: Final = "bad-input"
 ANSWER_TIMEOUT_S: Final = 0.5
+LIMIT: Final = 16
 
 
 @pytest.fixture
@@ -187,21 +188,23 @@ def trickle(port: int) -> rtc.SignalRequest:
 
 
 async def test_ice_candidates_are_bounded_per_negotiation_and_the_client_stays(
-    server: EmbeddedServer, caplog: pytest.LogCaptureFixture
+    server: EmbeddedServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A rejoining SDK may trickle many candidates; past the limit they are dropped with one
-    warning per negotiation, the count starts again at each SDP, and the client stays."""
+    """The SDK trickles dozens of candidates per negotiation; past the limit they are dropped
+    with one warning per negotiation, the count starts again at each SDP, and the client
+    stays."""
     caplog.set_level(logging.INFO, logger="callboard")
+    monkeypatch.setattr(peer, "MAX_CANDIDATES_PER_SDP", LIMIT)  # the real one is 1000
     client = await RtcClient.connect(server, join_token("chatty", ROOM))
     try:
         await client.answer()
-        for port in range(MAX_CANDIDATES_PER_SDP + 6):
+        for port in range(LIMIT + 6):
             await client.send(trickle(10000 + port))
         client.pc.addTransceiver("audio", direction="sendonly")
         await client.pc.setLocalDescription(await client.pc.createOffer())
         offer = without_candidates(str(client.pc.localDescription.sdp))
         await client.send(rtc.SignalRequest(offer=rtc.SessionDescription(type="offer", sdp=offer)))
-        for port in range(MAX_CANDIDATES_PER_SDP + 1):
+        for port in range(LIMIT + 1):
             await client.send(trickle(20000 + port))
         await client.send(rtc.SignalRequest(ping_req=rtc.Ping(timestamp=7)))
         while (msg := await client.receive()) is not None and not msg.HasField("pong_resp"):

@@ -30,9 +30,10 @@ MAX_PENDING_RELIABLE: Final = 256
 """Reliable packets kept for a subscriber channel that is not open yet."""
 SDP_START: Final = "v=0"
 MEDIA_LINE: Final = "\nm="
-MAX_CANDIDATES_PER_SDP: Final = 64
+MAX_CANDIDATES_PER_SDP: Final = 1000
 """ICE candidates taken for a connection per remote SDP (counted from that SDP, or from the
-start); more are dropped: a trickle flood costs its sender, not the server's memory."""
+start); more are dropped: a trickle flood costs its sender, not the server's memory. The rtc
+SDK legitimately sends ~10 per m-line and dozens of TCP ones per negotiation."""
 
 
 class SignalError(Exception):

@@ -31,7 +31,7 @@ from callboard.server.rtc.model import (
     participant_info,
 )
 from callboard.server.rtc.network import NO_MEDIA_ADDRESS, media_addresses
-from callboard.server.rtc.peer import MAX_CANDIDATES_PER_SDP, PeerConnections, SignalError
+from callboard.server.rtc.peer import PeerConnections, SignalError
 from callboard.server.rtc.relay import FrameSink, tap_receiver
 
 log = get_logger("server.rtc")
@@ -269,7 +269,7 @@ class SignalSession:
     def _flood(self, connection: str) -> None:
         log.warning(
             "ICE candidates dropped: too many for one negotiation",
-            extra={**self.log_fields, "connection": connection, "limit": MAX_CANDIDATES_PER_SDP},
+            extra={**self.log_fields, "connection": connection},
         )
 
     def _media_failed(self, reason: str) -> None:
