@@ -21,7 +21,13 @@ from aiortc import (
 )
 from aiortc.sdp import candidate_from_sdp
 
-from callboard.server.rtc.relay import OPUS_CLOCK_RATE, FrameSink, RelayTrack
+from callboard.server.rtc.relay import (
+    OPUS_CLOCK_RATE,
+    FrameSink,
+    IdleTrack,
+    RtpForwarder,
+    fast_receive,
+)
 
 RELIABLE_LABEL: Final = "_reliable"
 LOSSY_LABEL: Final = "_lossy"
@@ -137,7 +143,12 @@ class PeerConnections:
         await _set_remote(self.publisher, sdp, "offer", "publisher offer")
         await self._remote_sdp_set(self.publisher)
         answer = await self.publisher.createAnswer()
-        await self.publisher.setLocalDescription(answer)
+        await self.publisher.setLocalDescription(answer)  # gathers: the ICE sockets exist now
+        transports = {t.receiver.transport for t in self.publisher.getTransceivers()}
+        if self.publisher.sctp is not None:
+            transports.add(self.publisher.sctp.transport)
+        for dtls in transports:
+            fast_receive(dtls)
         return str(self.publisher.localDescription.sdp)
 
     def _track(self, track: Any) -> None:
@@ -161,20 +172,22 @@ class PeerConnections:
 
     def add_track(self, stream_id: str, track_sid: str) -> FrameSink:
         """Offer `track_sid` to the client with msid `<stream_id> <track_sid>`."""
-        track = RelayTrack(track_sid)
-        sender = self.subscriber.addTrack(track)  # reuses an inactive transceiver if any
+        sender = self.subscriber.addTrack(IdleTrack(track_sid))  # reuses an inactive one if any
         sender._stream_id = stream_id  # the msid stream: "<participant sid>|<track sid>"
         transceiver = self._transceiver(sender)
         transceiver.direction = "sendonly"
         _opus_only(transceiver)
         self._senders[track_sid] = sender
+        forwarder = RtpForwarder.of(sender)
+        forwarder.enabled = True
         self.renegotiate()
-        return track.push
+        return forwarder
 
     def remove_track(self, track_sid: str) -> None:
         sender = self._senders.pop(track_sid, None)
         if sender is None:
             return
+        RtpForwarder.of(sender).enabled = False
         if sender.track is not None:
             sender.track.stop()
         sender.replaceTrack(None)
