@@ -69,8 +69,14 @@ def opus_payload(frame: Frame) -> av.Packet[Any] | av.AudioFrame:
     return av.Packet(frame.payload) if isinstance(frame, RtpPacket) else frame
 
 
-def tap_receiver(receiver: Any, payload_types: frozenset[int], sink: FrameSink) -> None:
-    """Send the Opus packets `receiver` gets to `sink`, and nothing to aiortc's decoder.
+def tap_receiver(
+    receiver: Any,
+    payload_types: frozenset[int],
+    sink: FrameSink,
+    on_level: Callable[[int, int, float], None],
+) -> None:
+    """Send the Opus packets `receiver` gets to `sink`, and nothing to aiortc's decoder; each
+    packet's audio level (-dBov, RTP timestamp, arrival) to `on_level` where it has one.
 
     `payload_types` are the Opus payload types negotiated for it; other packets are dropped.
     The receiver's per-SSRC statistics are kept for its RTCP receiver reports."""
@@ -82,6 +88,9 @@ def tap_receiver(receiver: Any, payload_types: frozenset[int], sink: FrameSink) 
             if stats is None:
                 stats = streams[packet.ssrc] = StreamStatistics(OPUS_CLOCK_RATE)
             stats.add(packet)
+            level = packet.extensions.audio_level
+            if level is not None:
+                on_level(level[1], packet.timestamp, time.monotonic())
             sink(packet)
 
     async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:

@@ -440,7 +440,7 @@ class SignalSession:
         if mid:
             track.mid = mid
         pub = self._room.publish(p, track)
-        tap_receiver(receiver, payload_types, pub.push)
+        tap_receiver(receiver, payload_types, pub.push, pub.audio_level.observe)
 
     def _on_data(self, payload: bytes, reliable: bool) -> None:
         p = self._participant
@@ -474,6 +474,12 @@ class SignalSession:
     def on_track_subscribed(self, track_sid: str) -> None:
         # livekit-agents' audio output waits for this before it plays anything
         self._send(rtc.SignalResponse(track_subscribed=rtc.TrackSubscribed(track_sid=track_sid)))
+
+    def on_speakers(self, speakers: list[models.SpeakerInfo]) -> None:
+        self._send(rtc.SignalResponse(speakers_changed=rtc.SpeakersChanged(speakers=speakers)))
+
+    def on_room(self, info: models.Room) -> None:
+        self._send(rtc.SignalResponse(room_update=rtc.RoomUpdate(room=info)))
 
     def on_removed(self, reason: int) -> None:
         self._ending = f"removed by the server ({models.DisconnectReason.Name(reason)})"

@@ -140,6 +140,12 @@ class SipMember:
     def on_track_subscribed(self, track_sid: str) -> None:
         self.subscribed.set()
 
+    def on_speakers(self, speakers: list[models.SpeakerInfo]) -> None:
+        pass
+
+    def on_room(self, info: models.Room) -> None:
+        pass
+
     def on_removed(self, reason: int) -> None:
         self._removed(reason)
 
