@@ -162,6 +162,10 @@ async def audio_both_ways(server: ServerProcess, lk: api.LiveKitAPI) -> dict[str
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        unpublished = event_future(bob, "track_unpublished", lambda pub, p: (p.identity, pub.sid))
+        alice_track = next(iter(alice.local_participant.track_publications))
+        await alice.local_participant.unpublish_track(alice_track)
+        bob_saw_unpublished = await asyncio.wait_for(unpublished, EVENT_TIMEOUT_S)
         for s in sources:
             await s.aclose()
         sent_rms = media_agent.TONE_AMPLITUDE / np.sqrt(2)
@@ -170,6 +174,7 @@ async def audio_both_ways(server: ServerProcess, lk: api.LiveKitAPI) -> dict[str
             "alice_heard": meters["alice"].summary(),
             "bob_heard": meters["bob"].summary(),
             "alice_saw_speaking": sorted(speakers_seen),
+            "unpublished": bob_saw_unpublished == ("alice", alice_track),
         }
     finally:
         await rooms.aclose()

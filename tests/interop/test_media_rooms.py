@@ -77,6 +77,7 @@ def test_two_participants_hear_each_other_at_the_level_sent(scenarios: dict[str,
         assert abs(heard["pitch_hz"] - pitch) <= PITCH_TOLERANCE * pitch, heard
     # active speakers from the packets' audio level (RFC 6464), both speaking all along
     assert audio["alice_saw_speaking"] == ["alice", "bob"]
+    assert audio["unpublished"] is True  # unpublish_track renegotiates; the others see it go
 
 
 def test_data_and_rpc_arrive_with_the_senders_identity(scenarios: dict[str, Any]) -> None:

@@ -34,6 +34,8 @@ LOSSY_LABEL: Final = "_lossy"
 OPUS: Final = "audio/opus"
 MAX_PENDING_RELIABLE: Final = 256
 """Reliable packets kept for a subscriber channel that is not open yet."""
+RECEIVING: Final = ("recvonly", "sendrecv")
+"""The server's side of a publisher m-line the client sends on."""
 SDP_START: Final = "v=0"
 MEDIA_LINE: Final = "\nm="
 MAX_CANDIDATES_PER_SDP: Final = 1000
@@ -150,6 +152,15 @@ class PeerConnections:
         for dtls in transports:
             fast_receive(dtls)
         return str(self.publisher.localDescription.sdp)
+
+    def stopped_mids(self) -> set[str]:
+        """Publisher m-lines the client's last offer no longer sends on: tracks it unpublished
+        (LiveKit's SDKs unpublish by renegotiating, with no signal message)."""
+        return {
+            t.mid
+            for t in self.publisher.getTransceivers()
+            if t.mid is not None and t._offerDirection not in RECEIVING
+        }
 
     def _track(self, track: Any) -> None:
         for t in self.publisher.getTransceivers():

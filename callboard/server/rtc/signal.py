@@ -331,6 +331,10 @@ class SignalSession:
             sdp = await self._peers.answer_publisher(req.offer.sdp)
             answer = rtc.SessionDescription(type="answer", sdp=sdp, id=req.offer.id)
             self._send(rtc.SignalResponse(answer=answer))
+            stopped = self._peers.stopped_mids()
+            for pub in [x for x in p.publications.values() if x.info.mid in stopped]:
+                log.info("track unpublished", extra={**self.log_fields, "track_sid": pub.info.sid})
+                self._room.unpublish(p, pub.info.sid)
         elif which == "answer":
             await self._peers.accept_answer(req.answer.sdp)
         elif which == "trickle":
