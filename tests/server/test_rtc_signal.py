@@ -17,8 +17,10 @@ from livekit.protocol import models, rtc
 from callboard.server.app import EmbeddedServer, run_server
 from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ServerConfig
 from callboard.server.rtc import peer
+from callboard.server.rtc.model import participant_info
 from tests.server.rtc_client import RtcClient, join_token, without_candidates
 from tests.server.support import wait_until
+from tests.server.test_rtc_room import Phone, audio_track
 
 ROOM: Final = "bad-input"
 ANSWER_TIMEOUT_S: Final = 0.5
@@ -215,3 +217,27 @@ async def test_ice_candidates_are_bounded_per_negotiation_and_the_client_stays(
         await client.aclose()
     dropped = [r for r in caplog.records if r.getMessage().startswith("ICE candidates dropped")]
     assert [r.__dict__["connection"] for r in dropped] == ["publisher", "publisher"]
+
+
+async def test_an_unanswered_renegotiation_asks_the_client_to_join_again(
+    server: EmbeddedServer, bystander: RtcClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As livekit-server: a later subscriber offer left unanswered (here: for a track a phone
+    published) ends the connection with a leave that tells the SDK to join again."""
+    caplog.set_level(logging.INFO, logger="callboard")
+    bad = await RtcClient.connect(server, join_token("mallory", ROOM))
+    try:
+        await bad.answer()
+        live = server.rooms.live_room(ROOM)
+        phone = live.join(participant_info("sip_+15550100"), Phone(), auto_subscribe=False)
+        live.activate(phone)
+        live.publish(phone, audio_track("phone"))
+        leaves = []
+        while (msg := await bad.receive(ANSWER_TIMEOUT_S + 5)) is not None:
+            if msg.HasField("leave"):
+                leaves.append(msg.leave)
+    finally:
+        await bad.aclose()
+    assert [(x.action, x.can_reconnect) for x in leaves] == [(rtc.LeaveRequest.RECONNECT, True)]
+    await wait_until(lambda: bool(ended_reasons(caplog, "mallory")), "the reason in the log")
+    assert "did not answer a subscriber offer within" in ended_reasons(caplog, "mallory")[0]

@@ -121,6 +121,8 @@ class PeerConnections:
         self._offer_wanted = asyncio.Event()
         self._answered = asyncio.Event()
         self._awaiting_answer = False
+        self.negotiated = False
+        """The client answered a subscriber offer at least once."""
         self._early_candidates: dict[RTCPeerConnection, list[Any]] = {
             self.publisher: [],
             self.subscriber: [],
@@ -238,6 +240,7 @@ class PeerConnections:
             raise SignalError("an answer arrived while no subscriber offer was outstanding")
         await _set_remote(self.subscriber, sdp, "answer", "subscriber answer")
         self._awaiting_answer = False
+        self.negotiated = True
         self._answered.set()
         await self._remote_sdp_set(self.subscriber)
 

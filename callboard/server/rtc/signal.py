@@ -281,6 +281,16 @@ class SignalSession:
                 self._config.rtc_join_timeout, self._config.rtc_answer_timeout
             )
         except SignalError as e:
+            if not self._peers.negotiated:  # livekit-server: JoinTimeout
+                self._fail(str(e), models.JOIN_FAILURE)
+                return
+            # livekit-server: negotiation failed, the client is told to join again
+            leave = rtc.LeaveRequest(
+                can_reconnect=True,
+                reason=models.SIGNAL_CLOSE,
+                action=rtc.LeaveRequest.RECONNECT,
+            )
+            self._send(rtc.SignalResponse(leave=leave))
             self._fail(str(e), models.SIGNAL_CLOSE)
 
     async def _write_task(self) -> None:
