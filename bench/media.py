@@ -293,7 +293,10 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         cpu1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
         for p in procs:
             p.wait(timeout=args.seconds + JOIN_TIMEOUT_S)
-        results = [json.loads(o.read_text()) for o in outs]
+        results = [
+            json.loads(o.read_text()) if o.exists() else crashed(n)
+            for o, n in zip(outs, (c for c in per_client if c), strict=True)
+        ]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -318,6 +321,21 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         "bursts": len(lat),
         "broken_sides": sum(r["stuck"] + r["disconnected"] for r in results),
         "client_cores": sum(r["client_cores"] for r in results),
+        "clients_crashed": sum(r.get("crashed", 0) for r in results),
+    }
+
+
+def crashed(calls: int) -> dict[str, Any]:
+    """What a client process that died (the SDK's native core can panic) contributes: its calls
+    are broken, its packets unknown (lost % is then over the other clients' calls)."""
+    return {
+        "sent": 0,
+        "received": 0,
+        "latencies": [],
+        "stuck": 0,
+        "disconnected": 2 * calls,
+        "client_cores": 0.0,
+        "crashed": 1,
     }
 
 
