@@ -74,6 +74,7 @@ STUCK_SLACK_S: Final = 10.0
 """A speaker still talking this long after it should have stopped is stuck (its call broke)."""
 IN_FLIGHT_S: Final = 1.0
 """Stats are read this long after the last frame was said: every packet has landed."""
+READY_POLL_S: Final = 0.05
 JOIN_TIMEOUT_S: Final = 60.0
 JOIN_S_PER_CALL: Final = 4.0
 MIN_CALLS: Final = 1
@@ -188,9 +189,15 @@ def latencies(sender: Side, receiver: Side) -> list[float]:
 
 
 async def run_client(
-    url: str, calls: int, latency_calls: int, prefix: str, seconds: float, ready: Path
+    url: str,
+    calls: int,
+    latency_calls: int,
+    prefix: str,
+    seconds: float,
+    ready: Path,
 ) -> dict[str, Any]:
-    """`calls` calls in this process: join, speak, signal ready, and report. Only the first
+    """`calls` calls in this process: join and publish, signal ready, speak once a line comes
+    on stdin (all clients are ready), and report. Only the first
     `latency_calls` decode what they hear (mouth-to-ear latency): every received frame
     costs the SDK's Python side an event, which the client processes cannot afford for all."""
     skip_sdk_logs()
@@ -199,21 +206,24 @@ async def run_client(
         room = f"{prefix}-{i}"
         await caller.room.connect(url, token("caller", room))
         await agent.room.connect(url, token("agent", room))
-    tasks, speaking = [], []
-    speak_s = WARMUP_S + seconds + TAIL_S
+    tasks: list[asyncio.Task[None]] = []
+    voices = []
     for caller, agent in pairs:
         for side, hz in ((caller, CALLER_TONE_HZ), (agent, AGENT_TONE_HZ)):
             source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=SOURCE_QUEUE_MS)
             track = rtc.LocalAudioTrack.create_audio_track("mic", source)
             opts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
             await side.room.local_participant.publish_track(track, opts)
-            speaking.append(asyncio.create_task(side.speak(source, hz, speak_s)))
+            voices.append((side, source, hz))
     for i, (caller, agent) in enumerate(pairs):
         heard = [await remote_track(caller.room), await remote_track(agent.room)]
         if i < latency_calls:  # every other call is counted from RTC stats only
             tasks.append(asyncio.create_task(caller.listen(heard[0])))
             tasks.append(asyncio.create_task(agent.listen(heard[1])))
     await asyncio.to_thread(ready.write_text, str(time.monotonic()))
+    await asyncio.to_thread(sys.stdin.readline)  # every client speaks from the same moment
+    speak_s = WARMUP_S + seconds + TAIL_S
+    speaking = [asyncio.create_task(side.speak(src, hz, speak_s)) for side, src, hz in voices]
     cpu0, t0 = time.process_time(), time.monotonic()
     _, stuck = await asyncio.wait(speaking, timeout=speak_s + STUCK_SLACK_S)
     client_cores = (time.process_time() - cpu0) / (time.monotonic() - t0)
@@ -278,7 +288,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
                 "--out",
                 str(out),
             ]
-            procs.append(subprocess.Popen(cmd, env=clean_env(), stdin=subprocess.DEVNULL))
+            procs.append(subprocess.Popen(cmd, env=clean_env(), stdin=subprocess.PIPE))
         deadline = time.monotonic() + JOIN_TIMEOUT_S + JOIN_S_PER_CALL * args.calls
         while not all(r.exists() for r in readies):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
@@ -286,7 +296,11 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
                     line for line in server.log_tail(20000).splitlines() if "WARN" in line.upper()
                 )
                 raise RuntimeError(f"{kind}: the calls did not all start\n{tail[-3000:]}")
-            time.sleep(0.1)
+            time.sleep(READY_POLL_S)
+        for p in procs:  # go
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            p.stdin.close()
         time.sleep(WARMUP_S)
         cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
         time.sleep(args.seconds)
