@@ -168,11 +168,7 @@ class RtcEndpoint:
             )
             return web.Response(status=r.status, text=r.message)
         ws = web.WebSocketResponse(max_msg_size=MAX_SIGNAL_FRAME_BYTES)
-        try:
-            await ws.prepare(request)
-        except ConnectionResetError:  # the client gave up before the handshake's answer
-            log.info("rtc client gone before joining", extra={"room": spec.room})
-            return ws
+        await ws.prepare(request)
         room = self._rooms.live_room(spec.room)
         session = SignalSession(ws, spec, room, self._info, self._config)
         self._sessions.add(session)
