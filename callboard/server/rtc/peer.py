@@ -19,6 +19,7 @@ from aiortc import (
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
+from aiortc.sdp import SessionDescription as ParsedSdp
 from aiortc.sdp import candidate_from_sdp
 
 from callboard.server.rtc.relay import (
@@ -55,6 +56,21 @@ def _opus_payload_types(transceiver: RTCRtpTransceiver) -> frozenset[int]:
         for c in codecs
         if c.mimeType.lower() == OPUS and c.clockRate == OPUS_CLOCK_RATE
     )
+
+
+def _echo_opus_parameters(pc: RTCPeerConnection, offer: str) -> None:
+    """Answer the client's Opus format parameters as it offered them (`usedtx=1`,
+    `useinbandfec=1`, ...), as livekit-server does: a sender uses DTX and in-band FEC only
+    when the answer has them, and aiortc would answer its own bare Opus."""
+    offered = {
+        m.rtp.muxId: {c.payloadType: c.parameters for c in m.rtp.codecs}
+        for m in ParsedSdp.parse(offer).media
+    }
+    for t in pc.getTransceivers():
+        for codec in getattr(t, "_codecs", []):
+            parameters = offered.get(t.mid or "", {}).get(codec.payloadType)
+            if parameters and codec.mimeType.lower() == OPUS:
+                codec.parameters = dict(parameters)
 
 
 def _opus_only(transceiver: RTCRtpTransceiver) -> None:
@@ -145,6 +161,7 @@ class PeerConnections:
     async def answer_publisher(self, sdp: str) -> str:
         """Answer the client's publisher offer."""
         await _set_remote(self.publisher, sdp, "offer", "publisher offer")
+        _echo_opus_parameters(self.publisher, sdp)
         await self._remote_sdp_set(self.publisher)
         answer = await self.publisher.createAnswer()
         await self.publisher.setLocalDescription(answer)  # gathers: the ICE sockets exist now
