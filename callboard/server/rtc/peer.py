@@ -19,7 +19,6 @@ from aiortc import (
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
-from aiortc.sdp import SessionDescription as ParsedSdp
 from aiortc.sdp import candidate_from_sdp
 
 from callboard.server.rtc.relay import (
@@ -58,19 +57,23 @@ def _opus_payload_types(transceiver: RTCRtpTransceiver) -> frozenset[int]:
     )
 
 
-def _echo_opus_parameters(pc: RTCPeerConnection, offer: str) -> None:
-    """Answer the client's Opus format parameters as it offered them (`usedtx=1`,
-    `useinbandfec=1`, ...), as livekit-server does: a sender uses DTX and in-band FEC only
-    when the answer has them, and aiortc would answer its own bare Opus."""
-    offered = {
-        m.rtp.muxId: {c.payloadType: c.parameters for c in m.rtp.codecs}
-        for m in ParsedSdp.parse(offer).media
-    }
+def opus_format(dtx: bool, stereo: bool) -> dict[str, int]:
+    """The Opus format parameters livekit-server answers a publisher with: in-band FEC, DTX
+    unless the track asked for none, stereo when it is stereo (a sender uses DTX only when the
+    answer has it)."""
+    fmtp = {"minptime": 10, "useinbandfec": 1}
+    if dtx:
+        fmtp["usedtx"] = 1
+    if stereo:
+        fmtp |= {"stereo": 1, "maxaveragebitrate": 510000}
+    return fmtp
+
+
+def _answer_opus_with(pc: RTCPeerConnection, fmtp: dict[str, int]) -> None:
     for t in pc.getTransceivers():
         for codec in getattr(t, "_codecs", []):
-            parameters = offered.get(t.mid or "", {}).get(codec.payloadType)
-            if parameters and codec.mimeType.lower() == OPUS:
-                codec.parameters = dict(parameters)
+            if codec.mimeType.lower() == OPUS:
+                codec.parameters = dict(fmtp)
 
 
 def _opus_only(transceiver: RTCRtpTransceiver) -> None:
@@ -158,10 +161,10 @@ class PeerConnections:
 
     # -- publisher ----------------------------------------------------------------------------
 
-    async def answer_publisher(self, sdp: str) -> str:
-        """Answer the client's publisher offer."""
+    async def answer_publisher(self, sdp: str, opus_fmtp: dict[str, int]) -> str:
+        """Answer the client's publisher offer, Opus with `opus_fmtp` (see `opus_format`)."""
         await _set_remote(self.publisher, sdp, "offer", "publisher offer")
-        _echo_opus_parameters(self.publisher, sdp)
+        _answer_opus_with(self.publisher, opus_fmtp)
         await self._remote_sdp_set(self.publisher)
         answer = await self.publisher.createAnswer()
         await self.publisher.setLocalDescription(answer)  # gathers: the ICE sockets exist now

@@ -31,7 +31,7 @@ from callboard.server.rtc.model import (
     participant_info,
 )
 from callboard.server.rtc.network import NO_MEDIA_ADDRESS, media_addresses
-from callboard.server.rtc.peer import PeerConnections, SignalError
+from callboard.server.rtc.peer import PeerConnections, SignalError, opus_format
 from callboard.server.rtc.relay import FrameSink, tap_receiver
 
 log = get_logger("server.rtc")
@@ -338,7 +338,11 @@ class SignalSession:
         p = self._participant
         assert p is not None
         if which == "offer":
-            sdp = await self._peers.answer_publisher(req.offer.sdp)
+            tracks = [*self._pending_tracks.values(), *(x.info for x in p.publications.values())]
+            fmtp = opus_format(
+                dtx=not any(t.disable_dtx for t in tracks), stereo=any(t.stereo for t in tracks)
+            )
+            sdp = await self._peers.answer_publisher(req.offer.sdp, fmtp)
             answer = rtc.SessionDescription(type="answer", sdp=sdp, id=req.offer.id)
             self._send(rtc.SignalResponse(answer=answer))
             stopped = self._peers.stopped_mids()
