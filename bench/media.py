@@ -1,28 +1,34 @@
 """Media through the server: concurrent 1:1 calls (a caller and an agent, audio both ways) on
 `callboard server` and on the real livekit-server, in the same run.
 
-    python -m bench.media [--calls 25] [--seconds 20] [--clients 4] [--timeout 900]
+    python -m bench.media [--calls 25] [--seconds 20] [--clients 4] [--latency-calls 1]
+                          [--timeout 900]
 
 The bench moves into a private network namespace (tests/interop/netns.py; root) so that WebRTC
 has an interface address and every packet stays on this machine. For each server it starts the
 server, then `--clients` client processes sharing the calls: each call is two official rtc SDK
-participants in their own room, each publishing a tone in 200 ms bursts once a second and
-listening to the other. While all calls run it samples the server process's CPU time for
-`--seconds`. It reports per server:
+participants in their own room, each publishing a tone in 200 ms bursts once a second (one
+`capture_frame` a second) and receiving the other's track; `--latency-calls` calls per client
+process also decode what they hear. While all calls run it samples the server process's CPU
+time for `--seconds`. It reports per server:
 
 - audio frames lost: 1 − Opus packets received by subscribers ÷ packets sent by publishers
   (the SDK's RTC stats; one packet is one 20 ms frame);
 - CPU per forwarded track: server CPU over the window ÷ (window × tracks), in % of one core;
 - mouth-to-ear latency: each burst's first frame handed to the SDK → its first tone frame
-  out of the receiving SDK (same clock, median and p95 over every burst); the difference
-  between the two servers is what ours adds.
+  out of the receiving SDK (same clock, median and p95 over every burst, latency calls only);
+  the difference between the two servers is what ours adds;
+- the client processes' CPU over the window (the SDK's native core costs ~0.085 of a core
+  per call here, Opus encoding and playout decoding mostly).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -68,10 +74,40 @@ STUCK_SLACK_S: Final = 10.0
 """A speaker still talking this long after it should have stopped is stuck (its call broke)."""
 IN_FLIGHT_S: Final = 1.0
 """Stats are read this long after the last frame was said: every packet has landed."""
+READY_POLL_S: Final = 0.05
 JOIN_TIMEOUT_S: Final = 60.0
 JOIN_S_PER_CALL: Final = 4.0
 MIN_CALLS: Final = 1
 MAX_CALLS: Final = 60
+
+
+SDK_LOG_EVENT: Final = b"\x92\x01"
+"""How an FFI event carrying log records starts (`FfiEvent.logs`, field 18, length-delimited)."""
+
+
+def skip_sdk_logs() -> None:
+    """Drop the rtc SDK's forwarded log records before Python parses them.
+
+    The SDK asks its native core for every log record (debug included) and parses each in
+    Python on the core's thread, only to drop the debug ones; with dozens of participants in
+    one process that was the client's busiest Python. Other events go on as the SDK's own
+    callback handles them. Call before the first `rtc.Room` is used."""
+    from livekit.rtc import _ffi_client
+    from livekit.rtc._proto import ffi_pb2
+
+    @ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t)  # type: ignore[untyped-decorator]
+    def on_event(data: Any, length: int) -> None:
+        raw = ctypes.string_at(data, int(length))
+        if raw.startswith(SDK_LOG_EVENT):
+            return
+        event = ffi_pb2.FfiEvent()
+        event.ParseFromString(raw)
+        if event.WhichOneof("message") == "panic":
+            print("FFI panic:", event.panic.message, file=sys.stderr, flush=True)
+            os._exit(1)
+        _ffi_client.FfiClient.instance.queue.put(event)
+
+    _ffi_client.ffi_event_callback = on_event  # the module keeps the reference alive
 
 
 def token(identity: str, room: str) -> str:
@@ -88,13 +124,12 @@ class Side:
     heard_onsets: list[float] = field(default_factory=list)
 
     async def speak(self, source: rtc.AudioSource, hz: float, seconds: float) -> None:
-        silence = rtc.AudioFrame(bytes(FRAME_SAMPLES * 2), SAMPLE_RATE, 1, FRAME_SAMPLES)
-        burst = [tone_frame(hz, i) for i in range(BURST_FRAMES)]  # made once: clients are busy
-        for i in range(int(seconds * 1000 / FRAME_MS)):
-            phase = i % PERIOD_FRAMES
-            if phase == 0:
-                self.sent_onsets.append(time.monotonic())
-            await source.capture_frame(burst[phase] if phase < BURST_FRAMES else silence)
+        """A second of sound (burst, then silence) per capture_frame: the SDK paces it out in
+        real time through its short queue, and the client's Python stays out of the way."""
+        period = period_frame(hz)
+        for _ in range(int(seconds * 1000 / FRAME_MS / PERIOD_FRAMES)):
+            self.sent_onsets.append(time.monotonic())
+            await source.capture_frame(period)
 
     async def listen(self, track: rtc.Track) -> None:
         stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
@@ -105,6 +140,13 @@ class Side:
             if now_loud and not loud:
                 self.heard_onsets.append(time.monotonic())
             loud = now_loud
+
+
+def period_frame(hz: float) -> rtc.AudioFrame:
+    """One period: `BURST_FRAMES` of tone at `hz`, then silence."""
+    burst = b"".join(bytes(tone_frame(hz, i).data) for i in range(BURST_FRAMES))
+    silence = bytes(FRAME_SAMPLES * 2 * (PERIOD_FRAMES - BURST_FRAMES))
+    return rtc.AudioFrame(burst + silence, SAMPLE_RATE, 1, FRAME_SAMPLES * PERIOD_FRAMES)
 
 
 async def remote_track(room: rtc.Room) -> rtc.Track:
@@ -147,28 +189,44 @@ def latencies(sender: Side, receiver: Side) -> list[float]:
 
 
 async def run_client(
-    url: str, calls: int, prefix: str, seconds: float, ready: Path
+    url: str,
+    calls: int,
+    latency_calls: int,
+    prefix: str,
+    seconds: float,
+    ready: Path,
 ) -> dict[str, Any]:
-    """`calls` calls in this process: join, speak, signal ready, and report."""
+    """`calls` calls in this process: join and publish, signal ready, speak once a line comes
+    on stdin (all clients are ready), and report. Only the first
+    `latency_calls` decode what they hear (mouth-to-ear latency): every received frame
+    costs the SDK's Python side an event, which the client processes cannot afford for all."""
+    skip_sdk_logs()
     pairs = [(Side(), Side()) for _ in range(calls)]
     for i, (caller, agent) in enumerate(pairs):
         room = f"{prefix}-{i}"
         await caller.room.connect(url, token("caller", room))
         await agent.room.connect(url, token("agent", room))
-    tasks, speaking = [], []
-    speak_s = WARMUP_S + seconds + TAIL_S
+    tasks: list[asyncio.Task[None]] = []
+    voices = []
     for caller, agent in pairs:
         for side, hz in ((caller, CALLER_TONE_HZ), (agent, AGENT_TONE_HZ)):
             source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=SOURCE_QUEUE_MS)
             track = rtc.LocalAudioTrack.create_audio_track("mic", source)
             opts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
             await side.room.local_participant.publish_track(track, opts)
-            speaking.append(asyncio.create_task(side.speak(source, hz, speak_s)))
-    for caller, agent in pairs:
-        tasks.append(asyncio.create_task(caller.listen(await remote_track(caller.room))))
-        tasks.append(asyncio.create_task(agent.listen(await remote_track(agent.room))))
+            voices.append((side, source, hz))
+    for i, (caller, agent) in enumerate(pairs):
+        heard = [await remote_track(caller.room), await remote_track(agent.room)]
+        if i < latency_calls:  # every other call is counted from RTC stats only
+            tasks.append(asyncio.create_task(caller.listen(heard[0])))
+            tasks.append(asyncio.create_task(agent.listen(heard[1])))
     await asyncio.to_thread(ready.write_text, str(time.monotonic()))
+    await asyncio.to_thread(sys.stdin.readline)  # every client speaks from the same moment
+    speak_s = WARMUP_S + seconds + TAIL_S
+    speaking = [asyncio.create_task(side.speak(src, hz, speak_s)) for side, src, hz in voices]
+    cpu0, t0 = time.process_time(), time.monotonic()
     _, stuck = await asyncio.wait(speaking, timeout=speak_s + STUCK_SLACK_S)
+    client_cores = (time.process_time() - cpu0) / (time.monotonic() - t0)
     for t in stuck:  # a source nobody reads any more: its call broke
         t.cancel()
     await asyncio.sleep(IN_FLIGHT_S)
@@ -191,6 +249,7 @@ async def run_client(
         "received": totals[1],
         "latencies": lat,
         "stuck": len(stuck),
+        "client_cores": client_cores,
         "disconnected": broken,
     }
 
@@ -220,6 +279,8 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
                 str(n),
                 "--seconds",
                 str(args.seconds),
+                "--latency-calls",
+                str(args.latency_calls),
                 "--prefix",
                 f"{kind}-{i}",
                 "--ready",
@@ -227,7 +288,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
                 "--out",
                 str(out),
             ]
-            procs.append(subprocess.Popen(cmd, env=clean_env(), stdin=subprocess.DEVNULL))
+            procs.append(subprocess.Popen(cmd, env=clean_env(), stdin=subprocess.PIPE))
         deadline = time.monotonic() + JOIN_TIMEOUT_S + JOIN_S_PER_CALL * args.calls
         while not all(r.exists() for r in readies):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
@@ -235,14 +296,21 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
                     line for line in server.log_tail(20000).splitlines() if "WARN" in line.upper()
                 )
                 raise RuntimeError(f"{kind}: the calls did not all start\n{tail[-3000:]}")
-            time.sleep(0.1)
+            time.sleep(READY_POLL_S)
+        for p in procs:  # go
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            p.stdin.close()
         time.sleep(WARMUP_S)
         cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
         time.sleep(args.seconds)
         cpu1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
         for p in procs:
             p.wait(timeout=args.seconds + JOIN_TIMEOUT_S)
-        results = [json.loads(o.read_text()) for o in outs]
+        results = [
+            json.loads(o.read_text()) if o.exists() else crashed(n)
+            for o, n in zip(outs, (c for c in per_client if c), strict=True)
+        ]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -266,19 +334,35 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         "latency_ms_p95": 1000 * percentile(lat, 95),
         "bursts": len(lat),
         "broken_sides": sum(r["stuck"] + r["disconnected"] for r in results),
+        "client_cores": sum(r["client_cores"] for r in results),
+        "clients_crashed": sum(r.get("crashed", 0) for r in results),
+    }
+
+
+def crashed(calls: int) -> dict[str, Any]:
+    """What a client process that died (the SDK's native core can panic) contributes: its calls
+    are broken, its packets unknown (lost % is then over the other clients' calls)."""
+    return {
+        "sent": 0,
+        "received": 0,
+        "latencies": [],
+        "stuck": 0,
+        "disconnected": 2 * calls,
+        "client_cores": 0.0,
+        "crashed": 1,
     }
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         f"{'server':16} {'calls':>5} {'lost %':>7} {'CPU cores':>9} {'CPU/track %':>11} "
-        f"{'m2e p50 ms':>10} {'m2e p95 ms':>10} {'broken':>6}"
+        f"{'m2e p50 ms':>10} {'m2e p95 ms':>10} {'broken':>6} {'client cores':>12}"
     )
     for r in rows:
         print(
             f"{r['server']:16} {r['calls']:>5} {r['lost_pct']:>7.2f} {r['cpu_cores']:>9.2f} "
             f"{r['cpu_per_track_pct']:>11.2f} {r['latency_ms_p50']:>10.1f} "
-            f"{r['latency_ms_p95']:>10.1f} {r['broken_sides']:>6}"
+            f"{r['latency_ms_p95']:>10.1f} {r['broken_sides']:>6} {r['client_cores']:>12.2f}"
         )
     if len(rows) == 2:
         ours, theirs = rows
@@ -297,6 +381,12 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=25)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--latency-calls",
+        type=int,
+        default=1,
+        help="calls per client process that decode what they hear, for mouth-to-ear latency",
+    )
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--workdir", help="keep the servers' logs here (default: a temp dir)")
@@ -309,7 +399,14 @@ def main() -> int:
         parser.error(f"--calls must be in {MIN_CALLS}..{MAX_CALLS}")
     if args.client:
         result = asyncio.run(
-            run_client(args.client, args.calls, args.prefix, args.seconds, Path(args.ready))
+            run_client(
+                args.client,
+                args.calls,
+                args.latency_calls,
+                args.prefix,
+                args.seconds,
+                Path(args.ready),
+            )
         )
         Path(args.out).write_text(json.dumps(result))
         return 0

@@ -83,6 +83,7 @@ class EmbeddedServer:
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._speakers: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -104,7 +105,7 @@ class EmbeddedServer:
         info = server_info(self.config, self.node_id)
         agents = AgentEndpoint(self.keys, self.engine, self.config, info)
         app.router.add_get("/agent", agents.handle)
-        RtcEndpoint(self.keys, self.rooms, info, self.config.rtc_answer_timeout).install(app)
+        RtcEndpoint(self.keys, self.rooms, info, self.config).install(app)
         app.on_shutdown.append(agents.on_shutdown)
         app.router.add_get("/", self._health)
         router = TwirpRouter(self.keys)
@@ -142,9 +143,9 @@ class EmbeddedServer:
         self._port = sockets[0].getsockname()[1] if sockets else self.config.port
         if self.sip is not None:
             await self.sip.start()
-        self._sweeper = asyncio.get_running_loop().create_task(
-            self.rooms.sweep_task(), name="room-sweeper"
-        )
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self.rooms.sweep_task(), name="room-sweeper")
+        self._speakers = loop.create_task(self.rooms.speakers_task(), name="room-speakers")
         log.info(
             "server listening",
             extra={"url": self.url, "node_id": self.node_id, "region": self.config.region},
@@ -155,8 +156,9 @@ class EmbeddedServer:
         if self._runner is None:
             return
         runner, self._runner = self._runner, None
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._speakers):
+            if task is not None:
+                task.cancel()
         if self.sip is not None:
             await self.sip.aclose()
         await self.engine.aclose()

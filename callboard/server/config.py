@@ -27,6 +27,8 @@ ROOM_EMPTY_TIMEOUT_S: Final = 300
 ROOM_DEPARTURE_TIMEOUT_S: Final = 20
 RTC_ANSWER_TIMEOUT_S: Final = 15.0
 """livekit-server's negotiationFailedTimeout."""
+RTC_JOIN_TIMEOUT_S: Final = 60.0
+"""livekit-server removes a participant not connected a minute after its join (JoinTimeout)."""
 
 
 class ConfigError(ValueError):
@@ -82,7 +84,10 @@ class ServerConfig:
     token_leeway: float = TOKEN_LEEWAY_S
     """Clock skew tolerated on token exp/nbf."""
     rtc_answer_timeout: float = RTC_ANSWER_TIMEOUT_S
-    """Seconds an /rtc client has to answer a subscriber offer before its connection ends."""
+    """Seconds an /rtc client has to answer a subscriber renegotiation before its connection
+    ends (the first offer is bounded by `rtc_join_timeout`)."""
+    rtc_join_timeout: float = RTC_JOIN_TIMEOUT_S
+    """Seconds an /rtc client has after its join to answer the first subscriber offer."""
     sip_port: int | None = None
     """UDP/TCP port of the SIP gateway on `host` (0 picks a free one); None: no gateway."""
 
@@ -94,6 +99,7 @@ class ServerConfig:
             "availability_timeout",
             "migration_grace",
             "rtc_answer_timeout",
+            "rtc_join_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

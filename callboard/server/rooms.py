@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Final
 
 from livekit.protocol import agent, agent_dispatch, models, room
 
@@ -25,6 +26,7 @@ from callboard.server.config import ROOM_DEPARTURE_TIMEOUT_S, ROOM_EMPTY_TIMEOUT
 from callboard.server.dispatch import DispatchEngine
 from callboard.server.ids import DISPATCH_PREFIX, ROOM_PREFIX, new_id
 from callboard.server.rtc.model import LiveRoom, Participant
+from callboard.server.rtc.speakers import UPDATE_INTERVAL_MS
 from callboard.server.twirp import TwirpError, TwirpRouter, require
 
 log = get_logger("server.rooms")
@@ -50,6 +52,7 @@ ENABLED_CODECS = (
 
 ENDED = (agent.JS_SUCCESS, agent.JS_FAILED, agent.JS_CANCELLED)
 ROOM_SWEEP_INTERVAL_S = 1.0
+SPEAKER_UPDATE_S: Final = UPDATE_INTERVAL_MS / 1000
 AGENT_LEFT_ERROR = "agent worker left the room"
 AGENT_LEFT_GRACE_S = 5.0
 """A worker reports its job's end just after the agent leaves the room (the job's last act is
@@ -125,6 +128,7 @@ class RoomRegistry:
             ("UpdateParticipant", room.UpdateParticipantRequest, self.update_participant),
             ("MutePublishedTrack", room.MuteRoomTrackRequest, self.mute_published_track),
             ("SendData", room.SendDataRequest, self.send_data),
+            ("UpdateRoomMetadata", room.UpdateRoomMetadataRequest, self.update_room_metadata),
         ):
             router.add(ROOM_SERVICE, method, request_type, handler)
         router.add(
@@ -275,6 +279,17 @@ class RoomRegistry:
         self._rooms[req.room].live.update(p)
         return p.info
 
+    async def update_room_metadata(
+        self, grants: Grants | None, req: room.UpdateRoomMetadataRequest
+    ) -> models.Room:
+        require(grants, "roomAdmin", room=req.room)
+        _check_metadata(req.metadata)
+        state = self._rooms.get(req.room)
+        if state is None:
+            raise TwirpError("not_found", f"room {req.room!r} does not exist")
+        state.live.set_metadata(req.metadata)
+        return state.info
+
     async def mute_published_track(
         self, grants: Grants | None, req: room.MuteRoomTrackRequest
     ) -> room.MuteRoomTrackResponse:
@@ -413,6 +428,14 @@ class RoomRegistry:
         while True:
             await asyncio.sleep(interval)
             self.close_empty_rooms(time.time())
+
+    async def speakers_task(self, interval: float = SPEAKER_UPDATE_S) -> None:
+        """Every room tells its members about active speakers, as livekit-server does."""
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for state in list(self._rooms.values()):
+                state.live.update_speakers(now)
 
     async def _terminate_jobs(
         self, dispatch: agent_dispatch.AgentDispatch, why: str, reason: int

@@ -137,6 +137,11 @@ async def audio_both_ways(server: ServerProcess, lk: api.LiveKitAPI) -> dict[str
     try:
         alice = await rooms.join("alice", name)
         bob = await rooms.join("bob", name)
+        speakers_seen: set[str] = set()
+        alice.on(
+            "active_speakers_changed",
+            lambda speakers: speakers_seen.update(p.identity for p in speakers),
+        )
         meters = {"alice": LevelMeter(), "bob": LevelMeter()}
         sources = [
             await media_agent.publish_voice(alice, "alice-mic"),
@@ -157,6 +162,10 @@ async def audio_both_ways(server: ServerProcess, lk: api.LiveKitAPI) -> dict[str
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        unpublished = event_future(bob, "track_unpublished", lambda pub, p: (p.identity, pub.sid))
+        alice_track = next(iter(alice.local_participant.track_publications))
+        await alice.local_participant.unpublish_track(alice_track)
+        bob_saw_unpublished = await asyncio.wait_for(unpublished, EVENT_TIMEOUT_S)
         for s in sources:
             await s.aclose()
         sent_rms = media_agent.TONE_AMPLITUDE / np.sqrt(2)
@@ -164,6 +173,8 @@ async def audio_both_ways(server: ServerProcess, lk: api.LiveKitAPI) -> dict[str
             "sent_rms": round(float(sent_rms), 1),
             "alice_heard": meters["alice"].summary(),
             "bob_heard": meters["bob"].summary(),
+            "alice_saw_speaking": sorted(speakers_seen),
+            "unpublished": bob_saw_unpublished == ("alice", alice_track),
         }
     finally:
         await rooms.aclose()
@@ -328,6 +339,11 @@ async def room_model(server: ServerProcess, lk: api.LiveKitAPI) -> dict[str, Any
             )
         )
         data = await asyncio.wait_for(server_data, EVENT_TIMEOUT_S)
+        room_metadata = event_future(bob, "room_metadata_changed", lambda old, new: new)
+        updated = await lk.room.update_room_metadata(
+            api.UpdateRoomMetadataRequest(room=name, metadata="conference")
+        )
+        bob_saw_room = await asyncio.wait_for(room_metadata, EVENT_TIMEOUT_S)
         speaking.cancel()
         await asyncio.gather(speaking, return_exceptions=True)
         await source.aclose()
@@ -343,6 +359,7 @@ async def room_model(server: ServerProcess, lk: api.LiveKitAPI) -> dict[str, Any
             "bob_saw_metadata": list(bob_saw),
             "muted": muted_sid == track_sid,
             "server_data": data,
+            "room_metadata": [updated.metadata, bob_saw_room],
         }
     finally:
         await rooms.aclose()

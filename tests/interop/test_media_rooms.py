@@ -75,6 +75,9 @@ def test_two_participants_hear_each_other_at_the_level_sent(scenarios: dict[str,
         assert heard["measured_frames"] >= MIN_MEASURED_FRAMES, heard
         assert abs(heard["rms"] - audio["sent_rms"]) <= LEVEL_TOLERANCE * audio["sent_rms"], heard
         assert abs(heard["pitch_hz"] - pitch) <= PITCH_TOLERANCE * pitch, heard
+    # active speakers from the packets' audio level (RFC 6464), both speaking all along
+    assert audio["alice_saw_speaking"] == ["alice", "bob"]
+    assert audio["unpublished"] is True  # unpublish_track renegotiates; the others see it go
 
 
 def test_data_and_rpc_arrive_with_the_senders_identity(scenarios: dict[str, Any]) -> None:
@@ -109,6 +112,7 @@ def test_room_service_acts_on_the_live_room(scenarios: dict[str, Any]) -> None:
     assert model["bob_saw_metadata"] == ["alice", "on a call"]
     assert model["muted"] is True
     assert model["server_data"] == {"data": "from the server", "from": None, "topic": "srv"}
+    assert model["room_metadata"] == ["conference", "conference"]  # UpdateRoomMetadata
 
 
 def test_jobs_follow_participants(scenarios: dict[str, Any]) -> None:

@@ -44,6 +44,12 @@ class Phone:
     def on_track_subscribed(self, track_sid: str) -> None:
         pass
 
+    def on_speakers(self, speakers: list[models.SpeakerInfo]) -> None:
+        pass
+
+    def on_room(self, info: models.Room) -> None:
+        pass
+
     def on_removed(self, reason: int) -> None:
         self.removed.append(reason)
 

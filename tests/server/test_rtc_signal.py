@@ -3,6 +3,7 @@ logged (with room and identity); the room and its other participants carry on.""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,16 +16,23 @@ from livekit.protocol import models, rtc
 
 from callboard.server.app import EmbeddedServer, run_server
 from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, ServerConfig
-from tests.server.rtc_client import RtcClient, join_token
+from callboard.server.rtc import peer
+from callboard.server.rtc.model import participant_info
+from tests.server.rtc_client import RtcClient, join_token, without_candidates
 from tests.server.support import wait_until
+from tests.server.test_rtc_room import Phone, audio_track
 
 ROOM: Final = "bad-input"
 ANSWER_TIMEOUT_S: Final = 0.5
+LIMIT: Final = 16
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[EmbeddedServer]:
-    async with run_server(ServerConfig(port=0, rtc_answer_timeout=ANSWER_TIMEOUT_S)) as srv:
+    config = ServerConfig(
+        port=0, rtc_answer_timeout=ANSWER_TIMEOUT_S, rtc_join_timeout=ANSWER_TIMEOUT_S
+    )
+    async with run_server(config) as srv:
         yield srv
 
 
@@ -99,7 +107,7 @@ BAD_CLIENTS: Final[dict[str, tuple[Callable[[RtcClient], Awaitable[None]], str]]
     "broken SDP": (offer_broken_sdp, "unusable publisher offer SDP"),
     "subscriber never answers": (
         never_answer,
-        f"did not answer the subscriber offer within {ANSWER_TIMEOUT_S:g}s",
+        f"did not answer the first subscriber offer within {ANSWER_TIMEOUT_S:g}s",
     ),
 }
 
@@ -170,3 +178,66 @@ async def test_single_peer_connection_path_answers_404_so_sdks_fall_back(
 ) -> None:
     async with aiohttp.ClientSession() as http, http.get(f"{server.http_url}/rtc/v1") as resp:
         assert resp.status == 404
+
+
+def trickle(port: int) -> rtc.SignalRequest:
+    """A publisher candidate on loopback (nothing listens there; nothing leaves the host)."""
+    init = {"candidate": f"candidate:{port} 1 udp 2122260223 127.0.0.1 {port} typ host"}
+    init |= {"sdpMid": "0", "sdpMLineIndex": 0}
+    return rtc.SignalRequest(
+        trickle=rtc.TrickleRequest(candidateInit=json.dumps(init), target=rtc.PUBLISHER)
+    )
+
+
+async def test_ice_candidates_are_bounded_per_negotiation_and_the_client_stays(
+    server: EmbeddedServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK trickles dozens of candidates per negotiation; past the limit they are dropped
+    with one warning per negotiation, the count starts again at each SDP, and the client
+    stays."""
+    caplog.set_level(logging.INFO, logger="callboard")
+    monkeypatch.setattr(peer, "MAX_CANDIDATES_PER_SDP", LIMIT)  # the real one is 1000
+    client = await RtcClient.connect(server, join_token("chatty", ROOM))
+    try:
+        await client.answer()
+        for port in range(LIMIT + 6):
+            await client.send(trickle(10000 + port))
+        client.pc.addTransceiver("audio", direction="sendonly")
+        await client.pc.setLocalDescription(await client.pc.createOffer())
+        offer = without_candidates(str(client.pc.localDescription.sdp))
+        await client.send(rtc.SignalRequest(offer=rtc.SessionDescription(type="offer", sdp=offer)))
+        for port in range(LIMIT + 1):
+            await client.send(trickle(20000 + port))
+        await client.send(rtc.SignalRequest(ping_req=rtc.Ping(timestamp=7)))
+        while (msg := await client.receive()) is not None and not msg.HasField("pong_resp"):
+            pass
+        assert msg is not None, "the server ended the connection"
+        assert "chatty" in server.rooms.live_room(ROOM).participants
+    finally:
+        await client.aclose()
+    dropped = [r for r in caplog.records if r.getMessage().startswith("ICE candidates dropped")]
+    assert [r.__dict__["connection"] for r in dropped] == ["publisher", "publisher"]
+
+
+async def test_an_unanswered_renegotiation_asks_the_client_to_join_again(
+    server: EmbeddedServer, bystander: RtcClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As livekit-server: a later subscriber offer left unanswered (here: for a track a phone
+    published) ends the connection with a leave that tells the SDK to join again."""
+    caplog.set_level(logging.INFO, logger="callboard")
+    bad = await RtcClient.connect(server, join_token("mallory", ROOM))
+    try:
+        await bad.answer()
+        live = server.rooms.live_room(ROOM)
+        phone = live.join(participant_info("sip_+15550100"), Phone(), auto_subscribe=False)
+        live.activate(phone)
+        live.publish(phone, audio_track("phone"))
+        leaves = []
+        while (msg := await bad.receive(ANSWER_TIMEOUT_S + 5)) is not None:
+            if msg.HasField("leave"):
+                leaves.append(msg.leave)
+    finally:
+        await bad.aclose()
+    assert [(x.action, x.can_reconnect) for x in leaves] == [(rtc.LeaveRequest.RECONNECT, True)]
+    await wait_until(lambda: bool(ended_reasons(caplog, "mallory")), "the reason in the log")
+    assert "did not answer a subscriber offer within" in ended_reasons(caplog, "mallory")[0]

@@ -4,7 +4,8 @@
   `Member` protocol every participant's transport implements;
 - `signal`: the `/rtc` WebSocket, one `SignalSession` (a `Member`) per client;
 - `peer`: a client's publisher and subscriber peer connections;
-- `relay`: Opus relayed without decoding (the aiortc hooks);
+- `relay`: Opus relayed as RTP without decoding (the aiortc hooks);
+- `speakers`: active speakers from the packets' audio level;
 - `network`: which host addresses media can use.
 
 Server-side participants (a phone call from the SIP gateway) join without WebRTC, through the
@@ -19,7 +20,8 @@ same small interface:
     room.leave(p, DisconnectReason.CLIENT_INITIATED)
 
 `member` implements `Member`: `subscribe(publisher, track)` returns the sink that receives the
-track's frames (Opus `av.Packet`s as the publisher's client sent them; decode with
-`av.CodecContext.create("opus", "r")`), `unsubscribe(track_sid)`, `on_participants(updates)`,
-`on_data(packet, reliable)` and `on_removed(reason)`.
+track's frames (a WebRTC publisher's RTP packets, an Opus `av.Packet` or a PCM frame from a
+server-side one; `relay.opus_payload(frame)` gives what `av.CodecContext.create("opus", "r")`
+decodes), `unsubscribe(track_sid)`, `on_participants(updates)`, `on_speakers(speakers)`,
+`on_room(info)`, `on_data(packet, reliable)` and `on_removed(reason)`.
 """

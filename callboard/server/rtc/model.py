@@ -18,7 +18,8 @@ from livekit.protocol import models
 
 from callboard.log import get_logger
 from callboard.server.ids import new_id
-from callboard.server.rtc.relay import Frame, FrameSink
+from callboard.server.rtc.relay import OPUS_CLOCK_RATE, Frame, FrameSink
+from callboard.server.rtc.speakers import AudioLevel, active_speakers, speaker_changes
 
 log = get_logger("server.rtc.room")
 
@@ -46,6 +47,12 @@ class Member(Protocol):
         """This member's track `track_sid` got its first subscriber (livekit's TrackSubscribed,
         which livekit-agents waits for before speaking)."""
 
+    def on_speakers(self, speakers: list[models.SpeakerInfo]) -> None:
+        """Who started or stopped speaking, or speaks at a new level (livekit's SpeakersChanged)."""
+
+    def on_room(self, info: models.Room) -> None:
+        """The room's info changed (its metadata)."""
+
     def on_removed(self, reason: int) -> None:
         """The room ends this membership (RemoveParticipant, duplicate identity, room closed)."""
 
@@ -57,6 +64,8 @@ class Publication:
     info: models.TrackInfo
     publisher: Participant
     sinks: dict[str, FrameSink] = field(default_factory=dict)
+    audio_level: AudioLevel = field(default_factory=lambda: AudioLevel(OPUS_CLOCK_RATE))
+    """Fed from the packets' audio level header extension, where the publisher sends it."""
 
     def push(self, frame: Frame) -> None:
         """One frame from the publisher to every subscriber."""
@@ -159,6 +168,8 @@ class LiveRoom:
         self._hooks = hooks
         self._published: set[str] = set()
         """Identities that published at least once (JT_PUBLISHER jobs start once)."""
+        self._speakers: dict[str, float] = {}
+        """Active speakers as members last heard of them: participant sid → level."""
 
     @property
     def name(self) -> str:
@@ -355,6 +366,27 @@ class LiveRoom:
         if pub is not None:
             pub.sinks.pop(p.sid, None)
         p.member.unsubscribe(track_sid)
+
+    def set_metadata(self, metadata: str) -> None:
+        """UpdateRoomMetadata: every member gets the room's new info."""
+        self.info.metadata = metadata
+        for p in list(self.participants.values()):
+            p.member.on_room(self.info)
+
+    def update_speakers(self, now: float) -> None:
+        """Tell every member who started or stopped speaking since the last call (livekit-server
+        does this every 400 ms)."""
+        levels = [
+            (p.sid, max((pub.audio_level.level(now) for pub in pubs), default=0.0))
+            for p in self.participants.values()
+            if not p.hidden and (pubs := [x for x in p.publications.values() if not x.info.muted])
+        ]
+        speakers = active_speakers(levels)
+        changes = speaker_changes(self._speakers, speakers)
+        self._speakers = speakers
+        if changes:
+            for p in list(self.participants.values()):
+                p.member.on_speakers(changes)
 
     # -- data ---------------------------------------------------------------------------------
 

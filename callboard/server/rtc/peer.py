@@ -21,17 +21,27 @@ from aiortc import (
 )
 from aiortc.sdp import candidate_from_sdp
 
-from callboard.server.rtc.relay import OPUS_CLOCK_RATE, FrameSink, RelayTrack
+from callboard.server.rtc.relay import (
+    OPUS_CLOCK_RATE,
+    FrameSink,
+    IdleTrack,
+    RtpForwarder,
+    fast_receive,
+)
 
 RELIABLE_LABEL: Final = "_reliable"
 LOSSY_LABEL: Final = "_lossy"
 OPUS: Final = "audio/opus"
 MAX_PENDING_RELIABLE: Final = 256
 """Reliable packets kept for a subscriber channel that is not open yet."""
+RECEIVING: Final = ("recvonly", "sendrecv")
+"""The server's side of a publisher m-line the client sends on."""
 SDP_START: Final = "v=0"
 MEDIA_LINE: Final = "\nm="
-MAX_EARLY_CANDIDATES: Final = 64
-"""ICE candidates kept for a connection whose remote SDP has not come yet."""
+MAX_CANDIDATES_PER_SDP: Final = 1000
+"""ICE candidates taken for a connection per remote SDP (counted from that SDP, or from the
+start); more are dropped: a trickle flood costs its sender, not the server's memory. The rtc
+SDK legitimately sends ~10 per m-line and dozens of TCP ones per negotiation."""
 
 
 class SignalError(Exception):
@@ -45,6 +55,25 @@ def _opus_payload_types(transceiver: RTCRtpTransceiver) -> frozenset[int]:
         for c in codecs
         if c.mimeType.lower() == OPUS and c.clockRate == OPUS_CLOCK_RATE
     )
+
+
+def opus_format(dtx: bool, stereo: bool) -> dict[str, int]:
+    """The Opus format parameters livekit-server answers a publisher with: in-band FEC, DTX
+    unless the track asked for none, stereo when it is stereo (a sender uses DTX only when the
+    answer has it)."""
+    fmtp = {"minptime": 10, "useinbandfec": 1}
+    if dtx:
+        fmtp["usedtx"] = 1
+    if stereo:
+        fmtp |= {"stereo": 1, "maxaveragebitrate": 510000}
+    return fmtp
+
+
+def _answer_opus_with(pc: RTCPeerConnection, fmtp: dict[str, int]) -> None:
+    for t in pc.getTransceivers():
+        for codec in getattr(t, "_codecs", []):
+            if codec.mimeType.lower() == OPUS:
+                codec.parameters = dict(fmtp)
 
 
 def _opus_only(transceiver: RTCRtpTransceiver) -> None:
@@ -89,6 +118,7 @@ class PeerConnections:
         on_track: Callable[[str, RTCRtpReceiver, frozenset[int], str | None], None],
         on_data: Callable[[bytes, bool], None],
         on_failed: Callable[[str], None],
+        on_flood: Callable[[str], None],
     ) -> None:
         config = RTCConfiguration(iceServers=[])  # aiortc's default is a public STUN server
         self.publisher = RTCPeerConnection(config)
@@ -97,6 +127,7 @@ class PeerConnections:
         self._on_track = on_track
         self._on_data = on_data
         self._on_failed = on_failed
+        self._on_flood = on_flood
         self._channels = {
             RELIABLE_LABEL: self.subscriber.createDataChannel(RELIABLE_LABEL, ordered=True),
             LOSSY_LABEL: self.subscriber.createDataChannel(
@@ -109,10 +140,13 @@ class PeerConnections:
         self._offer_wanted = asyncio.Event()
         self._answered = asyncio.Event()
         self._awaiting_answer = False
+        self.negotiated = False
+        """The client answered a subscriber offer at least once."""
         self._early_candidates: dict[RTCPeerConnection, list[Any]] = {
             self.publisher: [],
             self.subscriber: [],
         }
+        self._candidates_taken = {self.publisher: 0, self.subscriber: 0}
         self.publisher.on("track", self._track)
         self.publisher.on("datachannel", self._datachannel)
         for name, pc in (("publisher", self.publisher), ("subscriber", self.subscriber)):
@@ -127,13 +161,28 @@ class PeerConnections:
 
     # -- publisher ----------------------------------------------------------------------------
 
-    async def answer_publisher(self, sdp: str) -> str:
-        """Answer the client's publisher offer."""
+    async def answer_publisher(self, sdp: str, opus_fmtp: dict[str, int]) -> str:
+        """Answer the client's publisher offer, Opus with `opus_fmtp` (see `opus_format`)."""
         await _set_remote(self.publisher, sdp, "offer", "publisher offer")
-        await self._add_early_candidates(self.publisher)
+        _answer_opus_with(self.publisher, opus_fmtp)
+        await self._remote_sdp_set(self.publisher)
         answer = await self.publisher.createAnswer()
-        await self.publisher.setLocalDescription(answer)
+        await self.publisher.setLocalDescription(answer)  # gathers: the ICE sockets exist now
+        transports = {t.receiver.transport for t in self.publisher.getTransceivers()}
+        if self.publisher.sctp is not None:
+            transports.add(self.publisher.sctp.transport)
+        for dtls in transports:
+            fast_receive(dtls)
         return str(self.publisher.localDescription.sdp)
+
+    def stopped_mids(self) -> set[str]:
+        """Publisher m-lines the client's last offer no longer sends on: tracks it unpublished
+        (LiveKit's SDKs unpublish by renegotiating, with no signal message)."""
+        return {
+            t.mid
+            for t in self.publisher.getTransceivers()
+            if t.mid is not None and t._offerDirection not in RECEIVING
+        }
 
     def _track(self, track: Any) -> None:
         for t in self.publisher.getTransceivers():
@@ -156,20 +205,22 @@ class PeerConnections:
 
     def add_track(self, stream_id: str, track_sid: str) -> FrameSink:
         """Offer `track_sid` to the client with msid `<stream_id> <track_sid>`."""
-        track = RelayTrack(track_sid)
-        sender = self.subscriber.addTrack(track)  # reuses an inactive transceiver if any
+        sender = self.subscriber.addTrack(IdleTrack(track_sid))  # reuses an inactive one if any
         sender._stream_id = stream_id  # the msid stream: "<participant sid>|<track sid>"
         transceiver = self._transceiver(sender)
         transceiver.direction = "sendonly"
         _opus_only(transceiver)
         self._senders[track_sid] = sender
+        forwarder = RtpForwarder.of(sender)
+        forwarder.enabled = True
         self.renegotiate()
-        return track.push
+        return forwarder
 
     def remove_track(self, track_sid: str) -> None:
         sender = self._senders.pop(track_sid, None)
         if sender is None:
             return
+        RtpForwarder.of(sender).enabled = False
         if sender.track is not None:
             sender.track.stop()
         sender.replaceTrack(None)
@@ -182,8 +233,11 @@ class PeerConnections:
     def renegotiate(self) -> None:
         self._offer_wanted.set()
 
-    async def offer_task(self, answer_timeout: float) -> None:
-        """Send subscriber offers, one at a time: each waits for its answer."""
+    async def offer_task(self, join_timeout: float, answer_timeout: float) -> None:
+        """Send subscriber offers, one at a time: each waits for its answer, the first one
+        for `join_timeout` (the client is still connecting), later ones for `answer_timeout`.
+        livekit-server bounds these the same way (JoinTimeout, negotiationFailedTimeout)."""
+        timeout, what = join_timeout, "the first subscriber offer"
         while True:
             await self._offer_wanted.wait()
             self._offer_wanted.clear()
@@ -195,42 +249,44 @@ class PeerConnections:
             try:
                 # asyncio.timeout, not wait_for: in 3.11 wait_for swallows a cancellation that
                 # lands as the answer arrives
-                async with asyncio.timeout(answer_timeout):
+                async with asyncio.timeout(timeout):
                     await self._answered.wait()
             except TimeoutError:
-                raise SignalError(
-                    f"the client did not answer the subscriber offer within {answer_timeout:g}s"
-                ) from None
+                raise SignalError(f"the client did not answer {what} within {timeout:g}s") from None
+            timeout, what = answer_timeout, "a subscriber offer"
 
     async def accept_answer(self, sdp: str) -> None:
         if not self._awaiting_answer:
             raise SignalError("an answer arrived while no subscriber offer was outstanding")
         await _set_remote(self.subscriber, sdp, "answer", "subscriber answer")
         self._awaiting_answer = False
+        self.negotiated = True
         self._answered.set()
-        await self._add_early_candidates(self.subscriber)
+        await self._remote_sdp_set(self.subscriber)
 
     async def add_candidate(self, candidate_init: str, to_subscriber: bool) -> None:
         """Add a trickled candidate; one that comes before its connection's remote SDP (the
-        SDK may send it before its answer) waits for it."""
+        SDK may send it before its answer) waits for it. Past `MAX_CANDIDATES_PER_SDP` since
+        that connection's last remote SDP, candidates are dropped (logged once)."""
         pc = self.subscriber if to_subscriber else self.publisher
         candidate = parse_candidate(candidate_init)
         if candidate is None:
             return
+        taken = self._candidates_taken[pc]
+        self._candidates_taken[pc] = taken + 1
+        if taken >= MAX_CANDIDATES_PER_SDP:
+            if taken == MAX_CANDIDATES_PER_SDP:
+                self._on_flood("subscriber" if to_subscriber else "publisher")
+            return
         if pc.remoteDescription is not None:
             await pc.addIceCandidate(candidate)
-            return
-        early = self._early_candidates[pc]
-        if len(early) >= MAX_EARLY_CANDIDATES:
-            which = "subscriber" if to_subscriber else "publisher"
-            raise SignalError(
-                f"more than {MAX_EARLY_CANDIDATES} ICE candidates for the {which} connection "
-                "before its SDP"
-            )
-        early.append(candidate)
+        else:
+            self._early_candidates[pc].append(candidate)
 
-    async def _add_early_candidates(self, pc: RTCPeerConnection) -> None:
+    async def _remote_sdp_set(self, pc: RTCPeerConnection) -> None:
+        """A new negotiation: add the candidates that waited for it and count afresh."""
         early, self._early_candidates[pc] = self._early_candidates[pc], []
+        self._candidates_taken[pc] = 0
         for candidate in early:
             await pc.addIceCandidate(candidate)
 

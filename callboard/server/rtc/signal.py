@@ -21,6 +21,7 @@ from livekit.protocol import models, rtc
 
 from callboard.log import get_logger
 from callboard.server.auth import AuthError, Grants, KeyStore
+from callboard.server.config import ServerConfig
 from callboard.server.ids import new_id
 from callboard.server.rtc.model import (
     OPUS_MIME,
@@ -30,7 +31,7 @@ from callboard.server.rtc.model import (
     participant_info,
 )
 from callboard.server.rtc.network import NO_MEDIA_ADDRESS, media_addresses
-from callboard.server.rtc.peer import PeerConnections, SignalError
+from callboard.server.rtc.peer import PeerConnections, SignalError, opus_format
 from callboard.server.rtc.relay import FrameSink, tap_receiver
 
 log = get_logger("server.rtc")
@@ -131,10 +132,10 @@ class RtcEndpoint:
     """aiohttp handlers for /rtc, /rtc/validate and the refused /rtc/v1."""
 
     def __init__(
-        self, keys: KeyStore, rooms: RoomSource, info: models.ServerInfo, answer_timeout: float
+        self, keys: KeyStore, rooms: RoomSource, info: models.ServerInfo, config: ServerConfig
     ) -> None:
         self._keys = keys
-        self._answer_timeout = answer_timeout
+        self._config = config
         self._rooms = rooms
         self._info = info
         self._sessions: set[SignalSession] = set()
@@ -169,7 +170,7 @@ class RtcEndpoint:
         ws = web.WebSocketResponse(max_msg_size=MAX_SIGNAL_FRAME_BYTES)
         await ws.prepare(request)
         room = self._rooms.live_room(spec.room)
-        session = SignalSession(ws, spec, room, self._info, self._answer_timeout)
+        session = SignalSession(ws, spec, room, self._info, self._config)
         self._sessions.add(session)
         try:
             await session.run()
@@ -191,10 +192,10 @@ class SignalSession:
         spec: JoinSpec,
         room: LiveRoom,
         info: models.ServerInfo,
-        answer_timeout: float,
+        config: ServerConfig,
     ) -> None:
         self._ws = ws
-        self._answer_timeout = answer_timeout
+        self._config = config
         self._spec = spec
         self._room = room
         self._server_info = info
@@ -214,7 +215,7 @@ class SignalSession:
         self._info.client_protocol = spec.client_protocol
         self._participant: Participant | None = None
         self._peers = PeerConnections(
-            self._send_offer, self._on_track, self._on_data, self._media_failed
+            self._send_offer, self._on_track, self._on_data, self._media_failed, self._flood
         )
 
     @property
@@ -265,13 +266,31 @@ class SignalSession:
             self._leave_reason = leave_reason
             self._out.put_nowait(None)
 
+    def _flood(self, connection: str) -> None:
+        log.warning(
+            "ICE candidates dropped: too many for one negotiation",
+            extra={**self.log_fields, "connection": connection},
+        )
+
     def _media_failed(self, reason: str) -> None:
         self._fail(reason, models.MEDIA_FAILURE)
 
     async def _offer_task(self) -> None:
         try:
-            await self._peers.offer_task(self._answer_timeout)
+            await self._peers.offer_task(
+                self._config.rtc_join_timeout, self._config.rtc_answer_timeout
+            )
         except SignalError as e:
+            if not self._peers.negotiated:  # livekit-server: JoinTimeout
+                self._fail(str(e), models.JOIN_FAILURE)
+                return
+            # livekit-server: negotiation failed, the client is told to join again
+            leave = rtc.LeaveRequest(
+                can_reconnect=True,
+                reason=models.SIGNAL_CLOSE,
+                action=rtc.LeaveRequest.RECONNECT,
+            )
+            self._send(rtc.SignalResponse(leave=leave))
             self._fail(str(e), models.SIGNAL_CLOSE)
 
     async def _write_task(self) -> None:
@@ -319,9 +338,17 @@ class SignalSession:
         p = self._participant
         assert p is not None
         if which == "offer":
-            sdp = await self._peers.answer_publisher(req.offer.sdp)
+            tracks = [*self._pending_tracks.values(), *(x.info for x in p.publications.values())]
+            fmtp = opus_format(
+                dtx=not any(t.disable_dtx for t in tracks), stereo=any(t.stereo for t in tracks)
+            )
+            sdp = await self._peers.answer_publisher(req.offer.sdp, fmtp)
             answer = rtc.SessionDescription(type="answer", sdp=sdp, id=req.offer.id)
             self._send(rtc.SignalResponse(answer=answer))
+            stopped = self._peers.stopped_mids()
+            for pub in [x for x in p.publications.values() if x.info.mid in stopped]:
+                log.info("track unpublished", extra={**self.log_fields, "track_sid": pub.info.sid})
+                self._room.unpublish(p, pub.info.sid)
         elif which == "answer":
             await self._peers.accept_answer(req.answer.sdp)
         elif which == "trickle":
@@ -431,7 +458,7 @@ class SignalSession:
         if mid:
             track.mid = mid
         pub = self._room.publish(p, track)
-        tap_receiver(receiver, payload_types, pub.push)
+        tap_receiver(receiver, payload_types, pub.push, pub.audio_level.observe)
 
     def _on_data(self, payload: bytes, reliable: bool) -> None:
         p = self._participant
@@ -465,6 +492,12 @@ class SignalSession:
     def on_track_subscribed(self, track_sid: str) -> None:
         # livekit-agents' audio output waits for this before it plays anything
         self._send(rtc.SignalResponse(track_subscribed=rtc.TrackSubscribed(track_sid=track_sid)))
+
+    def on_speakers(self, speakers: list[models.SpeakerInfo]) -> None:
+        self._send(rtc.SignalResponse(speakers_changed=rtc.SpeakersChanged(speakers=speakers)))
+
+    def on_room(self, info: models.Room) -> None:
+        self._send(rtc.SignalResponse(room_update=rtc.RoomUpdate(room=info)))
 
     def on_removed(self, reason: int) -> None:
         self._ending = f"removed by the server ({models.DisconnectReason.Name(reason)})"

@@ -21,7 +21,7 @@ from callboard.log import get_logger
 from callboard.server.ids import new_id
 from callboard.server.rooms import RoomRegistry
 from callboard.server.rtc.model import TRACK_PREFIX, LiveRoom, Participant, participant_info
-from callboard.server.rtc.relay import OPUS_CLOCK_RATE, Frame, FrameSink
+from callboard.server.rtc.relay import OPUS_CLOCK_RATE, Frame, FrameSink, opus_payload
 from callboard.server.sip.codecs import FRAME_SAMPLES, SAMPLE_RATE, Pcm
 from callboard.server.sip.room_leg import DigitSink, RemovedSink
 from callboard.server.sip.rtp import DTMF_DIGITS
@@ -97,11 +97,12 @@ class AudioFromRoom:
             self._pending = self._pending[FRAME_SAMPLES:]
 
     def _decode(self, frame: Frame) -> list[av.AudioFrame]:
-        if isinstance(frame, av.AudioFrame):
-            return [frame]
+        audio = opus_payload(frame)
+        if isinstance(audio, av.AudioFrame):
+            return [audio]
         if self._decoder is None:
             self._decoder = av.CodecContext.create("opus", "r")
-        return list(self._decoder.decode(frame))
+        return list(self._decoder.decode(audio))
 
 
 class SipMember:
@@ -138,6 +139,12 @@ class SipMember:
 
     def on_track_subscribed(self, track_sid: str) -> None:
         self.subscribed.set()
+
+    def on_speakers(self, speakers: list[models.SpeakerInfo]) -> None:
+        pass
+
+    def on_room(self, info: models.Room) -> None:
+        pass
 
     def on_removed(self, reason: int) -> None:
         self._removed(reason)

@@ -113,6 +113,12 @@ class AgentMember:
     def on_track_subscribed(self, track_sid: str) -> None:
         pass
 
+    def on_speakers(self, speakers: list[models.SpeakerInfo]) -> None:
+        pass
+
+    def on_room(self, info: models.Room) -> None:
+        pass
+
     def on_removed(self, reason: int) -> None:
         pass
 
