@@ -17,7 +17,7 @@ import pytest
 
 from callboard.job.context import PARTICIPANT_DISCONNECT_MESSAGE
 from tests.interop.agents import media_agent
-from tests.interop.call_process import REPO_ROOT, CallRun, kill_family, run_call_script
+from tests.interop.call_process import CallRun, run_call_script
 from tests.interop.conftest import LIVEKIT_SERVER, SERVER_KINDS
 from tests.interop.livekit_server import ServerUnavailable, livekit_server_binary
 from tests.interop.media_call import AGENT_REPORT_FILE, CALLER_IDENTITY, ROOM_PREFIX
@@ -26,7 +26,6 @@ from tests.interop.netns import unavailable_reason
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(150, func_only=True)]
 
 CALL_PROCESS_TIMEOUT_S: Final = 100.0
-__all__ = ["REPO_ROOT", "kill_family"]  # until test_media_rooms and test_phone_agent move over
 PITCH_TOLERANCE: Final = 0.05
 JOB_END_AFTER_HANG_UP_MAX_S: Final = 5.0
 

@@ -3,18 +3,14 @@ against `callboard server` and the real livekit-server, each in a private networ
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from typing import Any, Final
 
 import pytest
 
+from tests.interop.call_process import run_call_script
 from tests.interop.conftest import CALLBOARD, SERVER_KINDS
-from tests.interop.livekit_server import ServerUnavailable, clean_env, livekit_server_binary
-from tests.interop.media_call import REPORT_FILE, SKIP_EXIT
+from tests.interop.livekit_server import ServerUnavailable, livekit_server_binary
 from tests.interop.netns import unavailable_reason
-from tests.interop.test_media import REPO_ROOT, kill_family
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(330, func_only=True)]
 
@@ -39,27 +35,7 @@ def scenarios(
         except ServerUnavailable as e:
             pytest.skip(str(e))
     workdir = tmp_path_factory.mktemp(f"rooms-{kind}")
-    with open(workdir / "run.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.interop.media_rooms", str(workdir), kind],
-            cwd=REPO_ROOT,
-            env=clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        proc.wait(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        kill_family(proc)
-    if proc.returncode == SKIP_EXIT:
-        pytest.skip("no private network namespace for media")
-    path = workdir / REPORT_FILE
-    report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    assert proc.returncode == 0 and report.get("error") is None, (
-        report.get("traceback") or (workdir / "run.log").read_text()[-4000:]
-    )
-    return report
+    return run_call_script("tests.interop.media_rooms", [kind], workdir, RUN_TIMEOUT_S).succeeded()
 
 
 def scenario(report: dict[str, Any], name: str) -> dict[str, Any]:
