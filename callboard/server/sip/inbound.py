@@ -170,7 +170,7 @@ class InboundSipCall:
         self.respond(200, body=self.answer.encode(), headers={"Allow": ALLOW})
         self.status = CallStatus.ACTIVE.value
         self.leg.set_attributes({ATTR_CALL_STATUS: CallStatus.ACTIVE.value})
-        log.info("sip call answered", extra=self.log_extra)
+        log.info("sip call answered", extra={**self.log_extra, "heard_by": self.leg.subscribers()})
 
     def _trunk(self, call: InboundCall) -> sip.SIPInboundTrunkInfo:
         try:
