@@ -6,6 +6,7 @@ digest auth → 180 Ringing → dispatch rule → room and participant (`sip.cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 from collections.abc import Callable, Mapping
@@ -15,7 +16,7 @@ from livekit.protocol import models, sip
 
 from callboard.log import get_logger
 from callboard.server.ids import new_id
-from callboard.server.sip import rules, sdp
+from callboard.server.sip import prompts, rules, sdp
 from callboard.server.sip.codecs import Pcm
 from callboard.server.sip.config import SipConfig
 from callboard.server.sip.digest import DigestAuth, parse_credentials
@@ -33,6 +34,8 @@ log = get_logger("server.sip.call")
 ALLOW: Final = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY"
 NO_TRUNK: Final = "Does not match any SIP Trunks"
 NO_RULE: Final = "Does not match Trunks or Dispatch Rules"
+PIN_LIMIT: Final = 16
+"""livekit-sip pinPrompt `pinLimit`: a longer pin is wrong."""
 
 
 class CallStatus(enum.StrEnum):
@@ -92,6 +95,7 @@ class InboundSipCall:
         self.room_name = ""
         self.identity = ""
         self._cseq = 0
+        self._pin_digits: asyncio.Queue[str] = asyncio.Queue(maxsize=PIN_LIMIT + 2)
         self.log_extra = {"call_id": self.call_id, "sip_call_id": invite.call_id}
 
     def respond(
@@ -154,23 +158,92 @@ class InboundSipCall:
             self.answer = sdp.choose(offer, self.config.host, port)
         except sdp.SdpError as e:
             raise Refused(488, str(e)) from None
+        remote = (offer.address, offer.port)
+        pin_entered = dispatch.request_pin
+        if pin_entered:
+            # livekit-sip answers first so that it can prompt and hear the digits
+            self.media.start(self.answer, remote)
+            self._accept()
+            entered = await self._pin_prompt(trunk, call)
+            if entered is None:
+                return
+            dispatch = entered
         headers = header_attributes(
             self.invite, dispatch.headers_to_attributes, dispatch.include_headers
         )
-        attrs = {**dispatch.attributes, **headers, ATTR_CALL_STATUS: CallStatus.RINGING.value}
+        status = CallStatus.ACTIVE if pin_entered else CallStatus.RINGING
+        attrs = {**dispatch.attributes, **headers, ATTR_CALL_STATUS: status.value}
         dispatch = dataclasses.replace(dispatch, attributes=attrs)
         self.leg = await self.rooms.join(dispatch, self._digit_to_caller, self._removed)
         self.media.source = self.leg.next_frame
-        self.media.start(self.answer, (offer.address, offer.port))
+        self.media.start(self.answer, remote)
         self.room_name, self.identity = dispatch.room_name, dispatch.identity
         self.log_extra.update(room=dispatch.room_name, identity=dispatch.identity)
+        if pin_entered:
+            log.info("sip call joined its room after the pin", extra=self.log_extra)
+            return
         log.info("sip call ringing", extra=self.log_extra)
         if not await self.leg.wait_subscribed(self.config.ringing_timeout):
             raise Refused(480, "Nobody subscribed to the call")
-        self.respond(200, body=self.answer.encode(), headers={"Allow": ALLOW})
-        self.status = CallStatus.ACTIVE.value
+        self._accept()
         self.leg.set_attributes({ATTR_CALL_STATUS: CallStatus.ACTIVE.value})
         log.info("sip call answered", extra={**self.log_extra, "heard_by": self.leg.subscribers()})
+
+    def _accept(self) -> None:
+        assert self.answer is not None
+        self.respond(200, body=self.answer.encode(), headers={"Allow": ALLOW})
+        self.status = CallStatus.ACTIVE.value
+
+    async def _pin_prompt(
+        self, trunk: sip.SIPInboundTrunkInfo, call: InboundCall
+    ) -> rules.Dispatch | None:
+        """livekit-sip `pinPrompt`: prompt, gather digits up to `#` (at most PIN_LIMIT), and
+        evaluate the rules again with that pin (`no_pin` for none). A wrong pin gets its prompt
+        and a BYE. None when the call is over (refused, or the caller hung up)."""
+        log.info("sip call asks for a pin", extra=self.log_extra)
+        await self._prompt(prompts.ENTER_PIN)
+        pin = ""
+        deadline = asyncio.get_running_loop().time() + self.config.ringing_timeout
+        while (digit := await self._next_digit(deadline)) is not None:
+            if digit == "#":
+                entered = dataclasses.replace(call, pin=pin, no_pin=not pin)
+                try:
+                    dispatch = self._dispatch(trunk, entered)
+                except Refused:
+                    break
+                await self._prompt(prompts.ROOM_JOIN)
+                return dispatch
+            pin += digit
+            if len(pin) > PIN_LIMIT:
+                break
+        if self.status == CallStatus.HANGUP.value:
+            return None
+        log.info("sip call refused: wrong pin", extra=self.log_extra)
+        await self._prompt(prompts.WRONG_PIN)
+        await self.bye("wrong pin")
+        return None
+
+    async def _prompt(self, pcm: Pcm) -> None:
+        """Play `pcm` to the caller and wait until it has been sent (paced at 20 ms a frame)."""
+        assert self.media is not None
+        self.media.play(pcm)
+        await asyncio.sleep(prompts.seconds(pcm))
+
+    async def _next_digit(self, deadline: float) -> str | None:
+        """The caller's next digit; None once the call ended or `deadline` passed."""
+        loop = asyncio.get_running_loop()
+        digit = asyncio.ensure_future(self._pin_digits.get())
+        ended = asyncio.ensure_future(self.ended.wait())
+        try:
+            done, _ = await asyncio.wait(
+                (digit, ended),
+                timeout=max(0.0, deadline - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            digit.cancel()
+            ended.cancel()
+        return digit.result() if digit in done else None
 
     def _trunk(self, call: InboundCall) -> sip.SIPInboundTrunkInfo:
         try:
@@ -202,8 +275,6 @@ class InboundSipCall:
             dispatch = rules.evaluate_dispatch_rule(trunk, rule, call)
         except rules.RuleError:
             raise Refused(404, NO_RULE) from None
-        if dispatch.request_pin:
-            raise Refused(488, "PIN-protected dispatch rules are not supported yet")
         return dispatch
 
     # -- media between the phone and the room ------------------------------------------------
@@ -213,8 +284,12 @@ class InboundSipCall:
             self.leg.caller_audio(pcm)
 
     def caller_digit(self, digit: str) -> None:
+        """A digit from the phone: to the room once the caller is in it, else to the PIN."""
         if self.leg is not None:
             self.leg.caller_digit(digit)
+        else:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._pin_digits.put_nowait(digit)
 
     def _removed(self, reason: int) -> None:
         """The room ended the caller's membership (RemoveParticipant, room closed): hang up."""

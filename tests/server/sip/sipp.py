@@ -136,6 +136,27 @@ def paced_call(media_port: int, steps: list[str]) -> str:
     return scenario("paced call", body)
 
 
+def pin_call(media_port: int, digits_pcap: Path, admitted: bool) -> str:
+    """Answered at once; after the prompt the phone types the digits in `digits_pcap`. When
+    `admitted` it then talks for a second and hangs up, else it waits for the gateway's BYE."""
+    offer = SDP.replace("[media_port]", str(media_port))
+    body = invite(sdp=offer)
+    body += '  <recv response="100" optional="true"/>\n'
+    body += '  <recv response="180" optional="true"/>\n'
+    body += '  <recv response="200" rrs="true"/>\n'
+    body += in_dialog("ACK", cseq="[cseq]", retrans=False)
+    body += '  <pause milliseconds="500"/>\n'
+    body += f'  <nop><action><exec play_pcap_audio="{digits_pcap}"/></action></nop>\n'
+    if admitted:
+        body += '  <pause milliseconds="2000"/>\n'
+        body += in_dialog("BYE")
+        body += '  <recv response="200"/>\n'
+    else:
+        body += '  <recv request="BYE" timeout="10000"/>\n'
+        body += _answer("200 OK")
+    return scenario("pin call", body)
+
+
 def notify_sipp(sipp_port: int, step: int, call_id: str = "agentcall-1@127.0.0.1") -> None:
     """Tell the paced call in sipp on `sipp_port` to take its next step."""
     request = (

@@ -6,21 +6,29 @@ caller's audio and DTMF in the room, outbound dialing and transfer."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from pathlib import Path
+from typing import Final
 
 import pytest
 from livekit import api
 from livekit.protocol import models, room, sip
 
 from callboard.server.app import EmbeddedServer
+from callboard.server.sip.inbound import PIN_LIMIT
+from callboard.server.sip.phone import rms
 from tests.conftest import API_KEY, API_SECRET
 from tests.server.sip import sipp
+from tests.server.sip.phone_media import RtpSink, RtpStream, write_pcap
 from tests.server.sip.provisioning import trunk_and_rule
 from tests.server.sip.room_agent import LIST_ROOMS, CallSeen, RoomAgent
 from tests.server.support import wait_until
 
 pytestmark = pytest.mark.skipif(sipp.shutil.which("sipp") is None, reason=sipp.SIPP_MISSING)
+PROMPT_RMS: Final = 1000.0
+PROMPT_FRAMES: Final = 10
+"""200 ms of tone: the phone heard a prompt (the gateway sends silence otherwise)."""
 
 
 async def provision(
@@ -159,6 +167,48 @@ async def test_a_call_over_tcp(gateway: EmbeddedServer, agent: RoomAgent, tmp_pa
     seen = await one_call(agent)
     await wait_until(lambda: seen.left, "the caller's leave")
     assert seen.info.disconnect_reason == models.DisconnectReason.CLIENT_INITIATED
+
+
+PIN: Final = "1234"
+TOO_LONG: Final = "1" * (PIN_LIMIT + 1)
+
+
+@pytest.mark.parametrize(
+    ("typed", "admitted"),
+    [
+        pytest.param(PIN + "#", True, id="inbound.go pinPrompt: the right pin, then #, joins"),
+        pytest.param("9999#", False, id="inbound.go pinPrompt: a wrong pin is hung up on"),
+        pytest.param(TOO_LONG, False, id="inbound.go pinPrompt: past pinLimit (16) is wrong"),
+    ],
+)
+async def test_a_pin_protected_rule(
+    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path, typed: str, admitted: bool
+) -> None:
+    """inbound.go handleInvite with DispatchRequestPin: the call is answered at once (nobody
+    is in a room yet), the caller hears the enter-pin prompt and types digits (RFC 4733, sipp
+    replaying a pcap); the right pin joins the rule's room as `active` (no ringing) and the
+    digits never reach the room; a wrong one hears the wrong-pin prompt and gets a BYE."""
+    if os.geteuid() != 0:
+        pytest.skip("sipp's play_pcap_audio sends from a raw socket: run as root")
+    await trunk_and_rule(gateway.http_url, sipp.CALLED, pin=PIN)
+    digits = RtpStream().silence(0.2).digits(typed).silence(0.3).take()
+    pcap = write_pcap(tmp_path / "pin.pcap", digits)
+    sink, media_port = await RtpSink.open(sipp.HOST)
+    try:
+        scenario = sipp.pin_call(media_port, pcap, admitted)
+        run = await sipp.run_sipp(tmp_path, scenario, sip_port(gateway))
+    finally:
+        sink.close()
+    assert run.returncode == 0, run.output + run.errors
+    assert sum(rms(frame) > PROMPT_RMS for frame in sink.heard) >= PROMPT_FRAMES, "a prompt"
+    if not admitted:
+        assert agent.calls == {}
+        return
+    seen = await one_call(agent)
+    await wait_until(lambda: seen.left, "the caller's leave")
+    assert re.fullmatch(r"call-_\+56975231235_\w{12}", seen.room)
+    assert seen.statuses == ["active", "hangup"]
+    assert seen.digits == []
 
 
 async def outbound_trunk(srv: EmbeddedServer, port: int) -> str:
