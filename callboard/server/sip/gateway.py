@@ -5,6 +5,7 @@ until ACK, and sheds load (503) before it runs out of anything."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
@@ -215,7 +216,8 @@ class SipGateway:
             self.calls.pop((call.invite.call_id, call.local_tag), None)
 
     def _on_reinvite(self, msg: SipMessage, peer: Peer) -> None:
-        """A re-INVITE (hold, session refresh): answered with the same SDP, the new direction."""
+        """A re-INVITE (hold, resume, a new media address, session refresh): answered with
+        the same SDP in the direction the offer allows; the media follows it."""
         call = self.calls.get((msg.call_id, msg.to.tag))
         if call is None or call.answer is None:
             self._send(msg, peer, reply(msg, 481))
@@ -227,20 +229,29 @@ class SipGateway:
             except sdp.SdpError:
                 self._send(msg, peer, reply(msg, 488))
                 return
-            answer = sdp.Answer(
-                answer.address,
-                answer.port,
-                answer.codec,
-                answer.codec_pt,
-                answer.dtmf_pt,
-                sdp.answer_direction(offer.direction),
-                answer.session_id,
-            )
+            answer = dataclasses.replace(answer, direction=sdp.answer_direction(offer.direction))
+            call.answer = answer
+            self._update_media(call, answer, (offer.address, offer.port))
         response = reply(msg, 200)
         response.add("Contact", self.contact)
         response.add("Content-Type", "application/sdp")
         response.body = answer.encode(version=2)
         self._send(msg, peer, response)
+
+    def _update_media(
+        self,
+        call: InboundSipCall | OutboundSipCall,
+        answer: sdp.Answer,
+        remote: tuple[str, int],
+    ) -> None:
+        media = call.media
+        if media is None:
+            return
+        was_sending = media.sending
+        media.update(answer, remote)
+        if media.sending != was_sending:
+            message = "sip call resumed" if media.sending else "sip call on hold"
+            log.info(message, extra={**call.log_extra, "direction": answer.direction})
 
     def _on_ack(self, msg: SipMessage, key: tuple[str, str]) -> None:
         call = self.calls.get((msg.call_id, msg.to.tag))

@@ -4,6 +4,7 @@ pkg/sip/inbound.go for the statuses and reasons), and its behaviour under a floo
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,8 +13,10 @@ from livekit.protocol import sip
 
 from callboard.server.app import EmbeddedServer, run_server
 from callboard.server.config import ServerConfig
+from callboard.server.sip.message import SipMessage
 from tests.conftest import API_KEY, API_SECRET
-from tests.server.sip.raw_sip import OFFER, RawSipClient, request
+from tests.server.sip.phone_media import RtpSink
+from tests.server.sip.raw_sip import HOST, OFFER, RawSipClient, request
 from tests.server.sip.room_agent import RoomAgent
 from tests.server.sip.test_calls import one_call, provision
 
@@ -109,21 +112,57 @@ async def test_bye_for_no_call_is_481(gateway: EmbeddedServer, phone: RawSipClie
     assert refused.status == 481
 
 
-async def test_a_hold_reinvite_is_answered_recvonly(
+def reinvite(invite: bytes, ok: SipMessage, cseq: int, offer: bytes) -> bytes:
+    """`invite` again inside its dialog (our To tag), with a new CSeq, branch and offer."""
+    head, _, _ = invite.partition(b"\r\n\r\n")
+    head = (
+        head.replace(b"CSeq: 1 INVITE", f"CSeq: {cseq} INVITE".encode())
+        .replace(b"To: <sip:+15550100@127.0.0.1>", f"To: {ok.get('To')}".encode())
+        .replace(b"branch=z9hG4bK", f"branch=z9hG4bK{cseq}x".encode())
+    )
+    head = re.sub(rb"Content-Length: \d+", f"Content-Length: {len(offer)}".encode(), head)
+    return head + b"\r\n\r\n" + offer
+
+
+def offer_to(port: int, direction: str = "sendrecv") -> bytes:
+    return OFFER.replace(b"m=audio 40000", f"m=audio {port}".encode()) + (
+        f"a={direction}\r\n".encode()
+    )
+
+
+async def packets_within(sink: RtpSink, seconds: float) -> int:
+    before = len(sink.heard)
+    await asyncio.sleep(seconds)
+    return len(sink.heard) - before
+
+
+async def test_hold_stops_our_media_and_resume_follows_the_new_address(
     gateway: EmbeddedServer, agent: RoomAgent, phone: RawSipClient
 ) -> None:
+    """RFC 3264 §8.4: a re-INVITE offering sendonly is answered recvonly and we send nothing
+    while held; livekit-sip inbound.go updateRemoteFromSDP: the re-INVITE that resumes may
+    name another RTP address, and our audio goes there."""
     await provision(gateway)
-    invite = request("INVITE", port_of(gateway), body=OFFER)
-    *_, ok = await phone.request(invite)
-    assert ok.status == 200 and b"a=sendrecv" in ok.body
-    hold = (
-        invite.replace(b"CSeq: 1 INVITE", b"CSeq: 2 INVITE")
-        .replace(b"To: <sip:+15550100@127.0.0.1>", f"To: {ok.get('To')}".encode())
-        .replace(b"branch=z9hG4bK", b"branch=z9hG4bKhold")
-        .replace(b"t=0 0\r\n", b"t=0 0\r\na=sendonly\r\n")
-    )
-    [held] = await phone.request(hold)
-    assert held.status == 200 and b"a=recvonly" in held.body
+    first, first_port = await RtpSink.open(HOST)
+    second, second_port = await RtpSink.open(HOST)
+    try:
+        invite = request("INVITE", port_of(gateway), body=offer_to(first_port))
+        *_, ok = await phone.request(invite)
+        assert ok.status == 200 and b"a=sendrecv" in ok.body
+        ack = reinvite(invite, ok, 1, b"").replace(b"INVITE", b"ACK")
+        phone.send(ack)
+        assert await packets_within(first, 0.3) >= 10, "20 ms frames while active"
+        [held] = await phone.request(reinvite(invite, ok, 2, offer_to(first_port, "sendonly")))
+        assert held.status == 200 and b"a=recvonly" in held.body
+        await asyncio.sleep(0.1)  # a frame already on its way
+        assert await packets_within(first, 0.4) == 0, "nothing sent while on hold"
+        [resumed] = await phone.request(reinvite(invite, ok, 3, offer_to(second_port)))
+        assert resumed.status == 200 and b"a=sendrecv" in resumed.body
+        assert await packets_within(second, 0.3) >= 10, "resumed, to the new address"
+        assert await packets_within(first, 0.2) == 0
+    finally:
+        first.close()
+        second.close()
 
 
 async def test_an_invite_flood_is_shed_with_503_and_calls_go_on(
