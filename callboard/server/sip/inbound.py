@@ -176,7 +176,6 @@ class InboundSipCall:
         dispatch = dataclasses.replace(dispatch, attributes=attrs)
         self.leg = await self.rooms.join(dispatch, self._digit_to_caller, self._removed)
         self.media.source = self.leg.next_frame
-        self.media.start(self.answer, remote)
         self.room_name, self.identity = dispatch.room_name, dispatch.identity
         self.log_extra.update(room=dispatch.room_name, identity=dispatch.identity)
         if pin_entered:
@@ -186,6 +185,8 @@ class InboundSipCall:
         if not await self.leg.wait_subscribed(self.config.ringing_timeout):
             raise Refused(480, "Nobody subscribed to the call")
         self._accept()
+        # no early media: livekit-sip enables output once it has answered (acceptCall)
+        self.media.start(self.answer, remote)
         self.leg.set_attributes({ATTR_CALL_STATUS: CallStatus.ACTIVE.value})
         log.info("sip call answered", extra={**self.log_extra, "heard_by": self.leg.subscribers()})
 

@@ -124,6 +124,11 @@ def reinvite(invite: bytes, ok: SipMessage, cseq: int, offer: bytes) -> bytes:
     return head + b"\r\n\r\n" + offer
 
 
+def ack(invite: bytes, ok: SipMessage, cseq: int) -> bytes:
+    """The ACK for the 200 OK to the INVITE with CSeq `cseq`."""
+    return reinvite(invite, ok, cseq, b"").replace(b"INVITE", b"ACK")
+
+
 def offer_to(port: int, direction: str = "sendrecv") -> bytes:
     return OFFER.replace(b"m=audio 40000", f"m=audio {port}".encode()) + (
         f"a={direction}\r\n".encode()
@@ -149,15 +154,16 @@ async def test_hold_stops_our_media_and_resume_follows_the_new_address(
         invite = request("INVITE", port_of(gateway), body=offer_to(first_port))
         *_, ok = await phone.request(invite)
         assert ok.status == 200 and b"a=sendrecv" in ok.body
-        ack = reinvite(invite, ok, 1, b"").replace(b"INVITE", b"ACK")
-        phone.send(ack)
+        phone.send(ack(invite, ok, 1))
         assert await packets_within(first, 0.3) >= 10, "20 ms frames while active"
         [held] = await phone.request(reinvite(invite, ok, 2, offer_to(first_port, "sendonly")))
         assert held.status == 200 and b"a=recvonly" in held.body
+        phone.send(ack(invite, ok, 2))
         await asyncio.sleep(0.1)  # a frame already on its way
         assert await packets_within(first, 0.4) == 0, "nothing sent while on hold"
         [resumed] = await phone.request(reinvite(invite, ok, 3, offer_to(second_port)))
         assert resumed.status == 200 and b"a=sendrecv" in resumed.body
+        phone.send(ack(invite, ok, 3))
         assert await packets_within(second, 0.3) >= 10, "resumed, to the new address"
         assert await packets_within(first, 0.2) == 0
     finally:
