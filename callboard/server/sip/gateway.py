@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -28,7 +28,7 @@ from callboard.server.sip.message import (
     canonical,
     reply,
 )
-from callboard.server.sip.outbound import DialFailed, OutboundSipCall
+from callboard.server.sip.outbound import DialFailed, OutboundSipCall, trunk_address
 from callboard.server.sip.room_leg import CallRooms
 from callboard.server.sip.store import SipStore
 from callboard.server.sip.transport import Peer, SipTransports
@@ -323,15 +323,13 @@ class SipGateway:
                 "failed_precondition",
                 "callboard dials only through a stored outbound trunk: set sip_trunk_id",
             )
-        if trunk.transport not in (sip.SIP_TRANSPORT_AUTO, sip.SIP_TRANSPORT_UDP):
-            raise TwirpError("unimplemented", "outbound calls use UDP only")
         call = OutboundSipCall(
             req,
             trunk,
             config=self.config,
             rooms=self.rooms,
             transactions=self.client,
-            send=lambda data: self.transports.send_udp(data, call.target.host, call.target.port),
+            send=await self._sender(trunk),
             local_port=self.port,
         )
         await call.join()
@@ -349,6 +347,18 @@ class SipGateway:
             room_name=req.room_name,
             sip_call_id=call.call_id,
         )
+
+    async def _sender(self, trunk: sip.SIPOutboundTrunkInfo) -> Callable[[bytes], None]:
+        """How requests reach the trunk: from our UDP socket, or over a TCP connection."""
+        host, port = trunk_address(trunk)
+        if trunk.transport in (sip.SIP_TRANSPORT_AUTO, sip.SIP_TRANSPORT_UDP):
+            return lambda data: self.transports.send_udp(data, host, port)
+        if trunk.transport != sip.SIP_TRANSPORT_TCP:
+            raise TwirpError("unimplemented", "outbound calls use UDP or TCP (no TLS)")
+        try:
+            return await self.transports.connect(host, port)
+        except (OSError, TimeoutError) as e:
+            raise TwirpError("unavailable", f"cannot reach {host}:{port} over TCP: {e}") from None
 
     async def _dial(self, call: OutboundSipCall, answered: asyncio.Future[SipMessage]) -> None:
         """Dial, say how it went on `answered`, then hold the call until it ends."""

@@ -211,20 +211,36 @@ async def test_a_pin_protected_rule(
     assert seen.digits == []
 
 
-async def outbound_trunk(srv: EmbeddedServer, port: int) -> str:
+async def outbound_trunk(
+    srv: EmbeddedServer, port: int, transport: sip.SIPTransport.ValueType = sip.SIP_TRANSPORT_AUTO
+) -> str:
     async with api.LiveKitAPI(srv.http_url, API_KEY, API_SECRET) as lk:
         trunk = await lk.sip.create_outbound_trunk(
             sip.CreateSIPOutboundTrunkRequest(
                 trunk=sip.SIPOutboundTrunkInfo(
-                    name="out", address=f"127.0.0.1:{port}", numbers=["+15550199"]
+                    name="out",
+                    address=f"127.0.0.1:{port}",
+                    numbers=["+15550199"],
+                    transport=transport,
                 )
             )
         )
         return trunk.sip_trunk_id
 
 
+@pytest.mark.parametrize(
+    ("transport", "sipp_transport"),
+    [
+        pytest.param(sip.SIP_TRANSPORT_AUTO, "u1", id="UDP"),
+        pytest.param(sip.SIP_TRANSPORT_TCP, "t1", id="TCP: the trunk's transport"),
+    ],
+)
 async def test_create_sip_participant_dials_a_phone_that_answers(
-    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path
+    gateway: EmbeddedServer,
+    agent: RoomAgent,
+    tmp_path: Path,
+    transport: sip.SIPTransport.ValueType,
+    sipp_transport: str,
 ) -> None:
     """CreateSIPParticipant through a stored outbound trunk to sipp answering as a phone: the
     callee joins the room as dialing, goes active on 200 OK, and hangs up (BYE) after a
@@ -232,9 +248,11 @@ async def test_create_sip_participant_dials_a_phone_that_answers(
     loopback, the callee could be active before the test's agent (which looks for phones in
     rooms every 10 ms) has joined to see it dialing."""
     phone_port = sipp.free_port()
-    trunk_id = await outbound_trunk(gateway, phone_port)
+    trunk_id = await outbound_trunk(gateway, phone_port, transport)
     scenario = sipp.answering_phone(1000, ring_ms=500)
-    phone = asyncio.create_task(sipp.run_sipp(tmp_path, scenario, None, listen_port=phone_port))
+    phone = asyncio.create_task(
+        sipp.run_sipp(tmp_path, scenario, None, listen_port=phone_port, transport=sipp_transport)
+    )
     await asyncio.sleep(0.5)  # sipp is listening
     async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
         info = await lk.sip.create_sip_participant(
@@ -256,6 +274,21 @@ async def test_create_sip_participant_dials_a_phone_that_answers(
     assert seen.info.attributes["sip.phoneNumber"] == "+15550123"
     assert seen.info.attributes["sip.trunkID"] == trunk_id
     assert seen.info.disconnect_reason == models.DisconnectReason.CLIENT_INITIATED
+
+
+async def test_dialing_a_tcp_trunk_nobody_listens_on_is_unavailable(
+    gateway: EmbeddedServer, agent: RoomAgent
+) -> None:
+    trunk_id = await outbound_trunk(gateway, sipp.free_port(), sip.SIP_TRANSPORT_TCP)
+    async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
+        with pytest.raises(api.TwirpError) as refused:
+            await lk.sip.create_sip_participant(
+                sip.CreateSIPParticipantRequest(
+                    sip_trunk_id=trunk_id, sip_call_to="+15550123", room_name="support"
+                )
+            )
+    assert refused.value.code == "unavailable" and "over TCP" in refused.value.message
+    assert agent.calls == {}
 
 
 async def test_dialing_without_a_stored_trunk_is_refused(
