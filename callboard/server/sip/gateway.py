@@ -38,7 +38,7 @@ from callboard.server.twirp import TwirpError
 log = get_logger("server.sip")
 
 RETRY_AFTER_S: Final = 5
-SUPPORTED: Final = frozenset({"replaces", "norefersub", "100rel"})
+SUPPORTED: Final = frozenset({"replaces", "norefersub", "100rel", "timer"})
 GARBAGE_LOG_INTERVAL_S: Final = 10.0
 
 
@@ -140,6 +140,7 @@ class SipGateway:
             "CANCEL": self._on_cancel,
             "OPTIONS": self._on_options,
             "INFO": self._on_info,
+            "UPDATE": self._on_update,
         }.get(method, self._on_unsupported)
         handler(msg, peer)
 
@@ -232,11 +233,32 @@ class SipGateway:
             answer = dataclasses.replace(answer, direction=sdp.answer_direction(offer.direction))
             call.answer = answer
             self._update_media(call, answer, (offer.address, offer.port))
-        response = reply(msg, 200)
-        response.add("Contact", self.contact)
+        response = self._refreshed(call, msg)
         response.add("Content-Type", "application/sdp")
         response.body = answer.encode(version=2)
         self._send(msg, peer, response)
+
+    def _refreshed(self, call: InboundSipCall | OutboundSipCall, msg: SipMessage) -> SipMessage:
+        """A 200 OK to a re-INVITE or UPDATE, which also refreshes the session (RFC 4028)."""
+        response = reply(msg, 200)
+        response.add("Contact", self.contact)
+        if isinstance(call, InboundSipCall):
+            call.refreshed.set()
+            if call.timer is not None:
+                for name, value in call.timer.headers().items():
+                    response.add(name, value)
+        return response
+
+    def _on_update(self, msg: SipMessage, peer: Peer) -> None:
+        """UPDATE without an offer (RFC 3311), as callers refresh sessions (RFC 4028)."""
+        call = self.calls.get((msg.call_id, msg.to.tag))
+        if call is None:
+            self._send(msg, peer, reply(msg, 481))
+            return
+        if msg.body:
+            self._send(msg, peer, reply(msg, 488, "Offers in UPDATE are not supported"))
+            return
+        self._send(msg, peer, self._refreshed(call, msg))
 
     def _update_media(
         self,

@@ -16,7 +16,7 @@ from livekit.protocol import models, sip
 
 from callboard.log import get_logger
 from callboard.server.ids import new_id
-from callboard.server.sip import prompts, rules, sdp
+from callboard.server.sip import prompts, rules, sdp, session_timer
 from callboard.server.sip.codecs import Pcm
 from callboard.server.sip.config import SipConfig
 from callboard.server.sip.digest import DigestAuth, parse_credentials
@@ -31,7 +31,7 @@ from callboard.server.sip.uac import ClientTransactions, new_branch
 
 log = get_logger("server.sip.call")
 
-ALLOW: Final = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY"
+ALLOW: Final = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY, UPDATE"
 NO_TRUNK: Final = "Does not match any SIP Trunks"
 NO_RULE: Final = "Does not match Trunks or Dispatch Rules"
 PIN_LIMIT: Final = 16
@@ -96,6 +96,11 @@ class InboundSipCall:
         self.identity = ""
         self._cseq = 0
         self._pin_digits: asyncio.Queue[str] = asyncio.Queue(maxsize=PIN_LIMIT + 2)
+        self.timer: session_timer.SessionTimer | None = None
+        self.refreshed = asyncio.Event()
+        """Set by each refresh from the caller (re-INVITE or UPDATE)."""
+        self._timer_task: asyncio.Task[None] | None = None
+        self._sdp_version = 1
         self.log_extra = {"call_id": self.call_id, "sip_call_id": invite.call_id}
 
     def respond(
@@ -144,6 +149,10 @@ class InboundSipCall:
 
     async def _setup(self) -> None:
         self.respond(100)
+        try:
+            self.timer = session_timer.negotiate(self.invite, self.config.min_session_expires)
+        except session_timer.IntervalTooSmall as e:
+            raise Refused(422, "Session Interval Too Small", {"Min-SE": str(e)}) from None
         call = self._inbound()
         trunk = self._trunk(call)
         try:
@@ -192,8 +201,52 @@ class InboundSipCall:
 
     def _accept(self) -> None:
         assert self.answer is not None
-        self.respond(200, body=self.answer.encode(), headers={"Allow": ALLOW})
+        headers = {"Allow": ALLOW, **(self.timer.headers() if self.timer else {})}
+        self.respond(200, body=self.answer.encode(), headers=headers)
         self.status = CallStatus.ACTIVE.value
+        if self.timer is not None:
+            self._timer_task = asyncio.get_running_loop().create_task(
+                self._session_timer_task(self.timer), name="sip-session-timer"
+            )
+
+    async def _session_timer_task(self, timer: session_timer.SessionTimer) -> None:
+        """RFC 4028: when we refresh, a re-INVITE half way through each interval (BYE if it
+        fails); when the caller does, BYE once an interval passes without its refresh."""
+        while self.status == CallStatus.ACTIVE.value:
+            if timer.we_refresh:
+                await asyncio.sleep(timer.refresh_after)
+                if self.status == CallStatus.ACTIVE.value and not await self._refresh(timer):
+                    await self.bye("session refresh failed")
+                continue
+            self.refreshed.clear()
+            try:
+                await asyncio.wait_for(self.refreshed.wait(), timer.expires_after)
+            except TimeoutError:
+                log.info("sip session expired", extra=self.log_extra)
+                await self.bye("session expired")
+
+    async def _refresh(self, timer: session_timer.SessionTimer) -> bool:
+        """A session refresh (RFC 4028 §7.4): a re-INVITE offering our SDP again."""
+        assert self.answer is not None
+        request = self._in_dialog("INVITE")
+        request.add("Session-Expires", f"{timer.interval};refresher={session_timer.UAS}")
+        request.add("Supported", "timer")
+        request.add("Content-Type", "application/sdp")
+        self._sdp_version += 1
+        request.body = self.answer.encode(version=self._sdp_version)
+        response = await self.client.request(request, self.peer.send, reliable=self._reliable)
+        if not 200 <= response.status < 300:
+            log.info(
+                "sip session refresh refused",
+                extra={**self.log_extra, "status": response.status},
+            )
+            return False
+        self.peer.send(self._in_dialog("ACK", cseq=self._cseq).encode())
+        return True
+
+    @property
+    def _reliable(self) -> bool:
+        return self.peer.transport != "UDP"
 
     async def _pin_prompt(
         self, trunk: sip.SIPInboundTrunkInfo, call: InboundCall
@@ -305,19 +358,21 @@ class InboundSipCall:
 
     # -- requests we send in the caller's dialog --------------------------------------------
 
-    def _in_dialog(self, method: str) -> SipMessage:
+    def _in_dialog(self, method: str, cseq: int | None = None) -> SipMessage:
         """A request from our side of the dialog (RFC 3261 §12.2.1.1): From is the INVITE's
-        To with our tag, To its From, sent to the caller's Contact."""
+        To with our tag, To its From, sent to the caller's Contact; the next CSeq unless
+        given (an ACK takes its INVITE's)."""
         target = remote_target(self.invite)
         uri = str(target.uri) if target is not None else str(self.invite.from_.uri)
-        self._cseq += 1
+        if cseq is None:
+            self._cseq += 1
         msg = SipMessage(method=method, uri=uri)
         via = f"SIP/2.0/{self.peer.transport} {self.config.host}:{self.contact_port}"
         msg.add("Via", f"{via};branch={new_branch()};rport")
         msg.add("From", f"{self.invite.get('To')};tag={self.local_tag}")
         msg.add("To", self.invite.get("From"))
         msg.add("Call-ID", self.invite.call_id)
-        msg.add("CSeq", f"{self._cseq} {method}")
+        msg.add("CSeq", f"{self._cseq if cseq is None else cseq} {method}")
         msg.add("Contact", self.contact)
         msg.add("Max-Forwards", "70")
         return msg
@@ -331,15 +386,14 @@ class InboundSipCall:
         request = self._in_dialog("REFER")
         request.add("Refer-To", refer_to)
         request.add("Referred-By", self.contact)
-        reliable = self.peer.transport != "UDP"
         log.info("sip transfer", extra=self.log_extra)
-        return await self.client.request(request, self.peer.send, reliable=reliable)
+        return await self.client.request(request, self.peer.send, reliable=self._reliable)
 
     async def bye(self, reason: str) -> None:
         """We hang up: BYE, then the participant leaves the room."""
         request = self._in_dialog("BYE")
         request.add("Reason", f'SIP;cause=200;text="{reason}"')
-        await self.client.request(request, self.peer.send, reliable=self.peer.transport != "UDP")
+        await self.client.request(request, self.peer.send, reliable=self._reliable)
         await self.hang_up(models.DisconnectReason.CLIENT_INITIATED)
 
     # -- endings -----------------------------------------------------------------------------
@@ -353,6 +407,9 @@ class InboundSipCall:
         if self.status == CallStatus.HANGUP.value:
             return
         self.status = CallStatus.HANGUP.value
+        task = self._timer_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
         if self.media is not None:
             self.media.close()
         if self.leg is not None:
