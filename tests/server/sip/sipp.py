@@ -78,6 +78,16 @@ def in_dialog(method: str, caller: str = CALLER, cseq: str = "[cseq]", retrans: 
 """
 
 
+def answered(sdp: str = SDP, timeout_ms: int = 0) -> str:
+    """INVITE (with `sdp`), its 100 and 180 if they come, the 200 OK, our ACK."""
+    timeout = f' timeout="{timeout_ms}"' if timeout_ms else ""
+    steps = invite(sdp=sdp)
+    steps += '  <recv response="100" optional="true"/>\n'
+    steps += '  <recv response="180" optional="true"/>\n'
+    steps += f'  <recv response="200" rrs="true"{timeout}/>\n'
+    return steps + in_dialog("ACK", cseq="[cseq]", retrans=False)
+
+
 def scenario(name: str, body: str) -> str:
     head = '<?xml version="1.0" encoding="ISO-8859-1" ?>'
     return f'{head}\n<scenario name="{name}">\n{body}</scenario>\n'
@@ -121,11 +131,7 @@ def paced_call(media_port: int, steps: list[str]) -> str:
     NOTIFY (`notify_sipp`); one more NOTIFY makes the phone hang up (BYE)."""
     offer = SDP.replace("[media_port]", str(media_port)).replace(" 0 8 101", " 0 101")
     offer = offer.replace("      a=rtpmap:8 PCMA/8000\n", "")
-    body = invite(sdp=offer)
-    body += '  <recv response="100" optional="true"/>\n'
-    body += '  <recv response="180" optional="true"/>\n'
-    body += f'  <recv response="200" rrs="true" timeout="{STEP_TIMEOUT_MS}"/>\n'
-    body += in_dialog("ACK", cseq="[cseq]", retrans=False)
+    body = answered(offer, STEP_TIMEOUT_MS)
     for action in [*steps, ""]:
         body += f'  <recv request="NOTIFY" timeout="{STEP_TIMEOUT_MS}"/>\n'
         body += _answer("200 OK")
@@ -140,11 +146,7 @@ def pin_call(media_port: int, digits_pcap: Path, admitted: bool) -> str:
     """Answered at once; after the prompt the phone types the digits in `digits_pcap`. When
     `admitted` it then talks for a second and hangs up, else it waits for the gateway's BYE."""
     offer = SDP.replace("[media_port]", str(media_port))
-    body = invite(sdp=offer)
-    body += '  <recv response="100" optional="true"/>\n'
-    body += '  <recv response="180" optional="true"/>\n'
-    body += '  <recv response="200" rrs="true"/>\n'
-    body += in_dialog("ACK", cseq="[cseq]", retrans=False)
+    body = answered(offer)
     body += '  <pause milliseconds="500"/>\n'
     body += f'  <nop><action><exec play_pcap_audio="{digits_pcap}"/></action></nop>\n'
     if admitted:
@@ -362,11 +364,7 @@ def _uas_response(status: str, sdp: str = "") -> str:
 
 def transferred_call() -> str:
     """A caller who is answered, then REFERred elsewhere (202), then hung up on (BYE → 200)."""
-    steps = invite()
-    steps += '  <recv response="100" optional="true"/>\n'
-    steps += '  <recv response="180" optional="true"/>\n'
-    steps += '  <recv response="200" rrs="true"/>\n'
-    steps += in_dialog("ACK", cseq="[cseq]", retrans=False)
+    steps = answered()
     steps += '  <recv request="REFER" timeout="10000"/>\n'
     steps += _answer("202 Accepted")
     steps += '  <recv request="BYE" timeout="10000"/>\n'
