@@ -266,7 +266,7 @@ class InboundSipCall:
                 except Refused:
                     break
                 await self._prompt(prompts.ROOM_JOIN)
-                return dispatch
+                return dispatch if self.status == CallStatus.ACTIVE.value else None
             pin += digit
             if len(pin) > PIN_LIMIT:
                 break
