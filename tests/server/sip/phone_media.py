@@ -26,8 +26,9 @@ from callboard.server.sip.rtp import (
 
 PCMU_PT: Final = 0
 DTMF_PT: Final = 101
-DTMF_FRAMES: Final = 5
-"""A digit lasts 100 ms."""
+DTMF_FRAMES: Final = 3
+"""A digit lasts 60 ms (ITU-T Q.24 asks receivers to take 40 ms)."""
+DTMF_GAP_S: Final = 0.06
 DTMF_END_REPEATS: Final = 3
 PCAP_HEADER: Final = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
 """pcap file header: microsecond timestamps, link type Ethernet."""
@@ -68,7 +69,7 @@ class RtpStream:
 
     def digits(self, digits: str) -> RtpStream:
         """RFC 4733 events: per digit a start packet (marker), an update every 20 ms, three end
-        packets, all on the digit's first timestamp; then 100 ms of silence."""
+        packets, all on the digit's first timestamp; then DTMF_GAP_S of silence."""
         for digit in digits:
             code = DTMF_DIGITS.index(digit.upper())
             for i in range(1, DTMF_FRAMES + 1):
@@ -79,7 +80,7 @@ class RtpStream:
                     self._add(packet)
                 self._at += FRAME_S
             self._ts = (self._ts + DTMF_FRAMES * FRAME_SAMPLES) % MAX_TIMESTAMP
-            self.silence(0.1)
+            self.silence(DTMF_GAP_S)
         return self
 
     def take(self) -> list[tuple[float, bytes]]:

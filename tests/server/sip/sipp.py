@@ -150,7 +150,7 @@ def pin_call(media_port: int, digits_pcap: Path, admitted: bool) -> str:
     body += '  <pause milliseconds="500"/>\n'
     body += f'  <nop><action><exec play_pcap_audio="{digits_pcap}"/></action></nop>\n'
     if admitted:
-        body += '  <pause milliseconds="2000"/>\n'
+        body += '  <pause milliseconds="1000"/>\n'
         body += in_dialog("BYE")
         body += '  <recv response="200"/>\n'
     else:

@@ -211,6 +211,18 @@ async def test_a_pin_protected_rule(
     assert seen.digits == []
 
 
+async def test_a_caller_who_hangs_up_at_the_pin_prompt_joins_no_room(
+    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path
+) -> None:
+    """inbound.go pinPrompt: a BYE while the PIN is awaited ends the call (200 OK to it)."""
+    await trunk_and_rule(gateway.http_url, sipp.CALLED, pin=PIN)
+    run = await sipp.run_sipp(tmp_path, sipp.answered_call(talk_ms=300), sip_port(gateway))
+    assert run.returncode == 0, run.output + run.errors
+    await asyncio.sleep(0.3)
+    assert agent.calls == {}
+    assert gateway.sip is not None and gateway.sip.calls == {}
+
+
 async def outbound_trunk(
     srv: EmbeddedServer, port: int, transport: sip.SIPTransport.ValueType = sip.SIP_TRANSPORT_AUTO
 ) -> str:
