@@ -43,6 +43,8 @@ REPLY_TIMEOUT_S: Final = 30.0
 TRANSCRIPT_GRACE_S: Final = 5.0
 """How long the agent's final transcript may trail the end of its audio."""
 TRANSCRIPTION_TOPIC: Final = "lk.transcription"
+AGENT_SESSION_TOPIC: Final = "lk.agent.session"
+"""livekit-agents' session events (its remote-session protocol): a phone has no use for them."""
 TRANSCRIBED_TRACK: Final = "lk.transcribed_track_id"
 TRANSCRIPTION_FINAL: Final = "lk.transcription_final"
 SIP_TRUNK_NUMBER: Final = "+15105550100"
@@ -291,6 +293,7 @@ class SipCaller:
 
         self.room.on("track_subscribed", subscribed)
         self.room.register_text_stream_handler(TRANSCRIPTION_TOPIC, self._final_transcript)
+        self.room.register_byte_stream_handler(AGENT_SESSION_TOPIC, self._discard)
         await self.room.connect(self.ws_url, self.token)
         pub = await self.room.local_participant.publish_track(
             rtc.LocalAudioTrack.create_audio_track("phone", self.mouth.source),
@@ -307,6 +310,14 @@ class SipCaller:
                 raise TimeoutError(f"the agent did not answer within {timeout:.0f} s")
             await asyncio.sleep(0.05)
         return found
+
+    def _discard(self, reader: rtc.ByteStreamReader, _identity: str) -> None:
+        async def drain() -> None:
+            with contextlib.suppress(rtc.StreamError):  # the call ended mid-stream
+                async for _ in reader:
+                    pass
+
+        self._spawn(drain())
 
     def _final_transcript(self, reader: rtc.TextStreamReader, _identity: str) -> None:
         async def read() -> None:

@@ -143,6 +143,8 @@ class ZygoteReady(Message):
     pid: int
     error: str = ""
     inference_methods: tuple[str, ...] = ()
+    preload_failures: tuple[str, ...] = ()
+    """Before-fork hooks that failed (callboard.job.preload): job processes do that work."""
 
 
 FORK_JOB: Final = "job"

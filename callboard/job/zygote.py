@@ -23,6 +23,7 @@ from typing import Any, Final
 from callboard.job import ipc
 from callboard.job.child import ChildSpec, after_fork, child_main, prepare_for_forks, rehearse
 from callboard.job.inference import inference_main, registered_runners
+from callboard.job.preload import run_before_fork_hooks
 
 EXIT_BOOT_FAILED: Final = 5
 """The agent module (or a preload) failed to import: respawning would fail the same way."""
@@ -87,7 +88,8 @@ class Zygote:
             ipc.send_blocking(self._control, ipc.ZygoteReady(os.getpid(), error))
             return EXIT_BOOT_FAILED
         methods = tuple(sorted(registered_runners()))
-        ipc.send_blocking(self._control, ipc.ZygoteReady(os.getpid(), "", methods))
+        failures = run_before_fork_hooks() if msg.start_method == START_FORK else ()
+        ipc.send_blocking(self._control, ipc.ZygoteReady(os.getpid(), "", methods, failures))
         return 0
 
     def serve(self) -> int:

@@ -79,6 +79,11 @@ class ZygoteClient:
             raise ZygoteError(ready.error)
         self.pid = ready.pid
         self.inference_methods = ready.inference_methods
+        for failure in ready.preload_failures:
+            log.warning(
+                "a before-fork preload failed in the zygote: each job process loads that itself",
+                extra={"pid": ready.pid, "error": failure},
+            )
         log.info("zygote ready", extra={"pid": ready.pid})
 
     def _on_readable(self) -> None:

@@ -180,7 +180,7 @@ class LoadTracker:
         now = time.monotonic()
         dt, self._last_learn = now - self._last_learn, now
         self._observe_background(dt)
-        rates = self._snapshot.pids
+        rates = self._snapshot.demand  # usage alone would teach a starved job is cheap
         running = [j for j in self._jobs.values() if j.pid in rates]
         grown = [j for j in running if now - j.started >= COST_WARMUP_S]
         cpu = None
@@ -205,9 +205,9 @@ class LoadTracker:
 
     def _cores(self, offers: int) -> float:
         """Cores in use or spoken for: everything but our jobs as measured, each job at its own
-        rate (at least the learned cost while it warms up), the learned cost per offer."""
+        demand (at least the learned cost while it warms up), the learned cost per offer."""
         now = time.monotonic()
-        rates = self._snapshot.pids
+        rates = self._snapshot.demand
         per_job = self.cost.cpu
         jobs = 0.0
         for j in self._jobs.values():

@@ -1,5 +1,6 @@
 """What this machine (or cgroup, or this worker's own process tree) offers and uses: CPU
-seconds sampled off the event loop, each tracked process's own CPU, and the memory available.
+seconds sampled off the event loop, each tracked process's own CPU and how long it waited for
+one, and the memory available.
 """
 
 from __future__ import annotations
@@ -57,17 +58,20 @@ class CgroupCpu:
 
 class PidCpu:
     """CPU seconds of given processes, each counted from when it was first seen (or from its
-    birth, when it was born since the previous call)."""
+    birth, when it was born since the previous call); `waited` holds, for the same span, the
+    seconds each one's main thread was runnable but waiting for a CPU (Linux schedstat)."""
 
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
-        self._last: dict[int, float] = {}
+        self._last: dict[int, tuple[float, float]] = {}
         self._last_time = time.time()
+        self.waited: dict[int, float] = {}
 
     def used_s(self, pids: Iterable[int]) -> dict[int, float]:
         now = time.time()
         out: dict[int, float] = {}
-        seen: dict[int, float] = {}
+        waited: dict[int, float] = {}
+        seen: dict[int, tuple[float, float]] = {}
         for pid in pids:
             try:
                 proc = self._procs.get(pid) or psutil.Process(pid)
@@ -76,16 +80,30 @@ class PidCpu:
                 born = proc.create_time()
             except (psutil.Error, OSError):
                 continue
+            wait = run_queue_wait_s(pid)
             self._procs[pid] = proc
-            seen[pid] = cpu
+            seen[pid] = (cpu, wait)
             if pid in self._last:
-                out[pid] = max(0.0, cpu - self._last[pid])
+                last_cpu, last_wait = self._last[pid]
+                out[pid] = max(0.0, cpu - last_cpu)
+                waited[pid] = max(0.0, wait - last_wait)
             elif born >= self._last_time:
-                out[pid] = cpu
+                out[pid], waited[pid] = cpu, wait
         self._procs = {pid: p for pid, p in self._procs.items() if pid in seen}
         self._last = seen
         self._last_time = now
+        self.waited = waited
         return out
+
+
+def run_queue_wait_s(pid: int) -> float:
+    """Seconds the process's main thread has spent runnable, waiting for a CPU (0 where the
+    kernel does not say): what its CPU time leaves out of its demand on a busy machine."""
+    try:
+        fields = Path(f"/proc/{pid}/schedstat").read_text().split()
+        return int(fields[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class TreeCpu:
@@ -147,6 +165,10 @@ class CpuSnapshot:
     total: float = 0.0
     pids: dict[int, float] = field(default_factory=dict)
     """Each tracked process's rate while it was seen (a job's own cost)."""
+    demand: dict[int, float] = field(default_factory=dict)
+    """Each tracked process's CPU rate plus the rate at which it waited for a CPU: what it
+    would have used on an idle machine. Equal to `pids` unless the CPUs are contended, when a
+    starved job's usage understates what it needs."""
     jobs: float = 0.0
     """The part of `total` that the tracked processes other than `shared` used (ended ones
     included), so that what is left is everything but the jobs."""
@@ -157,6 +179,7 @@ class _Tick:
     seconds: float
     total_s: float
     pids_s: dict[int, float]
+    waits_s: dict[int, float]
 
 
 class CpuLoadMonitor:
@@ -192,8 +215,9 @@ class CpuLoadMonitor:
         while not self._stop.wait(self._interval):
             now = time.monotonic()
             total, pids = self._sample()
+            waits = {pid: w for pid, w in self._pids.waited.items() if pid in pids}
             with self._lock:
-                self._ticks.append(_Tick(now - last, total, pids))
+                self._ticks.append(_Tick(now - last, total, pids, waits))
             last = now
 
     def _sample(self) -> tuple[float, dict[int, float]]:
@@ -211,13 +235,17 @@ class CpuLoadMonitor:
         pids: dict[int, list[float]] = {}
         for t in ticks:
             for pid, used in t.pids_s.items():
-                acc = pids.setdefault(pid, [0.0, 0.0])
+                acc = pids.setdefault(pid, [0.0, 0.0, 0.0])
                 acc[0] += used
                 acc[1] += t.seconds
+                acc[2] += t.waits_s.get(pid, 0.0)
         return CpuSnapshot(
             total=sum(t.total_s for t in ticks) / seconds,
-            pids={pid: used / secs for pid, (used, secs) in pids.items() if secs > 0},
-            jobs=sum(used for pid, (used, _) in pids.items() if pid not in shared) / seconds,
+            pids={pid: used / secs for pid, (used, secs, _) in pids.items() if secs > 0},
+            demand={
+                pid: (used + wait) / secs for pid, (used, secs, wait) in pids.items() if secs > 0
+            },
+            jobs=sum(used for pid, (used, _, _) in pids.items() if pid not in shared) / seconds,
         )
 
     def value(self) -> float:

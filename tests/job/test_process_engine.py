@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -16,7 +17,7 @@ from livekit import api
 from livekit.protocol import agent
 
 from callboard.server.app import EmbeddedServer
-from tests.job import agents, inference_agents
+from tests.job import agents, inference_agents, preload_agents
 from tests.job.support import (
     api_client,
     dispatch_and_wait,
@@ -211,6 +212,24 @@ async def test_the_zygote_is_single_threaded(server: EmbeddedServer) -> None:
     async with process_worker(server, agents.quick) as worker:
         zygote = psutil.Process(worker.executor.process_pids()[0])
         assert zygote.num_threads() == 1
+
+
+async def test_before_fork_hooks_run_once_in_the_zygote_and_jobs_share_what_they_built(
+    server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    out = tmp_path / "preload.txt"
+    monkeypatch.setenv(preload_agents.OUT_ENV, str(out))
+    async with process_worker(server, preload_agents.uses_model) as worker:
+        zygote_pid = worker.executor.process_pids()[0]
+        async with api_client(server) as lk:
+            states = [await dispatch_and_wait(lk, f"call-preload-{i}") for i in range(2)]
+    assert [(s.status, s.error) for s in states] == [(agent.JS_SUCCESS, "")] * 2
+    lines = [line.split() for line in out.read_text().splitlines()]
+    assert lines.count(["hook", str(zygote_pid)]) == 1, lines
+    entries = [line for line in lines if line[0] == "entry"]
+    assert len(entries) == 2 and {built_in for _, _, built_in in entries} == {str(zygote_pid)}
+    failed = [r for r in caplog.records if "before-fork preload failed" in r.getMessage()]
+    assert failed and "model file unreadable" in failed[0].error
 
 
 async def test_the_zygote_rehearses_a_job_without_running_user_code(

@@ -37,3 +37,26 @@ async def test_one_segment_per_utterance_with_its_length(sample_rate: int) -> No
     ends = [ev for ev in events if ev.type == vad.VADEventType.END_OF_SPEECH]
     for end, utterance in zip(ends, utterances, strict=True):
         assert abs(end.speech_duration - voiced_seconds(utterance)) < MAX_SEGMENT_ERROR
+
+
+async def test_vads_share_one_model_and_keep_their_own_silence_setting() -> None:
+    """Loading is cheap after the first time (one onnxruntime session per process, built in the
+    zygote under callboard's worker); each VAD still ends utterances after its own silence."""
+    tts = HibariTTS()
+    two_sentences = await speak(tts, f"{SENTENCES[0]} {SENTENCES[1]}")  # ~0.6 s pause inside
+    eager, patient = load_vad(min_silence_duration=0.3), load_vad(min_silence_duration=1.0)
+    assert eager._onnx_session is patient._onnx_session  # type: ignore[attr-defined]
+    streams = [eager.stream(), patient.stream()]
+    for part in (silence(0.5, 16000), two_sentences, silence(1.5, 16000)):
+        for frame in in_frames(resample(part, 16000)):
+            for stream in streams:
+                stream.push_frame(frame)
+    for stream in streams:
+        stream.end_input()
+
+    ends = [
+        [ev async for ev in stream if ev.type == vad.VADEventType.END_OF_SPEECH]
+        for stream in streams
+    ]
+
+    assert [len(e) for e in ends] == [2, 1]

@@ -6,6 +6,7 @@ process's own share of a core, off the event loop.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,3 +94,29 @@ def test_the_cpu_monitor_measures_a_process_own_share_of_a_core() -> None:
 def cpu_s(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return float(t.user + t.system)
+
+
+SPINNER: Final = "while True: pass"
+
+
+def test_a_starved_process_demands_more_than_it_gets_and_the_monitor_says_so() -> None:
+    """Three spinners on one CPU each get about a third of it but are runnable all the time:
+    their usage would teach the worker that a job is cheap; their demand (usage + time waiting
+    for the CPU) says what they need."""
+    spinners = [psutil.Popen([sys.executable, "-c", SPINNER]) for _ in range(3)]
+    monitor = CpuLoadMonitor(0.25, 100, tree=True)
+    try:
+        for s in spinners:
+            os.sched_setaffinity(s.pid, {min(os.sched_getaffinity(0))})
+        monitor.tracked = frozenset({spinners[0].pid})
+        monitor.start()
+        time.sleep(2.0)
+        snap = monitor.snapshot()
+        pid = spinners[0].pid
+        assert snap.pids[pid] < 0.6, snap
+        assert snap.demand[pid] > 0.85, snap
+    finally:
+        monitor.stop()
+        for s in spinners:
+            s.kill()
+            s.wait()
