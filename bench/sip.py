@@ -50,6 +50,7 @@ from bench._common import (
     machine_summary,
     percentile,
 )
+from bench._side_by_side import AgentProcess
 from callboard.log import setup_logging
 from callboard.server.sip.codecs import FRAME_SAMPLES, Pcm
 from callboard.server.sip.media import FRAME_S
@@ -63,6 +64,7 @@ TIMEOUT_S: Final = 600.0
 AGENT_NAME: Final = "receptionist"
 CALLER_SAYS: Final = "Hello, what time are you open?"
 REPLY_TIMEOUT_S: Final = 60.0
+CPU_SAMPLE_S: Final = 0.5
 MAX_CALLS: Final = 200
 
 
@@ -213,7 +215,8 @@ async def agent_call(
         answer = None
         if greeting is not None:
             call.media.play(speech)
-            answer = await call.wait_utterance(spoke, REPLY_TIMEOUT_S)
+            said = spoke + len(speech) // FRAME_SAMPLES
+            answer = await call.wait_utterance(said, REPLY_TIMEOUT_S)
         await asyncio.sleep(max(0.0, answered + seconds - time.perf_counter()))
         result = await call.hang_up()
         on_line = time.perf_counter() - answered
@@ -234,7 +237,6 @@ async def agent_call(
 
 
 async def run_agent(calls: int, seconds: float, stagger: float) -> None:
-    from bench._side_by_side import AgentProcess
     from bench.voice import EXAMPLE, wait_registered
     from callboard.plugins.local import models
     from callboard.server.sip.audio import resample
@@ -263,7 +265,11 @@ async def run_agent(calls: int, seconds: float, stagger: float) -> None:
             await asyncio.sleep(i * stagger)
             return await agent_call(server, i, speech, seconds)
 
-        figures = await asyncio.gather(*(staggered(i) for i in range(calls)))
+        sampling = asyncio.create_task(sample_cpu(worker))
+        try:
+            figures = await asyncio.gather(*(staggered(i) for i in range(calls)))
+        finally:
+            sampling.cancel()
         wall = time.perf_counter() - began
         server_cpu = cpu_seconds(server.pid) - server_cpu0
         worker_cpu = worker.cpu_seconds() - worker_cpu0
@@ -273,6 +279,14 @@ async def run_agent(calls: int, seconds: float, stagger: float) -> None:
         worker.stop()
         server.stop()
     print_agent_figures(calls, seconds, figures, stats, wall, server_cpu, worker_cpu)
+
+
+async def sample_cpu(worker: AgentProcess) -> None:
+    """Read the worker tree's CPU every CPU_SAMPLE_S: a job process that ends before the run
+    does keeps its last reading (one read at the end would miss it)."""
+    while True:
+        worker.cpu_seconds()
+        await asyncio.sleep(CPU_SAMPLE_S)
 
 
 def print_agent_figures(
