@@ -27,7 +27,10 @@ COST_TIME_CONSTANT_S: Final = 30.0
 """Time constant of the moving average of the measured cost (the first measure replaces the
 prior outright)."""
 CAPACITY_HYSTERESIS: Final = 0.1
-"""A capacity estimate changes only when the raw value moves this far past an integer."""
+"""A capacity estimate changes only when the raw value moves this far past an integer..."""
+CAPACITY_RELATIVE_HYSTERESIS: Final = 0.02
+"""...or this share of the estimate, whichever is more: a memory-bound capacity of hundreds of
+jobs would otherwise change (and be logged) at every memory sample."""
 SLOT_EPSILON: Final = 1e-9
 
 
@@ -72,13 +75,14 @@ def jobs_that_fit(budget: float, used: float, per_job: float) -> float:
 
 
 def settle(current: int | None, raw: float) -> int:
-    """`floor(raw)`, except that `current` is kept while `raw` stays within
-    CAPACITY_HYSTERESIS of it, so a cost hovering at a boundary does not flap the estimate."""
+    """`floor(raw)`, except that `current` is kept while `raw` stays within the hysteresis of
+    it, so a cost hovering at a boundary does not flap the estimate."""
     new = math.floor(raw + SLOT_EPSILON)
     if current is None or new == current:
         return new
-    if new > current and raw < current + 1 + CAPACITY_HYSTERESIS:
+    margin = max(CAPACITY_HYSTERESIS, CAPACITY_RELATIVE_HYSTERESIS * current)
+    if new > current and raw < current + 1 + margin:
         return current
-    if new < current and raw > current - CAPACITY_HYSTERESIS:
+    if new < current and raw > current - margin:
         return current
     return new

@@ -42,6 +42,7 @@ from callboard import JobExecutorType, Worker, WorkerOptions
 from callboard.log import setup_logging
 from callboard.worker.worker import ActiveJob
 from tests.interop.agents import media_agent
+from tests.interop.call_process import REPORT_FILE
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
@@ -50,11 +51,10 @@ from tests.interop.livekit_server import (
     start_server,
     stop_process,
 )
-from tests.interop.netns import MEDIA_IP, NetnsUnavailable, enter_private_network
+from tests.interop.netns import MEDIA_IP, SKIP_EXIT, NetnsUnavailable, enter_private_network
 from tests.interop.support import wait_until
 
-SKIP_EXIT: Final = 77
-REPORT_FILE: Final = "report.json"
+__all__ = ["REPORT_FILE", "SKIP_EXIT"]  # the other call scripts take them from here too
 AGENT_REPORT_FILE: Final = "agent.jsonl"
 
 CALLER_NUMBER: Final = "+56975231235"

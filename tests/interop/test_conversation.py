@@ -9,25 +9,19 @@ Each run is a subprocess in a private network namespace (tests/interop/conversat
 
 from __future__ import annotations
 
-import contextlib
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 
 from callboard.voice_caller import word_error_rate
+from tests.interop.call_process import run_call_script
 from tests.interop.conversation_call import CALLER_SAYS
-from tests.interop.livekit_server import ServerUnavailable, clean_env, livekit_server_binary
-from tests.interop.media_call import REPORT_FILE, SKIP_EXIT
+from tests.interop.livekit_server import ServerUnavailable, livekit_server_binary
 from tests.interop.netns import unavailable_reason
-from tests.interop.test_media import kill_family
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(330, func_only=True)]
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 CALL_PROCESS_TIMEOUT_S: Final = 300.0
 MAX_WER: Final = 0.2
 SCRIPTED_ANSWERS: Final = (
@@ -38,32 +32,14 @@ SCRIPTED_ANSWERS: Final = (
 
 
 def run_call(workdir: Path, kind: str) -> dict[str, Any]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "call.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.interop.conversation_call", str(workdir), kind],
-            cwd=REPO_ROOT,
-            env=clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        proc.wait(timeout=CALL_PROCESS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        kill_family(proc)
-    path = workdir / REPORT_FILE
-    report: dict[str, Any] = (
-        json.loads(path.read_text()) if path.exists() else {"error": "no report written"}
+    run = run_call_script(
+        "tests.interop.conversation_call",
+        [kind],
+        workdir,
+        CALL_PROCESS_TIMEOUT_S,
+        logs=("call.log", "worker.log"),
     )
-    if proc.returncode == SKIP_EXIT:
-        pytest.skip(f"no private network namespace for media: {report.get('skip')}")
-    context = json.dumps(report, indent=1, default=str)[-6000:]
-    for name in ("call.log", "worker.log"):
-        with contextlib.suppress(OSError):
-            context += f"\n--- {name} ---\n{(workdir / name).read_text()[-4000:]}"
-    assert proc.returncode == 0 and report["error"] is None, context
-    return report
+    return run.succeeded()
 
 
 @pytest.fixture(scope="module")

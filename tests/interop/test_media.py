@@ -10,110 +10,35 @@ subprocess's report, the agent's report lines and the worker's relayed job logs.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-import psutil
 import pytest
 
 from callboard.job.context import PARTICIPANT_DISCONNECT_MESSAGE
 from tests.interop.agents import media_agent
+from tests.interop.call_process import REPO_ROOT, CallRun, kill_family, run_call_script
 from tests.interop.conftest import LIVEKIT_SERVER, SERVER_KINDS
-from tests.interop.livekit_server import ServerUnavailable, clean_env, livekit_server_binary
-from tests.interop.media_call import (
-    AGENT_REPORT_FILE,
-    CALLER_IDENTITY,
-    REPORT_FILE,
-    ROOM_PREFIX,
-    SKIP_EXIT,
-)
+from tests.interop.livekit_server import ServerUnavailable, livekit_server_binary
+from tests.interop.media_call import AGENT_REPORT_FILE, CALLER_IDENTITY, ROOM_PREFIX
 from tests.interop.netns import unavailable_reason
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(150, func_only=True)]
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 CALL_PROCESS_TIMEOUT_S: Final = 100.0
-KILL_WAIT_S: Final = 10.0
+__all__ = ["REPO_ROOT", "kill_family"]  # until test_media_rooms and test_phone_agent move over
 PITCH_TOLERANCE: Final = 0.05
 JOB_END_AFTER_HANG_UP_MAX_S: Final = 5.0
 
 
-@dataclass
-class CallRun:
-    """What the call subprocess left behind."""
-
-    workdir: Path
-    returncode: int
-    report: dict[str, Any]
-
-    def agent_events(self, event: str) -> list[dict[str, Any]]:
-        path = self.workdir / AGENT_REPORT_FILE
-        lines = path.read_text().splitlines() if path.exists() else []
-        return [r for r in map(json.loads, lines) if r["event"] == event]
-
-    def log_records(self, message: str) -> list[dict[str, Any]]:
-        """The call process's JSON log records (worker, and job logs it relayed) with `message`."""
-        out = []
-        for line in (self.workdir / "call.log").read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    record = json.loads(line)
-                    if record.get("message") == message:
-                        out.append(record)
-        return out
-
-    def context(self) -> str:
-        """Shown when an assertion fails: the report and the logs' tails."""
-        parts = [json.dumps(self.report, indent=1, default=str)[-6000:]]
-        for name in ("call.log", AGENT_REPORT_FILE):
-            with contextlib.suppress(OSError):
-                parts.append(f"--- {name} ---\n{(self.workdir / name).read_text()[-4000:]}")
-        server_log = self.report.get("server_log")
-        if server_log:
-            with contextlib.suppress(OSError):
-                parts.append(f"--- server ---\n{Path(server_log).read_text()[-3000:]}")
-        return "\n".join(parts)
-
-
 def run_call(workdir: Path, kind: str) -> CallRun:
-    """Run the call subprocess; past CALL_PROCESS_TIMEOUT_S kill it and what it started."""
-    with open(workdir / "call.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.interop.media_call", str(workdir), kind],
-            cwd=REPO_ROOT,
-            env=clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        proc.wait(timeout=CALL_PROCESS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        kill_family(proc)
-    path = workdir / REPORT_FILE
-    report = json.loads(path.read_text()) if path.exists() else {"error": "no report written"}
-    return CallRun(workdir, proc.returncode, report)
-
-
-def kill_family(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the call process and every process it started, one by one by PID."""
-    try:
-        family = [psutil.Process(proc.pid)]
-        family += family[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-            if p.is_running():
-                os.kill(p.pid, signal.SIGKILL)
-    proc.wait(timeout=KILL_WAIT_S)
+    return run_call_script(
+        "tests.interop.media_call",
+        [kind],
+        workdir,
+        CALL_PROCESS_TIMEOUT_S,
+        logs=("call.log", AGENT_REPORT_FILE),
+    )
 
 
 def assert_pitch(measured: float, expected: float) -> None:
@@ -138,10 +63,7 @@ def media_server_kind(request: pytest.FixtureRequest) -> str:
 
 def test_phone_call_with_media(tmp_path: Path, media_server_kind: str) -> None:
     run = run_call(tmp_path, media_server_kind)
-    if run.returncode == SKIP_EXIT:
-        pytest.skip(f"no private network namespace for media: {run.report.get('skip')}")
-    report = run.report
-    assert run.returncode == 0 and report["error"] is None, run.context()
+    report = run.succeeded()
 
     # the job: dispatched to our worker for the SIP-style room, in a zygote-forked process
     room, job = report["room"], report["job"]
@@ -150,7 +72,7 @@ def test_phone_call_with_media(tmp_path: Path, media_server_kind: str) -> None:
     assert job["url"].startswith("ws://127.0.0.1:"), job  # no url in the assignment: ws_url
 
     # the agent connected and waited for the caller, who came as the SIP gateway makes them
-    (caller,) = run.agent_events("caller")
+    (caller,) = run.jsonl(AGENT_REPORT_FILE, "caller")
     assert caller["pid"] == job["pid"] and caller["job_id"] == job["id"], caller
     assert caller["agent_identity"] == f"agent-{job['id']}"
     assert caller["identity"] == CALLER_IDENTITY
@@ -159,8 +81,8 @@ def test_phone_call_with_media(tmp_path: Path, media_server_kind: str) -> None:
     assert caller["attributes"]["sip.callStatus"] == "active"
 
     # media both ways: the agent heard the caller's 440 Hz, the caller the agent's 880 Hz
-    (heard,) = run.agent_events("heard")
-    (final,) = run.agent_events("shutdown")
+    (heard,) = run.jsonl(AGENT_REPORT_FILE, "heard")
+    (final,) = run.jsonl(AGENT_REPORT_FILE, "shutdown")
     assert final["tone_frames"] >= heard["tone_frames"] >= media_agent.HEARD_TONE_FRAMES
     assert final["frames"] >= final["tone_frames"]
     assert_pitch(final["pitch_hz"], media_agent.CALLER_TONE_HZ)

@@ -12,20 +12,15 @@ what each worker reported for the job is recorded on the wire (tests/interop/wor
 
 from __future__ import annotations
 
-import contextlib
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 
 from tests.interop.agents.receptionist_names import CALLBOARD, LIVEKIT_AGENTS
-from tests.interop.livekit_server import ServerUnavailable, clean_env, livekit_server_binary
-from tests.interop.media_call import REPORT_FILE, SKIP_EXIT
+from tests.interop.call_process import run_call_script
+from tests.interop.livekit_server import ServerUnavailable, livekit_server_binary
 from tests.interop.netns import unavailable_reason
-from tests.interop.test_media import kill_family
 
 pytestmark = [pytest.mark.interop, pytest.mark.realserver, pytest.mark.timeout(400, func_only=True)]
 
@@ -52,33 +47,14 @@ def ported_to_livekit_agents(workdir: Path) -> Path:
 
 
 def run_call(workdir: Path, side: str, example: Path, *says: str) -> dict[str, Any]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    argv = [str(workdir), side, str(example), *says]
-    with open(workdir / "call.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.interop.receptionist_call", *argv],
-            cwd=REPO_ROOT,
-            env=clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        proc.wait(timeout=CALL_PROCESS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        kill_family(proc)
-    path = workdir / REPORT_FILE
-    report: dict[str, Any] = (
-        json.loads(path.read_text()) if path.exists() else {"error": "no report written"}
+    run = run_call_script(
+        "tests.interop.receptionist_call",
+        [side, str(example), *says],
+        workdir,
+        CALL_PROCESS_TIMEOUT_S,
+        logs=("call.log", "worker.log"),
     )
-    if proc.returncode == SKIP_EXIT:
-        pytest.skip(f"no private network namespace for media: {report.get('skip')}")
-    context = json.dumps(report, indent=1, default=str)[-6000:]
-    for name in ("call.log", "worker.log"):
-        with contextlib.suppress(OSError):
-            context += f"\n--- {name} ---\n{(workdir / name).read_text()[-4000:]}"
-    assert proc.returncode == 0 and report["error"] is None, context
-    return report
+    return run.succeeded()
 
 
 def events(report: dict[str, Any], event: str) -> list[dict[str, Any]]:

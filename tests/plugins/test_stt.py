@@ -9,7 +9,14 @@ import pytest
 from livekit import rtc
 from livekit.agents import stt
 
-from callboard.plugins.local import HibariTTS, WhisperOptions, WhisperSTT, load_vad, streaming_stt
+from callboard.plugins.local import (
+    HibariTTS,
+    WhisperOptions,
+    WhisperSTT,
+    load_vad,
+    models,
+    streaming_stt,
+)
 from callboard.plugins.local.stt import to_stt_rate
 from tests.plugins.support import (
     MAX_WER,
@@ -102,3 +109,29 @@ def test_room_audio_reaches_whisper_as_16_khz_mono() -> None:
     mono = to_stt_rate(stereo)
     assert (mono.sample_rate, mono.num_channels) == (16000, 1)
     assert abs(mono.duration - 0.1) < 0.01
+
+
+async def test_short_utterances_take_the_short_encoder_and_long_ones_the_whole_window() -> None:
+    """Whisper's encoder normally runs on 30 s however short the sentence; ours encodes the
+    sentence's own length first and keeps the result unless it looks invented."""
+    whisper = models.whisper()
+    retried = whisper.retried
+    sentence = await speak(HibariTTS(), SENTENCES[0])
+    short = bytes(to_stt_rate(sentence).data)
+    text, _ = whisper.transcribe(short, "en")
+    assert wer(SENTENCES[0], text) <= MAX_WER and whisper.retried == retried, text
+
+    long_call = short * (int(models.SHORT_UTTERANCE_MAX_S / sentence.duration) + 1)
+    text, _ = whisper.transcribe(long_call, "en")
+    assert whisper.retried == retried, "past SHORT_UTTERANCE_MAX_S: straight to the window"
+    assert text.lower().count("appointment") >= 2, text
+
+
+def test_a_transcript_that_repeats_itself_or_outruns_the_audio_looks_invented() -> None:
+    assert models.looks_invented("Yes. Yes.", 1.0)
+    assert models.looks_invented("That's all, goodbye! Goodbye!", 2.0)
+    assert models.looks_invented("I would like I would like", 3.0)
+    assert models.looks_invented("one two three four five six seven eight nine ten", 1.0)
+    assert models.looks_invented("", 1.0)
+    assert not models.looks_invented("My number is five five five, one two three four.", 3.5)
+    assert not models.looks_invented("Hello, I would like to book an appointment.", 2.5)

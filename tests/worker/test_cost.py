@@ -66,6 +66,10 @@ def test_the_capacity_estimate_changes_only_past_a_margin() -> None:
     assert settle(4, 5.2) == 5
     assert settle(5, 4.97) == 5, "just under: kept"
     assert settle(5, 4.8) == 4
+    assert settle(300, 306.0) == 300, "large capacities move by 2% at least"
+    assert settle(300, 308.5) == 308
+    assert settle(300, 295.0) == 300
+    assert settle(300, 293.5) == 293
 
 
 def test_the_cpu_monitor_measures_a_process_own_share_of_a_core() -> None:

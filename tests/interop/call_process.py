@@ -1,0 +1,115 @@
+"""A call script run as a process of its own (it enters a private network namespace first):
+bounded in time, everything it started killed when it overruns, its report read back, and the
+test skipped when this machine has no namespace to give it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import psutil
+import pytest
+
+from tests.interop.livekit_server import clean_env
+from tests.interop.netns import SKIP_EXIT
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+REPORT_FILE: Final = "report.json"
+CALL_LOG: Final = "call.log"
+KILL_WAIT_S: Final = 10.0
+LOG_TAIL_CHARS: Final = 4000
+
+
+@dataclass
+class CallRun:
+    """What the call process left behind in its workdir."""
+
+    workdir: Path
+    returncode: int
+    report: dict[str, Any]
+    logs: tuple[str, ...]
+    """Files of the workdir whose tails explain a failure."""
+
+    def jsonl(self, name: str, event: str) -> list[dict[str, Any]]:
+        """The records of the workdir's JSON-lines file `name` whose "event" is `event`."""
+        path = self.workdir / name
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [r for r in map(json.loads, lines) if r["event"] == event]
+
+    def log_records(self, message: str) -> list[dict[str, Any]]:
+        """The call process's JSON log records (worker, and job logs it relayed) with `message`."""
+        out = []
+        for line in (self.workdir / CALL_LOG).read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    record = json.loads(line)
+                    if record.get("message") == message:
+                        out.append(record)
+        return out
+
+    def context(self) -> str:
+        """Shown when an assertion fails: the report and the logs' tails."""
+        parts = [json.dumps(self.report, indent=1, default=str)[-6000:]]
+        names = [*self.logs]
+        server_log = self.report.get("server_log")
+        for name in [*names, *([server_log] if server_log else [])]:
+            with contextlib.suppress(OSError):
+                text = (self.workdir / name).read_text(errors="replace")
+                parts.append(f"--- {name} ---\n{text[-LOG_TAIL_CHARS:]}")
+        return "\n".join(parts)
+
+    def succeeded(self) -> dict[str, Any]:
+        """The report, once the process exited 0 and reported no error."""
+        assert self.returncode == 0 and self.report.get("error") is None, self.context()
+        return self.report
+
+
+def run_call_script(
+    module: str,
+    args: Sequence[str],
+    workdir: Path,
+    timeout: float,
+    logs: Sequence[str] = (CALL_LOG,),
+) -> CallRun:
+    """`python -m module workdir *args`; past `timeout` it and all it started are killed."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / CALL_LOG, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, str(workdir), *args],
+            cwd=REPO_ROOT,
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_family(proc)
+    path = workdir / REPORT_FILE
+    report = json.loads(path.read_text()) if path.exists() else {"error": "no report written"}
+    if proc.returncode == SKIP_EXIT:
+        pytest.skip(f"no private network namespace for media: {report.get('skip')}")
+    return CallRun(workdir, proc.returncode, report, tuple(logs))
+
+
+def kill_family(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the call process and every process it started, one by one by PID."""
+    try:
+        family = [psutil.Process(proc.pid)]
+        family += family[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            if p.is_running():
+                os.kill(p.pid, signal.SIGKILL)
+    proc.wait(timeout=KILL_WAIT_S)
