@@ -5,12 +5,8 @@ One subprocess in a private network namespace runs it (tests/server/sip/phone_ag
 
 from __future__ import annotations
 
-import contextlib
-import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Final
 
@@ -18,16 +14,13 @@ import pytest
 from livekit import rtc
 
 from callboard.voice_caller import word_error_rate
-from tests.interop.livekit_server import clean_env
-from tests.interop.media_call import REPORT_FILE, SKIP_EXIT
+from tests.interop.call_process import CALL_LOG, run_call_script
 from tests.interop.netns import unavailable_reason
-from tests.interop.test_media import kill_family
 from tests.server.sip.phone_agent_call import CALLER_SAYS
 from tests.server.sip.sipp import SIPP_MISSING
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(400, func_only=True)]
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 CALL_TIMEOUT_S: Final = 300.0
 CALLER_ID: Final = "sip_+56975231235"
 MAX_WER: Final = 0.2
@@ -46,28 +39,14 @@ def test_sipp_calls_the_receptionist(tmp_path: Path) -> None:
     if reason is not None:
         pytest.skip(reason)
     pytest.importorskip("hibari", reason="the voice extra: pip install -e '.[voice]'")
-    with open(tmp_path / "call.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.server.sip.phone_agent_call", str(tmp_path)],
-            cwd=REPO_ROOT,
-            env=clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        proc.wait(timeout=CALL_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        kill_family(proc)
-    path = tmp_path / REPORT_FILE
-    report = json.loads(path.read_text()) if path.exists() else {"error": "no report written"}
-    if proc.returncode == SKIP_EXIT:
-        pytest.skip(f"no private network namespace for media: {report.get('skip')}")
-    context = json.dumps(report, indent=1, default=str)[-5000:]
-    for name in ("call.log", "worker.log", "sipp/errors.log"):
-        with contextlib.suppress(OSError):
-            context += f"\n--- {name} ---\n{(tmp_path / name).read_text()[-3000:]}"
-    assert proc.returncode == 0 and report["error"] is None, context
+    run = run_call_script(
+        "tests.server.sip.phone_agent_call",
+        (),
+        tmp_path,
+        CALL_TIMEOUT_S,
+        logs=(CALL_LOG, "worker.log", "server.log", "sipp/errors.log"),
+    )
+    report = run.succeeded()
 
     # livekit-sip's room and participant (see the table in test_calls.py)
     assert re.fullmatch(r"call-_\+56975231235_[2-9A-HJ-NP-Za-km-z]{12}", report["room"])
