@@ -36,10 +36,18 @@ class SipConfig:
     """Seconds a call rings waiting for someone in the room to subscribe to it."""
     realm: str = "callboard"
     """Digest realm for trunks that set none."""
+    min_session_expires: int = 90
+    """Min-SE (RFC 4028): shorter session intervals are answered 422; 90 s is the RFC's."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise SipConfigError(f"sip port must be in 0..65535, got {self.port}")
-        for name in ("max_calls", "invites_per_second", "max_transactions", "ringing_timeout"):
+        for name in (
+            "max_calls",
+            "invites_per_second",
+            "max_transactions",
+            "ringing_timeout",
+            "min_session_expires",
+        ):
             if getattr(self, name) <= 0:
                 raise SipConfigError(f"sip {name} must be > 0, got {getattr(self, name)}")

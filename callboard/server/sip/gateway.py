@@ -5,9 +5,10 @@ until ACK, and sheds load (503) before it runs out of anything."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -27,7 +28,7 @@ from callboard.server.sip.message import (
     canonical,
     reply,
 )
-from callboard.server.sip.outbound import DialFailed, OutboundSipCall
+from callboard.server.sip.outbound import DialFailed, OutboundSipCall, trunk_address
 from callboard.server.sip.room_leg import CallRooms
 from callboard.server.sip.store import SipStore
 from callboard.server.sip.transport import Peer, SipTransports
@@ -37,7 +38,7 @@ from callboard.server.twirp import TwirpError
 log = get_logger("server.sip")
 
 RETRY_AFTER_S: Final = 5
-SUPPORTED: Final = frozenset({"replaces", "norefersub", "100rel"})
+SUPPORTED: Final = frozenset({"replaces", "norefersub", "100rel", "timer"})
 GARBAGE_LOG_INTERVAL_S: Final = 10.0
 
 
@@ -139,6 +140,7 @@ class SipGateway:
             "CANCEL": self._on_cancel,
             "OPTIONS": self._on_options,
             "INFO": self._on_info,
+            "UPDATE": self._on_update,
         }.get(method, self._on_unsupported)
         handler(msg, peer)
 
@@ -215,7 +217,8 @@ class SipGateway:
             self.calls.pop((call.invite.call_id, call.local_tag), None)
 
     def _on_reinvite(self, msg: SipMessage, peer: Peer) -> None:
-        """A re-INVITE (hold, session refresh): answered with the same SDP, the new direction."""
+        """A re-INVITE (hold, resume, a new media address, session refresh): answered with
+        the same SDP in the direction the offer allows; the media follows it."""
         call = self.calls.get((msg.call_id, msg.to.tag))
         if call is None or call.answer is None:
             self._send(msg, peer, reply(msg, 481))
@@ -227,20 +230,50 @@ class SipGateway:
             except sdp.SdpError:
                 self._send(msg, peer, reply(msg, 488))
                 return
-            answer = sdp.Answer(
-                answer.address,
-                answer.port,
-                answer.codec,
-                answer.codec_pt,
-                answer.dtmf_pt,
-                sdp.answer_direction(offer.direction),
-                answer.session_id,
-            )
-        response = reply(msg, 200)
-        response.add("Contact", self.contact)
+            answer = dataclasses.replace(answer, direction=sdp.answer_direction(offer.direction))
+            call.answer = answer
+            self._update_media(call, answer, (offer.address, offer.port))
+        response = self._refreshed(call, msg)
         response.add("Content-Type", "application/sdp")
         response.body = answer.encode(version=2)
         self._send(msg, peer, response)
+
+    def _refreshed(self, call: InboundSipCall | OutboundSipCall, msg: SipMessage) -> SipMessage:
+        """A 200 OK to a re-INVITE or UPDATE, which also refreshes the session (RFC 4028)."""
+        response = reply(msg, 200)
+        response.add("Contact", self.contact)
+        if isinstance(call, InboundSipCall):
+            call.refreshed.set()
+            if call.timer is not None:
+                for name, value in call.timer.headers().items():
+                    response.add(name, value)
+        return response
+
+    def _on_update(self, msg: SipMessage, peer: Peer) -> None:
+        """UPDATE without an offer (RFC 3311), as callers refresh sessions (RFC 4028)."""
+        call = self.calls.get((msg.call_id, msg.to.tag))
+        if call is None:
+            self._send(msg, peer, reply(msg, 481))
+            return
+        if msg.body:
+            self._send(msg, peer, reply(msg, 488, "Offers in UPDATE are not supported"))
+            return
+        self._send(msg, peer, self._refreshed(call, msg))
+
+    def _update_media(
+        self,
+        call: InboundSipCall | OutboundSipCall,
+        answer: sdp.Answer,
+        remote: tuple[str, int],
+    ) -> None:
+        media = call.media
+        if media is None:
+            return
+        was_sending = media.sending
+        media.update(answer, remote)
+        if media.sending != was_sending:
+            message = "sip call resumed" if media.sending else "sip call on hold"
+            log.info(message, extra={**call.log_extra, "direction": answer.direction})
 
     def _on_ack(self, msg: SipMessage, key: tuple[str, str]) -> None:
         call = self.calls.get((msg.call_id, msg.to.tag))
@@ -312,15 +345,13 @@ class SipGateway:
                 "failed_precondition",
                 "callboard dials only through a stored outbound trunk: set sip_trunk_id",
             )
-        if trunk.transport not in (sip.SIP_TRANSPORT_AUTO, sip.SIP_TRANSPORT_UDP):
-            raise TwirpError("unimplemented", "outbound calls use UDP only")
         call = OutboundSipCall(
             req,
             trunk,
             config=self.config,
             rooms=self.rooms,
             transactions=self.client,
-            send=lambda data: self.transports.send_udp(data, call.target.host, call.target.port),
+            send=await self._sender(trunk),
             local_port=self.port,
         )
         await call.join()
@@ -338,6 +369,18 @@ class SipGateway:
             room_name=req.room_name,
             sip_call_id=call.call_id,
         )
+
+    async def _sender(self, trunk: sip.SIPOutboundTrunkInfo) -> Callable[[bytes], None]:
+        """How requests reach the trunk: from our UDP socket, or over a TCP connection."""
+        host, port = trunk_address(trunk)
+        if trunk.transport in (sip.SIP_TRANSPORT_AUTO, sip.SIP_TRANSPORT_UDP):
+            return lambda data: self.transports.send_udp(data, host, port)
+        if trunk.transport != sip.SIP_TRANSPORT_TCP:
+            raise TwirpError("unimplemented", "outbound calls use UDP or TCP (no TLS)")
+        try:
+            return await self.transports.connect(host, port)
+        except (OSError, TimeoutError) as e:
+            raise TwirpError("unavailable", f"cannot reach {host}:{port} over TCP: {e}") from None
 
     async def _dial(self, call: OutboundSipCall, answered: asyncio.Future[SipMessage]) -> None:
         """Dial, say how it went on `answered`, then hold the call until it ends."""

@@ -36,6 +36,9 @@ DTMF_END_REPEATS: Final = 3
 DTMF_DURATION_MS: Final = 100
 SSRC_SWITCH_PACKETS: Final = 10
 DYNAMIC_PT: Final = range(96, 128)
+SENDING: Final = frozenset({"sendrecv", "sendonly"})
+"""Our answer's directions that let us send."""
+HOLD_ADDRESS: Final = "0.0.0.0"
 
 AudioSink = Callable[[Pcm], None]
 DigitSink = Callable[[str], None]
@@ -66,6 +69,7 @@ class RtpSession(asyncio.DatagramProtocol):
         self.received = 0
         self.dropped = 0
         self.sent = 0
+        self.sending = False
 
     async def open(self, host: str) -> int:
         """Bind a free UDP port on `host`; returns it."""
@@ -76,11 +80,19 @@ class RtpSession(asyncio.DatagramProtocol):
 
     def start(self, answer: Answer, remote: tuple[str, int]) -> None:
         """Begin sending to `remote` with the negotiated codec."""
-        self.answer, self.remote = answer, remote
+        self.update(answer, remote)
         if self._sender is None:
             self._sender = asyncio.get_running_loop().create_task(
                 self._send_task(), name="sip-rtp-send"
             )
+
+    def update(self, answer: Answer, remote: tuple[str, int]) -> None:
+        """A new answer (re-INVITE): the destination may move (livekit-sip inbound.go
+        updateRemoteFromSDP), and we send only when our answer allows it: none while the
+        phone holds the call with sendonly, inactive or the RFC 2543 address 0.0.0.0
+        (RFC 3264 §8.4)."""
+        self.answer, self.remote = answer, remote
+        self.sending = answer.direction in SENDING and remote[0] != HOLD_ADDRESS and remote[1] > 0
 
     @property
     def lost(self) -> int:
@@ -166,6 +178,8 @@ class RtpSession(asyncio.DatagramProtocol):
         answer, remote, transport = self.answer, self.remote, self._transport
         if answer is None or answer.dtmf_pt is None or remote is None or transport is None:
             return
+        if not self.sending:
+            return
         code = DTMF_DIGITS.find(digit.upper())
         if code < 0:
             return
@@ -203,7 +217,9 @@ class RtpSession(asyncio.DatagramProtocol):
                 payload = codec.encode(pcm)
             else:
                 payload = self._out.popleft() if self._out else silence
-            self._send(RtpPacket(answer.codec_pt, self._next_seq(), self._ts, self._ssrc, payload))
+            if self.sending:  # on hold the room's audio is drained, not sent
+                packet = RtpPacket(answer.codec_pt, self._next_seq(), self._ts, self._ssrc, payload)
+                self._send(packet)
             self._ts = (self._ts + FRAME_SAMPLES) % MAX_TIMESTAMP
             next_at += FRAME_S
             delay = next_at - loop.time()

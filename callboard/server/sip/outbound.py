@@ -45,7 +45,8 @@ class DialFailed(TwirpError):
         )
 
 
-def _address(trunk: sip.SIPOutboundTrunkInfo) -> tuple[str, int]:
+def trunk_address(trunk: sip.SIPOutboundTrunkInfo) -> tuple[str, int]:
+    """host and port of an outbound trunk's `address` (5060 when it names none)."""
     host, _, port = trunk.address.rpartition(":")
     if not host or not port.isdigit():
         return trunk.address, DEFAULT_SIP_PORT
@@ -66,7 +67,7 @@ class OutboundSipCall:
         send: Send,
         local_port: int,
     ) -> None:
-        host, port = _address(trunk)
+        host, port = trunk_address(trunk)
         self.req, self.trunk, self.config, self.rooms = req, trunk, config, rooms
         number = req.sip_number or (trunk.numbers[0] if trunk.numbers else "")
         self.target = DialTarget(
@@ -74,6 +75,7 @@ class OutboundSipCall:
             port=port,
             to_user=req.sip_call_to,
             from_user=number,
+            transport="TCP" if trunk.transport == sip.SIP_TRANSPORT_TCP else "UDP",
             username=trunk.auth_username,
             password=trunk.auth_password,
             from_host=trunk.from_host,

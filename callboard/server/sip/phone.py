@@ -30,6 +30,7 @@ VOICED_RMS: Final = 300.0
 QUIET_FRAMES: Final = 60
 """1.2 s of quiet (20 ms frames) ends an utterance."""
 GREETING_WAIT_S: Final = 15.0
+UTTERANCE_POLL_S: Final = 0.1
 
 
 def rms(frame: Pcm) -> float:
@@ -39,15 +40,18 @@ def rms(frame: Pcm) -> float:
 def utterance(heard: list[Pcm], since: int) -> tuple[int, int] | None:
     """(first, end) frame indices of the first thing said at or after frame `since`, once
     QUIET_FRAMES of quiet followed it; None until then."""
-    loud = [i for i in range(since, len(heard)) if rms(heard[i]) > VOICED_RMS]
-    if not loud or len(heard) - loud[-1] < QUIET_FRAMES:
+    levels = [0.0] * since + [rms(frame) for frame in heard[since:]]
+    return utterance_in(levels, since)
+
+
+def utterance_in(levels: list[float], since: int) -> tuple[int, int] | None:
+    """`utterance` over the frames' RMS levels (a caller polling a growing call keeps them)."""
+    loud = np.flatnonzero(np.asarray(levels[since:]) > VOICED_RMS) + since
+    if not loud.size or len(levels) - loud[-1] < QUIET_FRAMES:
         return None
-    first = end = loud[0]
-    for i in loud:
-        if i - end > QUIET_FRAMES:
-            break
-        end = i
-    return first, end + 1
+    pauses = np.flatnonzero(np.diff(loud) > QUIET_FRAMES)
+    end = loud[pauses[0]] if pauses.size else loud[-1]
+    return int(loud[0]), int(end) + 1
 
 
 Say = Callable[[str], None]
@@ -183,6 +187,8 @@ class ActiveCall:
         self.hung_up = hung_up
         self.digits = digits
         self.result = CallResult(0, "")
+        self._levels: list[float] = []
+        """RMS of each heard frame so far, computed once."""
 
     @property
     def answered(self) -> bool:
@@ -193,11 +199,13 @@ class ActiveCall:
         has finished; None if nothing was said within `timeout` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        heard = self.result.heard
         while loop.time() < deadline and not self.hung_up.is_set():
-            found = utterance(self.result.heard, since)
+            self._levels.extend(rms(frame) for frame in heard[len(self._levels) :])
+            found = utterance_in(self._levels, since)
             if found is not None:
                 return found
-            await asyncio.sleep(FRAME_S)
+            await asyncio.sleep(UTTERANCE_POLL_S)
         return None
 
     async def wait_hangup(self, timeout: float) -> bool:

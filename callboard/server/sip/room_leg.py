@@ -24,6 +24,9 @@ class RoomLeg(Protocol):
 
     async def wait_subscribed(self, timeout: float) -> bool: ...
 
+    def subscribers(self) -> list[str]:
+        """Identities of the participants hearing the caller."""
+
     def set_attributes(self, attributes: Mapping[str, str]) -> None: ...
 
     def caller_audio(self, pcm: Pcm) -> None: ...

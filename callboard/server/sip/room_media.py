@@ -188,6 +188,10 @@ class RoomMediaLeg:
             await asyncio.wait_for(self.member.subscribed.wait(), timeout)
         return self.member.subscribed.is_set()
 
+    def subscribers(self) -> list[str]:
+        sids = self.publication.sinks.keys()
+        return [p.identity for p in self.live.participants.values() if p.sid in sids]
+
     def set_attributes(self, attributes: Mapping[str, str]) -> None:
         self.participant.info.attributes.update(attributes)
         self.live.update(self.participant)

@@ -25,6 +25,7 @@ log = get_logger("server.sip.transport")
 
 TCP_IDLE_TIMEOUT_S: Final = 300.0
 MAX_TCP_CONNECTIONS: Final = 256
+CONNECT_TIMEOUT_S: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class SipTransports:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._streams: set[asyncio.Task[None]] = set()
+        self._outgoing: dict[tuple[str, int], Callable[[bytes], None]] = {}
 
     @property
     def port(self) -> int:
@@ -122,18 +124,46 @@ class SipTransports:
             return
         self._streams.add(task)
         host, port = writer.get_extra_info("peername")[:2]
+        try:
+            await self._run_stream(reader, writer, Peer("TCP", host, port, _writer_send(writer)))
+        finally:
+            self._streams.discard(task)
 
-        def send(out: bytes) -> None:
-            if not writer.is_closing():
-                writer.write(out)
+    async def connect(self, host: str, port: int) -> Callable[[bytes], None]:
+        """Send over a TCP connection of ours to host:port (calls we place over TCP), opened
+        once and kept while it lives; what arrives on it is handled like any message.
+        Raises OSError or TimeoutError when it cannot be opened."""
+        send = self._outgoing.get((host, port))
+        if send is not None:
+            return send
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port), CONNECT_TIMEOUT_S
+        )
+        send = self._outgoing[(host, port)] = _writer_send(writer)
+        task = asyncio.get_running_loop().create_task(
+            self._outgoing_stream(reader, writer, Peer("TCP", host, port, send)),
+            name="sip-tcp-out",
+        )
+        self._streams.add(task)
+        task.add_done_callback(self._streams.discard)
+        return send
 
-        peer = Peer("TCP", host, port, send)
+    async def _outgoing_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
+    ) -> None:
+        try:
+            await self._run_stream(reader, writer, peer)
+        finally:
+            self._outgoing.pop((peer.host, peer.port), None)
+
+    async def _run_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
+    ) -> None:
         try:
             await self._read_stream(reader, peer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
-            self._streams.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -167,6 +197,14 @@ class SipTransports:
             task.cancel()
         if self._streams:
             await asyncio.gather(*self._streams, return_exceptions=True)
+
+
+def _writer_send(writer: asyncio.StreamWriter) -> Callable[[bytes], None]:
+    def send(out: bytes) -> None:
+        if not writer.is_closing():
+            writer.write(out)
+
+    return send
 
 
 def _frame(buffer: bytes) -> tuple[bytes, bytes] | None:

@@ -135,7 +135,8 @@ class OutgoingDialog:
         msg.add("To", f"{to};tag={self.remote_tag}" if self.remote_tag else to)
         msg.add("Call-ID", self.call_id)
         msg.add("CSeq", f"{cseq} {method}")
-        msg.add("Contact", f"<sip:{target.from_user}@{self.local_host}:{self.local_port}>")
+        params = ";transport=tcp" if self.reliable else ""
+        msg.add("Contact", f"<sip:{target.from_user}@{self.local_host}:{self.local_port}{params}>")
         msg.add("Max-Forwards", "70")
         msg.add("User-Agent", USER_AGENT)
         return msg
@@ -146,6 +147,8 @@ class OutgoingDialog:
         """Send the INVITE (answering digest challenges with the target's credentials) and
         return the final response; a 2xx is ACKed and makes the dialog."""
         uri = f"sip:{self.target.to_user}@{self.target.host}:{self.target.port}"
+        if self.reliable:
+            uri += ";transport=tcp"
         authorization: tuple[str, str] | None = None
         for _ in range(MAX_AUTH_ATTEMPTS + 1):
             self.cseq += 1

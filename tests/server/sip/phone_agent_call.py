@@ -4,10 +4,13 @@
 It moves into a private network namespace (the agent's WebRTC needs a non-loopback address;
 nothing leaves the machine), starts `callboard server --sip-port`, the receptionist example
 under callboard's worker (tests/server/sip/agents/phone_receptionist.py), provisions a trunk and
-an individual dispatch rule, and calls in with callboard's SIP phone: µ-law both ways. The phone
-hears the greeting, says a sentence (hibari), hears the answer, sends a DTMF digit, and hangs
-up. What it heard is transcribed offline (Whisper tiny.en); the job's end is read from the
-server's log and the worker's.
+an individual dispatch rule, and calls in with Debian's sipp as the phone: µ-law both ways.
+sipp plays pcap files written here (the caller's sentence synthesized by hibari, then an RFC 4733
+digit); its SDP names a UDP socket of this process as the phone's media address, so what the
+gateway sends the phone is heard here. The test paces sipp (tests/server/sip/sipp.py
+`paced_call`): it waits for the greeting, has sipp speak, waits for the answer, has sipp send
+the digit and then hang up. What the phone heard is transcribed offline (Whisper tiny.en);
+the job's end is read from the server's log and the worker's.
 
 Output in WORKDIR: report.json, agent.jsonl, worker.log, server.log. Exit status SKIP_EXIT when
 the namespace cannot be had.
@@ -19,7 +22,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -29,9 +31,8 @@ import numpy as np
 
 from callboard.plugins.local import models
 from callboard.server.sip.audio import resample
-from callboard.server.sip.codecs import FRAME_SAMPLES, SAMPLE_RATE, Pcm
-from callboard.server.sip.phone import ActiveCall, SipPhone, rms, utterance
-from callboard.server.sip.uac import DialTarget
+from callboard.server.sip.codecs import SAMPLE_RATE, Pcm
+from callboard.server.sip.phone import utterance
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
@@ -46,18 +47,23 @@ from tests.interop.media_call import REPORT_FILE, SKIP_EXIT, server_job_ended
 from tests.interop.netns import NetnsUnavailable, enter_private_network
 from tests.interop.support import wait_until
 from tests.server.sip.agents.phone_receptionist import REPORT_ENV
+from tests.server.sip.phone_media import RtpSink, RtpStream, write_pcap
 from tests.server.sip.provisioning import trunk_and_rule
+from tests.server.sip.sipp import CALL_ID_FORMAT, notify_sipp, paced_call, run_sipp
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 AGENT_SCRIPT: Final = REPO_ROOT / "tests" / "server" / "sip" / "agents" / "phone_receptionist.py"
 CALLER: Final = "+56975231235"
 CALLED: Final = "+15550100"
-CALLER_SAYS: Final = "Hello, I would like to book an appointment for Monday, please."
+CALLER_SAYS: Final = "Hello, what time are you open?"
 DIGIT: Final = "5"
 REGISTER_TIMEOUT_S: Final = 90.0
 REPLY_TIMEOUT_S: Final = 40.0
 JOB_END_TIMEOUT_S: Final = 30.0
 CALL_TIMEOUT_S: Final = 240.0
+TRAILING_SILENCE_S: Final = 2.0
+"""The caller's silence after speaking: the agent's VAD needs it to end the turn."""
+SIPP_END_TIMEOUT_S: Final = 20.0
 
 
 def start_callboard(workdir: Path) -> tuple[ServerProcess, int]:
@@ -119,22 +125,58 @@ def transcribe(frames: list[Pcm]) -> str:
     return text
 
 
-async def converse(call: ActiveCall, workdir: Path, report: dict[str, Any]) -> None:
-    heard = call.result.heard
-    first, end = await wait_until(lambda: utterance(heard, 0), "the greeting", REPLY_TIMEOUT_S)
-    report["greeting"] = transcribe(heard[first:end])
+def speech_pcaps(workdir: Path) -> tuple[Path, Path]:
+    """What the caller says (hibari, 8 kHz µ-law, then the silence a phone keeps sending), and
+    the DTMF digit after it: one RTP stream in two pcap files."""
     said = models.hibari_voice().synthesize(CALLER_SAYS, 1.0)
     speech = resample(np.frombuffer(said, dtype="<i2"), 24000, SAMPLE_RATE)
-    call.media.play(speech)
-    await asyncio.sleep(len(speech) / SAMPLE_RATE)
-    spoke = len(heard)
-    first, end = await wait_until(lambda: utterance(heard, spoke), "the answer", REPLY_TIMEOUT_S)
-    report["answer"] = transcribe(heard[first:end])
-    report["answer_after_s"] = round((first - spoke) * FRAME_SAMPLES / SAMPLE_RATE, 2)
-    call.media.send_digit(DIGIT)
+    stream = RtpStream().silence(0.5).audio(speech).silence(TRAILING_SILENCE_S)
+    spoken = write_pcap(workdir / "speech.pcap", stream.take())
+    return spoken, write_pcap(workdir / "dtmf.pcap", stream.digits(DIGIT).take())
+
+
+async def heard_utterance(sink: RtpSink, since: int, what: str) -> tuple[str, int]:
+    """The next thing the phone heard after frame `since`, transcribed; and its end frame."""
+    heard = sink.heard
+    first, end = await wait_until(lambda: utterance(heard, since), what, REPLY_TIMEOUT_S)
+    return transcribe(heard[first:end]), end
+
+
+async def converse(sink: RtpSink, sipp_port: int, workdir: Path, report: dict[str, Any]) -> None:
+    """Greeting → the caller speaks → the answer → a DTMF digit → the caller hangs up."""
+    report["greeting"], _ = await heard_utterance(sink, 0, "the greeting")
+    notify_sipp(sipp_port, 1)  # play speech.pcap; the agent is quiet until it answers
+    report["answer"], _ = await heard_utterance(sink, len(sink.heard), "the answer")
+    notify_sipp(sipp_port, 2)  # play dtmf.pcap
     report["dtmf"] = await wait_until(
         lambda: agent_events(workdir, "dtmf"), "the agent's sip_dtmf_received", 10.0
     )
+    notify_sipp(sipp_port, 3)  # BYE
+
+
+async def call_with_sipp(sip_port: int, workdir: Path, report: dict[str, Any]) -> None:
+    spoken, digits = speech_pcaps(workdir)
+    sink, media_port = await RtpSink.open(HOST)
+    sipp_port = free_port()
+    steps = [f'<exec play_pcap_audio="{spoken}"/>', f'<exec play_pcap_audio="{digits}"/>']
+    phone = asyncio.create_task(
+        run_sipp(
+            workdir / "sipp",
+            paced_call(media_port, steps),
+            sip_port,
+            listen_port=sipp_port,
+            timeout=CALL_TIMEOUT_S,
+            extra_args=["-cid_str", CALL_ID_FORMAT],
+        )
+    )
+    try:
+        await converse(sink, sipp_port, workdir, report)
+        run = await asyncio.wait_for(phone, SIPP_END_TIMEOUT_S)
+        report["sipp"] = {"returncode": run.returncode, "errors": run.errors[-1000:]}
+        assert run.returncode == 0, run.output + run.errors
+    finally:
+        phone.cancel()
+        sink.close()
 
 
 async def run(workdir: Path, report: dict[str, Any]) -> None:
@@ -148,21 +190,8 @@ async def run(workdir: Path, report: dict[str, Any]) -> None:
             REGISTER_TIMEOUT_S,
         )
         assert worker.poll() is None, worker_log()[-3000:]
-        await trunk_and_rule(server.http_url, CALLED)
-        async with SipPhone() as phone:
-            target = DialTarget(HOST, sip_port, CALLED, CALLER)
-            invited = time.monotonic()
-            call = await phone.dial(target)
-            report["invite_to_200_s"] = round(time.monotonic() - invited, 2)
-            report["status"] = call.result.status
-            assert call.answered, f"{call.result.status} {call.result.reason}"
-            try:
-                await converse(call, workdir, report)
-            finally:
-                heard = call.result.heard
-                report["heard_s"] = len(heard) * FRAME_SAMPLES / SAMPLE_RATE
-                report["heard_max_rms"] = max((rms(f) for f in heard), default=0.0)
-                await call.hang_up()
+        report["trunk_id"], report["rule_id"] = await trunk_and_rule(server.http_url, CALLED)
+        await call_with_sipp(sip_port, workdir, report)
         (job,) = agent_events(workdir, "job")
         report["room"] = job["room"]
         report["server_ended"] = await wait_until(
@@ -173,13 +202,21 @@ async def run(workdir: Path, report: dict[str, Any]) -> None:
             "the agent session to close",
             JOB_END_TIMEOUT_S,
         )
-        report["agent"] = [
-            e
-            for e in agent_events(workdir, "user_transcript") + agent_events(workdir, "agent_state")
-        ]
+        report["answered"] = server_log_record(server, "sip call answered")
+        for event in ("track_subscribed", "attributes_changed", "user_transcript", "agent_said"):
+            report[event] = agent_events(workdir, event)
     finally:
         stop_process(worker)
         stop_process(server.proc)
+
+
+def server_log_record(server: ServerProcess, message: str) -> dict[str, Any] | None:
+    for line in server.log_path.read_text(errors="replace").splitlines():
+        if f'"{message}"' in line:
+            record: dict[str, Any] = json.loads(line)
+            if record.get("message") == message:
+                return record
+    return None
 
 
 def main(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ async def trunk_and_rule(
     rule: bool = True,
     attributes: Mapping[str, str] | None = None,
     agents: Sequence[str] = (),
+    pin: str = "",
 ) -> tuple[str, str]:
     """(trunk id, rule id; "" without `rule`). Without `auth` the trunk admits 127.0.0.1."""
     async with api.LiveKitAPI(http_url, DEV_API_KEY, DEV_API_SECRET) as lk:
@@ -35,7 +36,7 @@ async def trunk_and_rule(
             return created.sip_trunk_id, ""
         info = sip.SIPDispatchRuleInfo(
             rule=sip.SIPDispatchRule(
-                dispatch_rule_individual=sip.SIPDispatchRuleIndividual(room_prefix="call-")
+                dispatch_rule_individual=sip.SIPDispatchRuleIndividual(room_prefix="call-", pin=pin)
             ),
             trunk_ids=[created.sip_trunk_id],
             attributes=dict(attributes or {}),

@@ -68,6 +68,23 @@ class RawSipClient:
             if msg.status >= 200:
                 return got
 
+    async def next_request(self, method: str, timeout: float) -> SipMessage | None:
+        """The next request `method` the gateway sends us (others skipped), or None."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (left := deadline - loop.time()) > 0:
+            try:
+                data = await asyncio.wait_for(self._collector.replies.get(), left)
+            except TimeoutError:
+                return None
+            try:
+                msg = parse(data)
+            except SipParseError:
+                continue
+            if msg.is_request and msg.method == method:
+                return msg
+        return None
+
     async def request(self, data: bytes, timeout: float = REPLY_TIMEOUT_S) -> list[SipMessage]:
         self.send(data)
         return await self.responses(timeout, call_id=parse(data).call_id)

@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -41,7 +42,7 @@ SDP: Final = """\
       a=fmtp:101 0-16"""
 
 
-def invite(caller: str = CALLER, extra: str = "") -> str:
+def invite(caller: str = CALLER, extra: str = "", sdp: str = SDP) -> str:
     headers = INVITE_HEADERS.format(caller=caller)
     extra_lines = f"\n      {extra}" if extra else ""
     return f"""  <send retrans="500">
@@ -52,7 +53,7 @@ def invite(caller: str = CALLER, extra: str = "") -> str:
       Content-Type: application/sdp
       Content-Length: [len]
 
-{SDP}
+{sdp}
     ]]>
   </send>
 """
@@ -75,6 +76,16 @@ def in_dialog(method: str, caller: str = CALLER, cseq: str = "[cseq]", retrans: 
     ]]>
   </send>
 """
+
+
+def answered(sdp: str = SDP, timeout_ms: int = 0) -> str:
+    """INVITE (with `sdp`), its 100 and 180 if they come, the 200 OK, our ACK."""
+    timeout = f' timeout="{timeout_ms}"' if timeout_ms else ""
+    steps = invite(sdp=sdp)
+    steps += '  <recv response="100" optional="true"/>\n'
+    steps += '  <recv response="180" optional="true"/>\n'
+    steps += f'  <recv response="200" rrs="true"{timeout}/>\n'
+    return steps + in_dialog("ACK", cseq="[cseq]", retrans=False)
 
 
 def scenario(name: str, body: str) -> str:
@@ -106,6 +117,62 @@ def answered_call(audio: str = "", dtmf: str = "", talk_ms: int = 1500, auth: bo
     steps += in_dialog("BYE")
     steps += '  <recv response="200"/>\n'
     return scenario("answered call", steps)
+
+
+STEP_TIMEOUT_MS: Final = 120_000
+CALL_ID_FORMAT: Final = "agentcall-%u@%s"
+"""sipp's `-cid_str` for a paced call: call 1 from 127.0.0.1 is `agentcall-1@127.0.0.1`."""
+
+
+def paced_call(media_port: int, steps: list[str]) -> str:
+    """A call whose phone media address is `media_port` (a socket the test owns, offering PCMU
+    and telephone-event only) and which the test paces: after the ACK, each of `steps` (sipp
+    actions, e.g. `<exec play_pcap_audio="x.pcap"/>`) runs when the test sends the call a
+    NOTIFY (`notify_sipp`); one more NOTIFY makes the phone hang up (BYE)."""
+    offer = SDP.replace("[media_port]", str(media_port)).replace(" 0 8 101", " 0 101")
+    offer = offer.replace("      a=rtpmap:8 PCMA/8000\n", "")
+    body = answered(offer, STEP_TIMEOUT_MS)
+    for action in [*steps, ""]:
+        body += f'  <recv request="NOTIFY" timeout="{STEP_TIMEOUT_MS}"/>\n'
+        body += _answer("200 OK")
+        if action:
+            body += f"  <nop><action>{action}</action></nop>\n"
+    body += in_dialog("BYE")
+    body += '  <recv response="200"/>\n'
+    return scenario("paced call", body)
+
+
+def pin_call(media_port: int, digits_pcap: Path, admitted: bool) -> str:
+    """Answered at once; after the prompt the phone types the digits in `digits_pcap`. When
+    `admitted` it then talks for a second and hangs up, else it waits for the gateway's BYE."""
+    offer = SDP.replace("[media_port]", str(media_port))
+    body = answered(offer)
+    body += '  <pause milliseconds="500"/>\n'
+    body += f'  <nop><action><exec play_pcap_audio="{digits_pcap}"/></action></nop>\n'
+    if admitted:
+        body += '  <pause milliseconds="1000"/>\n'
+        body += in_dialog("BYE")
+        body += '  <recv response="200"/>\n'
+    else:
+        body += '  <recv request="BYE" timeout="10000"/>\n'
+        body += _answer("200 OK")
+    return scenario("pin call", body)
+
+
+def notify_sipp(sipp_port: int, step: int, call_id: str = "agentcall-1@127.0.0.1") -> None:
+    """Tell the paced call in sipp on `sipp_port` to take its next step."""
+    request = (
+        f"NOTIFY sip:{CALLER}@{HOST}:{sipp_port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {HOST}:9;branch=z9hG4bK-step-{step}\r\n"
+        f"From: <sip:test@{HOST}>;tag=test\r\n"
+        f"To: <sip:{CALLER}@{HOST}>\r\n"
+        f"Call-ID: {call_id}\r\n"
+        f"CSeq: {step} NOTIFY\r\n"
+        "Event: callboard-test-step\r\n"
+        "Content-Length: 0\r\n\r\n"
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(request.encode(), (HOST, sipp_port))
 
 
 def ack_for_error() -> str:
@@ -170,6 +237,7 @@ async def run_sipp(
     service: str = CALLED,
     auth: tuple[str, str] | None = None,
     timeout: float = RUN_TIMEOUT_S,
+    extra_args: Sequence[str] = (),
 ) -> SippRun:
     """Run one scenario against 127.0.0.1:`sip_port` (or, with `sip_port` None, wait for calls
     on `listen_port`); sipp exits 0 when every call passed."""
@@ -208,6 +276,7 @@ async def run_sipp(
     ]
     if auth is not None:
         args += ["-au", auth[0], "-ap", auth[1]]
+    args += extra_args
     proc = await asyncio.create_subprocess_exec(
         *args,
         stdin=asyncio.subprocess.DEVNULL,
@@ -295,11 +364,7 @@ def _uas_response(status: str, sdp: str = "") -> str:
 
 def transferred_call() -> str:
     """A caller who is answered, then REFERred elsewhere (202), then hung up on (BYE → 200)."""
-    steps = invite()
-    steps += '  <recv response="100" optional="true"/>\n'
-    steps += '  <recv response="180" optional="true"/>\n'
-    steps += '  <recv response="200" rrs="true"/>\n'
-    steps += in_dialog("ACK", cseq="[cseq]", retrans=False)
+    steps = answered()
     steps += '  <recv request="REFER" timeout="10000"/>\n'
     steps += _answer("202 Accepted")
     steps += '  <recv request="BYE" timeout="10000"/>\n'

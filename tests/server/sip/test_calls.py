@@ -6,21 +6,29 @@ caller's audio and DTMF in the room, outbound dialing and transfer."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from pathlib import Path
+from typing import Final
 
 import pytest
 from livekit import api
 from livekit.protocol import models, room, sip
 
 from callboard.server.app import EmbeddedServer
+from callboard.server.sip.inbound import PIN_LIMIT
+from callboard.server.sip.phone import rms
 from tests.conftest import API_KEY, API_SECRET
 from tests.server.sip import sipp
+from tests.server.sip.phone_media import RtpSink, RtpStream, write_pcap
 from tests.server.sip.provisioning import trunk_and_rule
 from tests.server.sip.room_agent import LIST_ROOMS, CallSeen, RoomAgent
 from tests.server.support import wait_until
 
 pytestmark = pytest.mark.skipif(sipp.shutil.which("sipp") is None, reason=sipp.SIPP_MISSING)
+PROMPT_RMS: Final = 1000.0
+PROMPT_FRAMES: Final = 10
+"""200 ms of tone: the phone heard a prompt (the gateway sends silence otherwise)."""
 
 
 async def provision(
@@ -161,20 +169,90 @@ async def test_a_call_over_tcp(gateway: EmbeddedServer, agent: RoomAgent, tmp_pa
     assert seen.info.disconnect_reason == models.DisconnectReason.CLIENT_INITIATED
 
 
-async def outbound_trunk(srv: EmbeddedServer, port: int) -> str:
+PIN: Final = "1234"
+TOO_LONG: Final = "1" * (PIN_LIMIT + 1)
+
+
+@pytest.mark.parametrize(
+    ("typed", "admitted"),
+    [
+        pytest.param(PIN + "#", True, id="inbound.go pinPrompt: the right pin, then #, joins"),
+        pytest.param("9999#", False, id="inbound.go pinPrompt: a wrong pin is hung up on"),
+        pytest.param(TOO_LONG, False, id="inbound.go pinPrompt: past pinLimit (16) is wrong"),
+    ],
+)
+async def test_a_pin_protected_rule(
+    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path, typed: str, admitted: bool
+) -> None:
+    """inbound.go handleInvite with DispatchRequestPin: the call is answered at once (nobody
+    is in a room yet), the caller hears the enter-pin prompt and types digits (RFC 4733, sipp
+    replaying a pcap); the right pin joins the rule's room as `active` (no ringing) and the
+    digits never reach the room; a wrong one hears the wrong-pin prompt and gets a BYE."""
+    if os.geteuid() != 0:
+        pytest.skip("sipp's play_pcap_audio sends from a raw socket: run as root")
+    await trunk_and_rule(gateway.http_url, sipp.CALLED, pin=PIN)
+    digits = RtpStream().silence(0.2).digits(typed).silence(0.3).take()
+    pcap = write_pcap(tmp_path / "pin.pcap", digits)
+    sink, media_port = await RtpSink.open(sipp.HOST)
+    try:
+        scenario = sipp.pin_call(media_port, pcap, admitted)
+        run = await sipp.run_sipp(tmp_path, scenario, sip_port(gateway))
+    finally:
+        sink.close()
+    assert run.returncode == 0, run.output + run.errors
+    assert sum(rms(frame) > PROMPT_RMS for frame in sink.heard) >= PROMPT_FRAMES, "a prompt"
+    if not admitted:
+        assert agent.calls == {}
+        return
+    seen = await one_call(agent)
+    await wait_until(lambda: seen.left, "the caller's leave")
+    assert re.fullmatch(r"call-_\+56975231235_\w{12}", seen.room)
+    assert seen.statuses == ["active", "hangup"]
+    assert seen.digits == []
+
+
+async def test_a_caller_who_hangs_up_at_the_pin_prompt_joins_no_room(
+    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path
+) -> None:
+    """inbound.go pinPrompt: a BYE while the PIN is awaited ends the call (200 OK to it)."""
+    await trunk_and_rule(gateway.http_url, sipp.CALLED, pin=PIN)
+    run = await sipp.run_sipp(tmp_path, sipp.answered_call(talk_ms=300), sip_port(gateway))
+    assert run.returncode == 0, run.output + run.errors
+    await asyncio.sleep(0.3)
+    assert agent.calls == {}
+    assert gateway.sip is not None and gateway.sip.calls == {}
+
+
+async def outbound_trunk(
+    srv: EmbeddedServer, port: int, transport: sip.SIPTransport.ValueType = sip.SIP_TRANSPORT_AUTO
+) -> str:
     async with api.LiveKitAPI(srv.http_url, API_KEY, API_SECRET) as lk:
         trunk = await lk.sip.create_outbound_trunk(
             sip.CreateSIPOutboundTrunkRequest(
                 trunk=sip.SIPOutboundTrunkInfo(
-                    name="out", address=f"127.0.0.1:{port}", numbers=["+15550199"]
+                    name="out",
+                    address=f"127.0.0.1:{port}",
+                    numbers=["+15550199"],
+                    transport=transport,
                 )
             )
         )
         return trunk.sip_trunk_id
 
 
+@pytest.mark.parametrize(
+    ("transport", "sipp_transport"),
+    [
+        pytest.param(sip.SIP_TRANSPORT_AUTO, "u1", id="UDP"),
+        pytest.param(sip.SIP_TRANSPORT_TCP, "t1", id="TCP: the trunk's transport"),
+    ],
+)
 async def test_create_sip_participant_dials_a_phone_that_answers(
-    gateway: EmbeddedServer, agent: RoomAgent, tmp_path: Path
+    gateway: EmbeddedServer,
+    agent: RoomAgent,
+    tmp_path: Path,
+    transport: sip.SIPTransport.ValueType,
+    sipp_transport: str,
 ) -> None:
     """CreateSIPParticipant through a stored outbound trunk to sipp answering as a phone: the
     callee joins the room as dialing, goes active on 200 OK, and hangs up (BYE) after a
@@ -182,9 +260,11 @@ async def test_create_sip_participant_dials_a_phone_that_answers(
     loopback, the callee could be active before the test's agent (which looks for phones in
     rooms every 10 ms) has joined to see it dialing."""
     phone_port = sipp.free_port()
-    trunk_id = await outbound_trunk(gateway, phone_port)
+    trunk_id = await outbound_trunk(gateway, phone_port, transport)
     scenario = sipp.answering_phone(1000, ring_ms=500)
-    phone = asyncio.create_task(sipp.run_sipp(tmp_path, scenario, None, listen_port=phone_port))
+    phone = asyncio.create_task(
+        sipp.run_sipp(tmp_path, scenario, None, listen_port=phone_port, transport=sipp_transport)
+    )
     await asyncio.sleep(0.5)  # sipp is listening
     async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
         info = await lk.sip.create_sip_participant(
@@ -206,6 +286,21 @@ async def test_create_sip_participant_dials_a_phone_that_answers(
     assert seen.info.attributes["sip.phoneNumber"] == "+15550123"
     assert seen.info.attributes["sip.trunkID"] == trunk_id
     assert seen.info.disconnect_reason == models.DisconnectReason.CLIENT_INITIATED
+
+
+async def test_dialing_a_tcp_trunk_nobody_listens_on_is_unavailable(
+    gateway: EmbeddedServer, agent: RoomAgent
+) -> None:
+    trunk_id = await outbound_trunk(gateway, sipp.free_port(), sip.SIP_TRANSPORT_TCP)
+    async with api.LiveKitAPI(gateway.http_url, API_KEY, API_SECRET) as lk:
+        with pytest.raises(api.TwirpError) as refused:
+            await lk.sip.create_sip_participant(
+                sip.CreateSIPParticipantRequest(
+                    sip_trunk_id=trunk_id, sip_call_to="+15550123", room_name="support"
+                )
+            )
+    assert refused.value.code == "unavailable" and "over TCP" in refused.value.message
+    assert agent.calls == {}
 
 
 async def test_dialing_without_a_stored_trunk_is_refused(

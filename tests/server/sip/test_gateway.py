@@ -4,6 +4,8 @@ pkg/sip/inbound.go for the statuses and reasons), and its behaviour under a floo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,8 +14,10 @@ from livekit.protocol import sip
 
 from callboard.server.app import EmbeddedServer, run_server
 from callboard.server.config import ServerConfig
+from callboard.server.sip.message import SipMessage, parse, reply
 from tests.conftest import API_KEY, API_SECRET
-from tests.server.sip.raw_sip import OFFER, RawSipClient, request
+from tests.server.sip.phone_media import RtpSink
+from tests.server.sip.raw_sip import HOST, OFFER, RawSipClient, request
 from tests.server.sip.room_agent import RoomAgent
 from tests.server.sip.test_calls import one_call, provision
 
@@ -98,10 +102,72 @@ async def test_offers_without_a_common_codec_are_488(
 async def test_required_extensions_we_lack_are_420(
     gateway: EmbeddedServer, phone: RawSipClient
 ) -> None:
-    """Session timers and other extensions are refused cleanly (RFC 3261 §8.2.2.3)."""
-    invite = request("INVITE", port_of(gateway), body=OFFER, extra="Require: timer")
+    """Extensions we do not have (preconditions, RFC 3312) are refused cleanly (RFC 3261
+    §8.2.2.3)."""
+    invite = request("INVITE", port_of(gateway), body=OFFER, extra="Require: precondition")
     [refused] = await phone.request(invite)
-    assert refused.status == 420 and refused.get("Unsupported") == "timer"
+    assert refused.status == 420 and refused.get("Unsupported") == "precondition"
+
+
+def short_sessions(srv: EmbeddedServer, min_se: int = 2) -> None:
+    """Min-SE of a couple of seconds, so that a test sees refreshes (the RFC's is 90 s)."""
+    assert srv.sip is not None
+    srv.sip.config = dataclasses.replace(srv.sip.config, min_session_expires=min_se)
+
+
+async def test_a_session_interval_below_min_se_is_422(
+    gateway: EmbeddedServer, phone: RawSipClient
+) -> None:
+    """RFC 4028 §9: 422 Session Interval Too Small, with our Min-SE."""
+    extra = "Supported: timer\r\nSession-Expires: 30"
+    *_, refused = await phone.request(request("INVITE", port_of(gateway), body=OFFER, extra=extra))
+    assert (refused.status, refused.get("Min-SE")) == (422, "90")
+
+
+async def test_we_refresh_a_session_when_the_caller_asks_us_to(
+    gateway: EmbeddedServer, agent: RoomAgent, phone: RawSipClient
+) -> None:
+    """RFC 4028 §7.4 and §9: `refresher=uas` → the 200 OK requires timer and names us; half
+    way through the interval we send a re-INVITE with our SDP, and ACK its 200 OK."""
+    short_sessions(gateway)
+    await provision(gateway)
+    extra = "Supported: timer\r\nSession-Expires: 2;refresher=uas"
+    invite = request("INVITE", port_of(gateway), body=OFFER, extra=extra)
+    *_, ok = await phone.request(invite)
+    assert ok.status == 200
+    assert (ok.get("Session-Expires"), ok.get("Require")) == ("2;refresher=uas", "timer")
+    phone.send(ack(invite, ok, 1))
+    refresh = await phone.next_request("INVITE", 3.0)
+    assert refresh is not None and refresh.call_id == parse(invite).call_id
+    assert refresh.get("Session-Expires") == "2;refresher=uas" and b"m=audio" in refresh.body
+    answer = reply(refresh, 200)
+    answer.add("Content-Type", "application/sdp")
+    answer.body = OFFER
+    phone.send(answer.encode())
+    acked = await phone.next_request("ACK", 2.0)
+    assert acked is not None and acked.get("CSeq") == refresh.get("CSeq").replace("INVITE", "ACK")
+
+
+async def test_a_session_the_caller_stops_refreshing_is_ended(
+    gateway: EmbeddedServer, agent: RoomAgent, phone: RawSipClient
+) -> None:
+    """RFC 4028 §10 with `refresher=uac`: a refresh (here an UPDATE, RFC 3311) is answered
+    with the session's terms; without one for an interval (less a third) we send BYE."""
+    short_sessions(gateway, 3)
+    await provision(gateway)
+    extra = "Supported: timer\r\nSession-Expires: 3;refresher=uac"
+    invite = request("INVITE", port_of(gateway), body=OFFER, extra=extra)
+    *_, ok = await phone.request(invite)
+    assert ok.get("Session-Expires") == "3;refresher=uac"
+    phone.send(ack(invite, ok, 1))
+    await asyncio.sleep(1.0)
+    update = reinvite(invite, ok, 2, b"").replace(b"INVITE", b"UPDATE")
+    [refreshed] = await phone.request(update)
+    assert (refreshed.status, refreshed.get("Session-Expires")) == (200, "3;refresher=uac")
+    assert await phone.next_request("BYE", 1.5) is None, "refreshed: not over yet"
+    bye = await phone.next_request("BYE", 2.0)
+    assert bye is not None and "session expired" in bye.get("Reason")
+    phone.send(reply(bye, 200).encode())
 
 
 async def test_bye_for_no_call_is_481(gateway: EmbeddedServer, phone: RawSipClient) -> None:
@@ -109,21 +175,63 @@ async def test_bye_for_no_call_is_481(gateway: EmbeddedServer, phone: RawSipClie
     assert refused.status == 481
 
 
-async def test_a_hold_reinvite_is_answered_recvonly(
+def reinvite(invite: bytes, ok: SipMessage, cseq: int, offer: bytes) -> bytes:
+    """`invite` again inside its dialog (our To tag), with a new CSeq, branch and offer."""
+    head, _, _ = invite.partition(b"\r\n\r\n")
+    head = (
+        head.replace(b"CSeq: 1 INVITE", f"CSeq: {cseq} INVITE".encode())
+        .replace(b"To: <sip:+15550100@127.0.0.1>", f"To: {ok.get('To')}".encode())
+        .replace(b"branch=z9hG4bK", f"branch=z9hG4bK{cseq}x".encode())
+    )
+    head = re.sub(rb"Content-Length: \d+", f"Content-Length: {len(offer)}".encode(), head)
+    return head + b"\r\n\r\n" + offer
+
+
+def ack(invite: bytes, ok: SipMessage, cseq: int) -> bytes:
+    """The ACK for the 200 OK to the INVITE with CSeq `cseq`."""
+    return reinvite(invite, ok, cseq, b"").replace(b"INVITE", b"ACK")
+
+
+def offer_to(port: int, direction: str = "sendrecv") -> bytes:
+    return OFFER.replace(b"m=audio 40000", f"m=audio {port}".encode()) + (
+        f"a={direction}\r\n".encode()
+    )
+
+
+async def packets_within(sink: RtpSink, seconds: float) -> int:
+    before = len(sink.heard)
+    await asyncio.sleep(seconds)
+    return len(sink.heard) - before
+
+
+async def test_hold_stops_our_media_and_resume_follows_the_new_address(
     gateway: EmbeddedServer, agent: RoomAgent, phone: RawSipClient
 ) -> None:
+    """RFC 3264 §8.4: a re-INVITE offering sendonly is answered recvonly and we send nothing
+    while held; livekit-sip inbound.go updateRemoteFromSDP: the re-INVITE that resumes may
+    name another RTP address, and our audio goes there."""
     await provision(gateway)
-    invite = request("INVITE", port_of(gateway), body=OFFER)
-    *_, ok = await phone.request(invite)
-    assert ok.status == 200 and b"a=sendrecv" in ok.body
-    hold = (
-        invite.replace(b"CSeq: 1 INVITE", b"CSeq: 2 INVITE")
-        .replace(b"To: <sip:+15550100@127.0.0.1>", f"To: {ok.get('To')}".encode())
-        .replace(b"branch=z9hG4bK", b"branch=z9hG4bKhold")
-        .replace(b"t=0 0\r\n", b"t=0 0\r\na=sendonly\r\n")
-    )
-    [held] = await phone.request(hold)
-    assert held.status == 200 and b"a=recvonly" in held.body
+    first, first_port = await RtpSink.open(HOST)
+    second, second_port = await RtpSink.open(HOST)
+    try:
+        invite = request("INVITE", port_of(gateway), body=offer_to(first_port))
+        *_, ok = await phone.request(invite)
+        assert ok.status == 200 and b"a=sendrecv" in ok.body
+        phone.send(ack(invite, ok, 1))
+        assert await packets_within(first, 0.3) >= 10, "20 ms frames while active"
+        [held] = await phone.request(reinvite(invite, ok, 2, offer_to(first_port, "sendonly")))
+        assert held.status == 200 and b"a=recvonly" in held.body
+        phone.send(ack(invite, ok, 2))
+        await asyncio.sleep(0.1)  # a frame already on its way
+        assert await packets_within(first, 0.4) == 0, "nothing sent while on hold"
+        [resumed] = await phone.request(reinvite(invite, ok, 3, offer_to(second_port)))
+        assert resumed.status == 200 and b"a=sendrecv" in resumed.body
+        phone.send(ack(invite, ok, 3))
+        assert await packets_within(second, 0.3) >= 10, "resumed, to the new address"
+        assert await packets_within(first, 0.2) == 0
+    finally:
+        first.close()
+        second.close()
 
 
 async def test_an_invite_flood_is_shed_with_503_and_calls_go_on(

@@ -64,6 +64,11 @@ def recorded_session(proc: Any) -> Any:
     def speech(ev: Any) -> None:
         record("speech_created", source=ev.source, user_initiated=ev.user_initiated)
 
+    @session.on("conversation_item_added")
+    def said(ev: Any) -> None:
+        if ev.item.role == "assistant":
+            record("agent_said", text=ev.item.text_content or "")
+
     @session.on("error")
     def error(ev: Any) -> None:
         record("error", error=str(ev.error))
@@ -81,6 +86,23 @@ async def entrypoint(ctx: JobContext) -> None:
     @ctx.room.on("sip_dtmf_received")
     def on_dtmf(dtmf: rtc.SipDTMF) -> None:
         record("dtmf", digit=dtmf.digit, code=dtmf.code, identity=dtmf.participant.identity)
+
+    @ctx.room.on("track_subscribed")
+    def on_subscribed(
+        track: rtc.Track, pub: rtc.RemoteTrackPublication, caller: rtc.RemoteParticipant
+    ) -> None:
+        record(
+            "track_subscribed",
+            agent=ctx.room.local_participant.identity,
+            identity=caller.identity,
+            name=caller.name,
+            kind=int(caller.kind),
+            attributes=dict(caller.attributes),
+        )
+
+    @ctx.room.on("participant_attributes_changed")
+    def on_attributes(changed: dict[str, str], caller: rtc.Participant) -> None:
+        record("attributes_changed", identity=caller.identity, changed=dict(changed))
 
     await receptionist.entrypoint(ctx)
 
