@@ -118,7 +118,9 @@ def test_the_receptionist_answers_alike_under_callboard_and_livekit_agents(
             ("user", transcript["text"]),
             ("assistant", ANSWER),
         ], side
-        assert {"monday", "anything", "else"} <= words(report["answer"]), (side, report)
+        # what the caller heard of it (the exact words are in the chat above): Whisper tiny.en
+        # hears hibari's "booked in for Monday" as "bookt in Fromunde" in some runs
+        assert {"anything", "else"} <= words(report["answer"]), (side, report)
 
         # the caller left: the session closed for that reason, the job ended, its worker
         # reported JS_SUCCESS
