@@ -9,6 +9,7 @@ each job process wrote ~30 MB of private pages per process (measured in bench/RE
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from typing import TYPE_CHECKING, Final
@@ -57,11 +58,8 @@ def shared_model() -> silero.VAD:
 
 def _share_with_job_processes() -> None:
     """Zygote hook: build the model before the forks, when the plugin is installed."""
-    try:
-        import livekit.plugins.silero  # noqa: F401
-    except ImportError:
-        return
-    shared_model()
+    with contextlib.suppress(ImportError):
+        shared_model()
 
 
 before_fork(_share_with_job_processes)
