@@ -103,6 +103,9 @@ TOKENS_PER_SECOND: Final = 8
 into repetition stops there and is retried the standard way."""
 WORDS_PER_SECOND_MAX: Final = 4.5
 """More words than this per second of audio means the short decode invented some."""
+REPEATED_PHRASE_WORDS: Final = 3
+"""A phrase this long said twice in one utterance is the decoder repeating itself; seen on
+8 kHz phone audio: "Hello, what time are you open? Hello, What time are"."""
 NO_SPEECH_THRESHOLD: Final = 0.6
 LOGPROB_THRESHOLD: Final = -1.0
 """faster-whisper's rule: no speech when no_speech_prob > 0.6 and avg_logprob < -1."""
@@ -218,18 +221,27 @@ class Whisper:
 
 
 def looks_invented(text: str, seconds: float) -> bool:
-    """Nothing, more words than the audio can hold, or a word or phrase (up to three words, not
-    numbers: "five five five") said twice back to back."""
+    """Nothing, more words than the audio can hold, a word or phrase (up to three words) said
+    twice back to back, or three words said again further on (the decoder starting over).
+    Numbers may repeat: "five five five"."""
     words = re.findall(r"[a-z0-9']+", text.lower())
     if not words or len(words) > WORDS_PER_SECOND_MAX * max(seconds, 1.0):
         return True
     for n in (1, 2, 3):
         for i in range(len(words) - 2 * n + 1):
-            phrase = words[i : i + n]
-            numbers = all(w.isdigit() or w in _NUMBER_WORDS for w in phrase)
-            if phrase == words[i + n : i + 2 * n] and not numbers:
+            if words[i : i + n] == words[i + n : i + 2 * n] and not _numbers(words[i : i + n]):
                 return True
+    n = REPEATED_PHRASE_WORDS
+    for i in range(len(words) - 2 * n + 1):
+        phrase = words[i : i + n]
+        later = (words[j : j + n] for j in range(i + n, len(words) - n + 1))
+        if phrase in later and not _numbers(phrase):
+            return True
     return False
+
+
+def _numbers(words: list[str]) -> bool:
+    return all(w.isdigit() or w in _NUMBER_WORDS for w in words)
 
 
 class HibariVoice:
