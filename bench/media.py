@@ -42,6 +42,7 @@ import psutil
 from livekit import api, rtc
 
 from bench._common import percentile
+from bench.lean_participant import LeanParticipant, Pacer, encode_voice
 from callboard.demo_tones import (
     AGENT_TONE_HZ,
     CALLER_TONE_HZ,
@@ -61,6 +62,7 @@ from tests.interop.livekit_server import (
 from tests.interop.netns import MEDIA_IP, NetnsUnavailable, enter_private_network
 
 SERVERS: Final = ("callboard", "livekit-server")
+CLIENT_KINDS: Final = ("lean", "sdk")
 BURST_FRAMES: Final = 20
 PERIOD_FRAMES: Final = 100
 RMS_STRIDE: Final = 8
@@ -177,18 +179,18 @@ async def packets(room: rtc.Room) -> tuple[int, int]:
     return sent, received
 
 
-def latencies(sender: Side, receiver: Side) -> list[float]:
+def latencies(sent_onsets: list[float], heard_onsets: list[float]) -> list[float]:
     """Each burst's onset → the receiver's next onset after it (bursts are 1 s apart)."""
     out = []
-    heard = sorted(receiver.heard_onsets)
-    for sent in sender.sent_onsets:
+    heard = sorted(heard_onsets)
+    for sent in sent_onsets:
         later = [h - sent for h in heard if 0 <= h - sent < PERIOD_FRAMES * FRAME_MS / 1000 / 2]
         if later:
             out.append(later[0])
     return out
 
 
-async def run_client(
+async def run_sdk_client(
     url: str,
     calls: int,
     latency_calls: int,
@@ -237,7 +239,8 @@ async def run_client(
         totals[1] += received
     lat: list[float] = []
     for caller, agent in pairs:
-        lat += latencies(caller, agent) + latencies(agent, caller)
+        lat += latencies(caller.sent_onsets, agent.heard_onsets)
+        lat += latencies(agent.sent_onsets, caller.heard_onsets)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -252,6 +255,52 @@ async def run_client(
         "client_cores": client_cores,
         "disconnected": broken,
     }
+
+
+async def run_lean_client(
+    url: str, calls: int, prefix: str, seconds: float, ready: Path, dtx: bool
+) -> dict[str, Any]:
+    """`calls` calls of lean participants (bench/lean_participant.py) in this process: join,
+    publish and subscribe, signal ready, replay Opus from a line on stdin, and report what
+    each side sent and received (counted by the clients themselves)."""
+    voice = encode_voice(dtx)
+    pairs = []
+    for i in range(calls):
+        room = f"{prefix}-{i}"
+        caller = LeanParticipant(url, token("caller", room), voice)
+        agent = LeanParticipant(url, token("agent", room), voice)
+        pairs.append((caller, agent))
+        for side in (caller, agent):
+            await side.connect()
+            await side.publish()
+    sides = [s for pair in pairs for s in pair]
+    for side in sides:
+        await side.subscribed()
+    await asyncio.to_thread(ready.write_text, str(time.monotonic()))
+    await asyncio.to_thread(sys.stdin.readline)  # every client speaks from the same moment
+    speak_s = WARMUP_S + seconds + TAIL_S
+    pacer = Pacer(sides)
+    cpu0, t0 = time.process_time(), time.monotonic()
+    await pacer.run(speak_s)
+    client_cores = (time.process_time() - cpu0) / (time.monotonic() - t0)
+    await asyncio.sleep(IN_FLIGHT_S)
+    lat: list[float] = []
+    for caller, agent in pairs:
+        lat += latencies(caller.sent_onsets, agent.ear.onsets)
+        lat += latencies(agent.sent_onsets, caller.ear.onsets)
+    broken = sum(s.closed is not None for s in sides)
+    result = {
+        "sent": sum(s.packets_sent for s in sides),
+        "received": sum(s.ear.packets for s in sides),
+        "latencies": lat,
+        "stuck": 0,
+        "client_cores": client_cores,
+        "disconnected": broken,
+        "late_ms_p99": 1000 * percentile(sorted(pacer.lateness), 99),
+    }
+    for side in sides:
+        await side.aclose()
+    return result
 
 
 def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -281,6 +330,10 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
                 str(args.seconds),
                 "--latency-calls",
                 str(args.latency_calls),
+                "--clients-kind",
+                args.clients_kind,
+                "--packets",
+                args.packets,
                 "--prefix",
                 f"{kind}-{i}",
                 "--ready",
@@ -336,6 +389,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         "broken_sides": sum(r["stuck"] + r["disconnected"] for r in results),
         "client_cores": sum(r["client_cores"] for r in results),
         "clients_crashed": sum(r.get("crashed", 0) for r in results),
+        "client_late_ms_p99": max(r.get("late_ms_p99", 0.0) for r in results),
     }
 
 
@@ -387,6 +441,20 @@ def main() -> int:
         default=1,
         help="calls per client process that decode what they hear, for mouth-to-ear latency",
     )
+    parser.add_argument(
+        "--clients-kind",
+        choices=CLIENT_KINDS,
+        default="lean",
+        help="lean: aiortc participants replaying pre-encoded Opus (bench/lean_participant.py); "
+        "sdk: the official livekit rtc SDK (what users run; ~0.085 core per call)",
+    )
+    parser.add_argument(
+        "--packets",
+        choices=("dtx", "steady"),
+        default="dtx",
+        help="lean clients: what a track sends (dtx: as libwebrtc with Opus DTX, 21 packets/s; "
+        "steady: 50 packets/s)",
+    )
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--workdir", help="keep the servers' logs here (default: a temp dir)")
@@ -398,8 +466,8 @@ def main() -> int:
     if not MIN_CALLS <= args.calls <= MAX_CALLS:
         parser.error(f"--calls must be in {MIN_CALLS}..{MAX_CALLS}")
     if args.client:
-        result = asyncio.run(
-            run_client(
+        if args.clients_kind == "sdk":
+            client = run_sdk_client(
                 args.client,
                 args.calls,
                 args.latency_calls,
@@ -407,7 +475,16 @@ def main() -> int:
                 args.seconds,
                 Path(args.ready),
             )
-        )
+        else:
+            client = run_lean_client(
+                args.client,
+                args.calls,
+                args.prefix,
+                args.seconds,
+                Path(args.ready),
+                dtx=args.packets == "dtx",
+            )
+        result = asyncio.run(client)
         Path(args.out).write_text(json.dumps(result))
         return 0
     try:
