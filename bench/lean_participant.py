@@ -48,6 +48,7 @@ from callboard.server.rtc.relay import (
     IdleTrack,
     RtpForwarder,
     fast_receive,
+    start_media_when_connected,
     tap_receiver,
 )
 
@@ -154,6 +155,8 @@ class LeanParticipant:
         config = RTCConfiguration(iceServers=[])  # aiortc's default is a public STUN server
         self.publisher = RTCPeerConnection(config)
         self.subscriber = RTCPeerConnection(config)
+        for pc in (self.publisher, self.subscriber):
+            start_media_when_connected(pc)
         self.ear = Ear(voice.onset)
         self.sent_onsets: list[float] = []
         self.forwarder: RtpForwarder | None = None

@@ -297,6 +297,8 @@ async def run_lean_client(
         "client_cores": client_cores,
         "disconnected": broken,
         "late_ms_p99": 1000 * percentile(sorted(pacer.lateness), 99),
+        "silent_sides": sum(s.ear.packets == 0 for s in sides),
+        "per_side": [(s.packets_sent, s.ear.packets) for s in sides],
     }
     for side in sides:
         await side.aclose()

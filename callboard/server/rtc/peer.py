@@ -27,6 +27,7 @@ from callboard.server.rtc.relay import (
     IdleTrack,
     RtpForwarder,
     fast_receive,
+    start_media_when_connected,
 )
 
 RELIABLE_LABEL: Final = "_reliable"
@@ -151,6 +152,7 @@ class PeerConnections:
         self.publisher.on("datachannel", self._datachannel)
         for name, pc in (("publisher", self.publisher), ("subscriber", self.subscriber)):
             pc.on("connectionstatechange", self._state_watcher(name, pc))
+            start_media_when_connected(pc)
 
     def _state_watcher(self, name: str, pc: RTCPeerConnection) -> Callable[[], None]:
         def changed() -> None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
 
 import av
 import pylibsrtp
-from aiortc import MediaStreamTrack, RTCRtpSender
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender
 from aiortc.codecs import get_encoder
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcdtlstransport import RTCDtlsTransport, State
@@ -130,6 +130,23 @@ def _fast_datagrams(
             on_rtp(packet)
 
     return datagram_received
+
+
+def start_media_when_connected(pc: RTCPeerConnection) -> None:
+    """Start every negotiated sender and receiver of `pc` once its connection is up.
+
+    aiortc 1.16 starts a transceiver's sender or receiver at the end of the negotiation that
+    added it, only if DTLS is connected by then: a renegotiation applied while the first
+    negotiation's DTLS handshake is still running leaves them unstarted for good (a
+    subscribed track never sent, a received one never routed). Running aiortc's own connect
+    step again when the connection comes up starts them; each start is idempotent."""
+
+    def changed() -> None:
+        if pc.connectionState == "connected":
+            connect = pc._RTCPeerConnection__connect  # type: ignore[attr-defined]
+            asyncio.ensure_future(connect())
+
+    pc.on("connectionstatechange", changed)
 
 
 class RtpForwarder:
