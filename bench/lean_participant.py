@@ -10,12 +10,12 @@ through `RtpForwarder` (an RTP header, SRTP, one `sendto`) and come in through
 aiortc keeps ICE, DTLS and RTCP (sender reports from what was sent, receiver reports from
 what was received), so each server sees a real client.
 
-What one track sends, per second (`PERIOD_FRAMES` 20 ms frames), as a libwebrtc publisher with
-Opus DTX does (the servers answer `usedtx=1`): `BURST_FRAMES` packets of a 440 Hz tone (the
-first with the RTP marker bit, as after DTX), `HANGOVER_FRAMES` of encoded silence (libopus
-sends 200 ms of silence before it enters DTX), then one silence packet every 400 ms
-(`DTX_INTERVAL_FRAMES`) with the RTP timestamp running on: 21 packets a second. `steady` sends
-all 50 (DTX off).
+What one track sends, per second (`PERIOD_FRAMES` 20 ms frames), is what the rtc SDK's
+libwebrtc sends with Opus DTX (the servers answer `usedtx=1`), as captured from it: a 200 ms
+tone burst (`BURST_FRAMES`, the first packet with the RTP marker bit), the encoder's silence
+until DTX starts (`SPEECH_END_FRAME`), a one-byte DTX frame, then every 400 ms
+(`DTX_INTERVAL_FRAMES`) a silence frame and a DTX frame, the RTP timestamp running on over
+the gaps: 24 packets a second. `steady` (DTX off) sends all 50.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ from callboard.server.rtc.relay import (
 FRAME_S: Final = 0.020
 PERIOD_FRAMES: Final = 50
 BURST_FRAMES: Final = 10
-HANGOVER_FRAMES: Final = 10
+SPEECH_END_FRAME: Final = 21
+"""The first DTX frame; frames before it are all sent (tone, then encoded silence)."""
 DTX_INTERVAL_FRAMES: Final = 20
 TONE_HZ: Final = 440.0
 TONE_AMPLITUDE: Final = 0.3 * 32767
@@ -112,12 +113,13 @@ def encode_voice(dtx: bool) -> Voice:
     period = payloads[PERIOD_FRAMES : 2 * PERIOD_FRAMES]
     frames: list[tuple[bytes, int, tuple[bool, int]] | None] = []
     for i, payload in enumerate(period):
+        since_dtx = (i - SPEECH_END_FRAME) % DTX_INTERVAL_FRAMES
         if i < BURST_FRAMES:
             frames.append((payload, int(i == 0), LEVEL_TONE))
-        elif not dtx or i < BURST_FRAMES + HANGOVER_FRAMES:
+        elif not dtx or i < SPEECH_END_FRAME or since_dtx == DTX_INTERVAL_FRAMES - 1:
             frames.append((payload, 0, LEVEL_SILENCE))
-        elif (i - BURST_FRAMES - HANGOVER_FRAMES + 1) % DTX_INTERVAL_FRAMES == 0:
-            frames.append((payload, 0, LEVEL_SILENCE))
+        elif since_dtx == 0:
+            frames.append((payload[:1], 0, LEVEL_SILENCE))  # the TOC byte alone: DTX
         else:
             frames.append(None)
     return Voice(tuple(frames), period[0])

@@ -80,7 +80,7 @@ READY_POLL_S: Final = 0.05
 JOIN_TIMEOUT_S: Final = 60.0
 JOIN_S_PER_CALL: Final = 4.0
 MIN_CALLS: Final = 1
-MAX_CALLS: Final = 60
+MAX_CALLS: Final = 200
 
 
 SDK_LOG_EVENT: Final = b"\x92\x01"
