@@ -55,6 +55,7 @@ async def hold_calls(url: str, report: dict[str, Any]) -> None:
             + latencies(agent.sent_onsets, caller.ear.onsets)
         ]
         report["bursts_sent"] = sum(len(s.sent_onsets) for s in sides)
+        report["bursts_heard"] = sum(len(s.ear.onsets) for s in sides)
     finally:
         await asyncio.gather(*(s.aclose() for s in sides), return_exceptions=True)
 

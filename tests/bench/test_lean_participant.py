@@ -4,6 +4,7 @@ first DTLS handshake ran (aiortc left such tracks unstarted: silent on `callboar
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Final
 
@@ -17,7 +18,8 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(90, func_only=True)]
 
 CALL_PROCESS_TIMEOUT_S: Final = 60.0
 MAX_LATENCY_S: Final = 0.2
-"""Loopback forwarding on an idle machine takes milliseconds; this bounds a loaded one."""
+"""Loopback forwarding on an idle machine takes milliseconds; this bounds a loaded one's
+median (a garbage collection or a busy machine delays single packets more)."""
 
 
 @pytest.mark.parametrize("kind", SERVER_KINDS)
@@ -36,5 +38,5 @@ def test_lean_calls_hear_every_packet(tmp_path: Path, kind: str) -> None:
         peer = sides[i ^ 1]
         assert side["sent"] > 0 and side["received"] == peer["sent"], run.context()
     # every burst's first packet was recognised at the other side, promptly
-    assert len(report["latencies"]) == report["bursts_sent"] > 0, run.context()
-    assert max(report["latencies"]) < MAX_LATENCY_S, run.context()
+    assert report["bursts_heard"] == report["bursts_sent"] > 0, run.context()
+    assert statistics.median(report["latencies"]) < MAX_LATENCY_S, run.context()
