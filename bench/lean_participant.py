@@ -131,16 +131,30 @@ class SignalClosed(Exception):
 
 @dataclass
 class Ear:
-    """What one participant received: packets, and when a burst's first packet arrived."""
+    """What one participant received: packets, when a burst's first packet arrived, and each
+    packet's arrival against its RTP timestamp (what a receiver's jitter buffer sees)."""
 
     onset: bytes
     packets: int = 0
     onsets: list[float] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)
+    """Arrival − RTP time (unknown constant offset): its spread is the stream's jitter."""
+    _first_ts: int | None = None
 
     def __call__(self, packet: Any) -> None:
+        now = time.monotonic()
         self.packets += 1
         if packet.payload == self.onset:
-            self.onsets.append(time.monotonic())
+            self.onsets.append(now)
+        if self._first_ts is None:
+            self._first_ts = packet.timestamp
+        ticks = (packet.timestamp - self._first_ts) & 0xFFFFFFFF
+        self.delays.append(now - ticks / OPUS_CLOCK_RATE)
+
+    def jitter(self) -> list[float]:
+        """Each packet's delay beyond the least delayed one's (seconds)."""
+        least = min(self.delays, default=0.0)
+        return [d - least for d in self.delays]
 
 
 def _ignore_level(level: int, timestamp: int, arrival: float) -> None:
@@ -218,7 +232,9 @@ class LeanParticipant:
         elif which == "offer":
             await self._answer_subscriber(msg.offer.sdp)
         elif which == "answer":
-            await self.publisher.setRemoteDescription(RTCSessionDescription(msg.answer.sdp, "answer"))
+            await self.publisher.setRemoteDescription(
+                RTCSessionDescription(msg.answer.sdp, "answer")
+            )
             await self._add_early(self.publisher)
             if self._answered is not None and not self._answered.done():
                 self._answered.set_result(None)
@@ -236,7 +252,9 @@ class LeanParticipant:
             if future is not None and not future.done():
                 future.set_result(msg.track_published.track)
         elif which == "leave":
-            self.closed = f"the server asked to leave ({models.DisconnectReason.Name(msg.leave.reason)})"
+            self.closed = (
+                f"the server asked to leave ({models.DisconnectReason.Name(msg.leave.reason)})"
+            )
 
     async def _add_early(self, pc: RTCPeerConnection) -> None:
         early, self._early[pc] = self._early[pc], []
@@ -293,7 +311,9 @@ class LeanParticipant:
         transceiver.setCodecPreferences([c for c in caps.codecs if c.mimeType.lower() == OPUS])
         await self.publisher.setLocalDescription(await self.publisher.createOffer())
         self._answered = asyncio.get_running_loop().create_future()
-        offer = signal.SessionDescription(type="offer", sdp=str(self.publisher.localDescription.sdp))
+        offer = signal.SessionDescription(
+            type="offer", sdp=str(self.publisher.localDescription.sdp)
+        )
         await self._send(signal.SignalRequest(offer=offer))
         async with asyncio.timeout(SIGNAL_TIMEOUT_S):
             await self._answered
@@ -341,7 +361,9 @@ class LeanParticipant:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(self.publisher.close(), self.subscriber.close(), return_exceptions=True)
+        await asyncio.gather(
+            self.publisher.close(), self.subscriber.close(), return_exceptions=True
+        )
         if self._ws is not None:
             await self._ws.close()
         if self._session is not None:

@@ -297,6 +297,7 @@ async def run_lean_client(
         "client_cores": client_cores,
         "disconnected": broken,
         "late_ms_p99": 1000 * percentile(sorted(pacer.lateness), 99),
+        "jitter": [round(j, 4) for s in sides for j in s.ear.jitter()],
         "silent_sides": sum(s.ear.packets == 0 for s in sides),
         "per_side": [(s.packets_sent, s.ear.packets) for s in sides],
     }
@@ -375,6 +376,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
     sent = sum(r["sent"] for r in results)
     received = sum(r["received"] for r in results)
     lat = sorted(x for r in results for x in r["latencies"])
+    jitter = sorted(x for r in results for x in r.get("jitter", []))
     tracks = 2 * args.calls
     return {
         "server": kind,
@@ -388,6 +390,8 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         "latency_ms_p50": 1000 * percentile(lat, 50),
         "latency_ms_p95": 1000 * percentile(lat, 95),
         "bursts": len(lat),
+        "jitter_ms_p95": 1000 * percentile(jitter, 95),
+        "jitter_ms_p99": 1000 * percentile(jitter, 99),
         "broken_sides": sum(r["stuck"] + r["disconnected"] for r in results),
         "client_cores": sum(r["client_cores"] for r in results),
         "clients_crashed": sum(r.get("crashed", 0) for r in results),
@@ -412,13 +416,15 @@ def crashed(calls: int) -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         f"{'server':16} {'calls':>5} {'lost %':>7} {'CPU cores':>9} {'CPU/track %':>11} "
-        f"{'m2e p50 ms':>10} {'m2e p95 ms':>10} {'broken':>6} {'client cores':>12}"
+        f"{'m2e p50 ms':>10} {'m2e p95 ms':>10} {'jitter p99':>10} {'broken':>6} "
+        f"{'client cores':>12}"
     )
     for r in rows:
         print(
             f"{r['server']:16} {r['calls']:>5} {r['lost_pct']:>7.2f} {r['cpu_cores']:>9.2f} "
             f"{r['cpu_per_track_pct']:>11.2f} {r['latency_ms_p50']:>10.1f} "
-            f"{r['latency_ms_p95']:>10.1f} {r['broken_sides']:>6} {r['client_cores']:>12.2f}"
+            f"{r['latency_ms_p95']:>10.1f} {r['jitter_ms_p99']:>10.1f} {r['broken_sides']:>6} "
+            f"{r['client_cores']:>12.2f}"
         )
     if len(rows) == 2:
         ours, theirs = rows

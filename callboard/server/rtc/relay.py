@@ -141,10 +141,14 @@ def start_media_when_connected(pc: RTCPeerConnection) -> None:
     subscribed track never sent, a received one never routed). Running aiortc's own connect
     step again when the connection comes up starts them; each start is idempotent."""
 
+    tasks: set[asyncio.Task[None]] = set()
+
     def changed() -> None:
         if pc.connectionState == "connected":
             connect = pc._RTCPeerConnection__connect  # type: ignore[attr-defined]
-            asyncio.ensure_future(connect())
+            task = asyncio.ensure_future(connect())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     pc.on("connectionstatechange", changed)
 
