@@ -1,25 +1,36 @@
 """Media through the server: concurrent 1:1 calls (a caller and an agent, audio both ways) on
 `callboard server` and on the real livekit-server, in the same run.
 
-    python -m bench.media [--calls 25] [--seconds 20] [--clients 4] [--latency-calls 1]
-                          [--timeout 900]
+    python -m bench.media [--calls 25] [--seconds 20] [--clients 4] [--clients-kind lean|sdk]
+                          [--packets dtx|steady] [--latency-calls 1] [--timeout 900]
 
 The bench moves into a private network namespace (tests/interop/netns.py; root) so that WebRTC
 has an interface address and every packet stays on this machine. For each server it starts the
-server, then `--clients` client processes sharing the calls: each call is two official rtc SDK
-participants in their own room, each publishing a tone in 200 ms bursts once a second (one
-`capture_frame` a second) and receiving the other's track; `--latency-calls` calls per client
-process also decode what they hear. While all calls run it samples the server process's CPU
-time for `--seconds`. It reports per server:
+server, then `--clients` client processes sharing the calls, each call two participants in
+their own room publishing one audio track and receiving the other's:
+
+- `lean` (default): aiortc participants speaking LiveKit's /rtc signalling
+  (bench/lean_participant.py) that replay Opus encoded once (a 200 ms tone burst a second, DTX
+  as the SDK sends it, or `--packets steady`) and count what they receive without decoding;
+  every call is timed (a burst's first packet sent → received, by its payload);
+- `sdk`: the official rtc SDK (what users run; ~0.085 of a core per call on the client side),
+  each publishing a tone in 200 ms bursts once a second (one `capture_frame` a second);
+  `--latency-calls` calls per client process also decode what they hear.
+
+While all calls run it samples the server process's CPU time for `--seconds`. It reports per
+server:
 
 - audio frames lost: 1 − Opus packets received by subscribers ÷ packets sent by publishers
-  (the SDK's RTC stats; one packet is one 20 ms frame);
+  (counted by the lean clients themselves; the SDK's RTC stats; one packet is one 20 ms frame);
 - CPU per forwarded track: server CPU over the window ÷ (window × tracks), in % of one core;
-- mouth-to-ear latency: each burst's first frame handed to the SDK → its first tone frame
-  out of the receiving SDK (same clock, median and p95 over every burst, latency calls only);
-  the difference between the two servers is what ours adds;
-- the client processes' CPU over the window (the SDK's native core costs ~0.085 of a core
-  per call here, Opus encoding and playout decoding mostly).
+- mouth-to-ear latency: each burst's first packet sent (lean) or first frame handed to the SDK
+  → the same burst's first packet received (lean) or first tone frame out of the receiving
+  SDK (same clock; median and p95); "timed %" is the share of bursts heard within 0.5 s (the
+  rest came later or not at all, and are not in the percentiles); the difference between the
+  two servers is what ours adds;
+- jitter p99 (lean): each packet's arrival against its RTP timestamp, beyond the least delayed
+  packet of its stream: what a receiver's jitter buffer has to absorb;
+- the client processes' CPU over the window.
 """
 
 from __future__ import annotations
@@ -238,9 +249,10 @@ async def run_sdk_client(
         totals[0] += sent
         totals[1] += received
     lat: list[float] = []
-    for caller, agent in pairs:
+    for caller, agent in pairs[:latency_calls]:
         lat += latencies(caller.sent_onsets, agent.heard_onsets)
         lat += latencies(agent.sent_onsets, caller.heard_onsets)
+    bursts = sum(len(side.sent_onsets) for pair in pairs[:latency_calls] for side in pair)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -251,6 +263,7 @@ async def run_sdk_client(
         "sent": totals[0],
         "received": totals[1],
         "latencies": lat,
+        "bursts_sent": bursts,
         "stuck": len(stuck),
         "client_cores": client_cores,
         "disconnected": broken,
@@ -288,11 +301,13 @@ async def run_lean_client(
     for caller, agent in pairs:
         lat += latencies(caller.sent_onsets, agent.ear.onsets)
         lat += latencies(agent.sent_onsets, caller.ear.onsets)
+    bursts = sum(len(s.sent_onsets) for s in sides)
     broken = sum(s.closed is not None for s in sides)
     result = {
         "sent": sum(s.packets_sent for s in sides),
         "received": sum(s.ear.packets for s in sides),
         "latencies": lat,
+        "bursts_sent": bursts,
         "stuck": 0,
         "client_cores": client_cores,
         "disconnected": broken,
@@ -390,6 +405,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         "latency_ms_p50": 1000 * percentile(lat, 50),
         "latency_ms_p95": 1000 * percentile(lat, 95),
         "bursts": len(lat),
+        "bursts_timed_pct": 100 * len(lat) / max(1, sum(r.get("bursts_sent", 0) for r in results)),
         "jitter_ms_p95": 1000 * percentile(jitter, 95),
         "jitter_ms_p99": 1000 * percentile(jitter, 99),
         "broken_sides": sum(r["stuck"] + r["disconnected"] for r in results),
@@ -416,15 +432,15 @@ def crashed(calls: int) -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         f"{'server':16} {'calls':>5} {'lost %':>7} {'CPU cores':>9} {'CPU/track %':>11} "
-        f"{'m2e p50 ms':>10} {'m2e p95 ms':>10} {'jitter p99':>10} {'broken':>6} "
+        f"{'m2e p50 ms':>10} {'m2e p95 ms':>10} {'timed %':>7} {'jitter p99':>10} {'broken':>6} "
         f"{'client cores':>12}"
     )
     for r in rows:
         print(
             f"{r['server']:16} {r['calls']:>5} {r['lost_pct']:>7.2f} {r['cpu_cores']:>9.2f} "
             f"{r['cpu_per_track_pct']:>11.2f} {r['latency_ms_p50']:>10.1f} "
-            f"{r['latency_ms_p95']:>10.1f} {r['jitter_ms_p99']:>10.1f} {r['broken_sides']:>6} "
-            f"{r['client_cores']:>12.2f}"
+            f"{r['latency_ms_p95']:>10.1f} {r['bursts_timed_pct']:>7.0f} "
+            f"{r['jitter_ms_p99']:>10.1f} {r['broken_sides']:>6} {r['client_cores']:>12.2f}"
         )
     if len(rows) == 2:
         ours, theirs = rows
