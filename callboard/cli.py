@@ -18,7 +18,7 @@ import secrets
 import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
@@ -98,15 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _install_stop(stop: asyncio.Event) -> None:
+def install_stop(stop: asyncio.Event, exit_now: Callable[[int], object] = os._exit) -> None:
+    """SIGINT or SIGTERM sets `stop`; a second one exits at once: a shutdown stuck waiting
+    for a thread would otherwise ignore every further signal."""
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("signal received: stopping", extra={"signal": sig.name})
+            stop.set()
+            return
+        log.warning(
+            "second signal: exiting without finishing the shutdown",
+            extra={"signal": sig.name},
+        )
+        logging.shutdown()
+        exit_now(128 + sig.value)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
 
 
 async def _run_server(config: ServerConfig) -> None:
     stop = asyncio.Event()
-    _install_stop(stop)
+    install_stop(stop)
     from callboard.server.app import EmbeddedServer
 
     await EmbeddedServer(config).serve_forever(stop)

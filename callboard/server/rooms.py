@@ -56,7 +56,8 @@ SPEAKER_UPDATE_S: Final = UPDATE_INTERVAL_MS / 1000
 AGENT_LEFT_ERROR = "agent worker left the room"
 AGENT_LEFT_GRACE_S = 5.0
 """A worker reports its job's end just after the agent leaves the room (the job's last act is
-to disconnect): the job fails as AGENT_LEFT_ERROR only if no end is reported within this."""
+to disconnect): the job fails as AGENT_LEFT_ERROR only if no end is reported, and the agent
+has not joined again, within this."""
 DEPENDENT_KINDS = frozenset({models.ParticipantInfo.AGENT, models.ParticipantInfo.EGRESS})
 """Participants that do not keep a room open nor get jobs of their own (livekit's 'dependent')."""
 
@@ -337,15 +338,25 @@ class RoomRegistry:
                 self._engine.launch(state.info, dispatch, job_type, participant=p.info)
 
     def participant_left(self, live: LiveRoom, p: Participant) -> None:
-        """An agent's participant leaving ends its job (JS_FAILED if still running)."""
+        """An agent's participant leaving ends its job (JS_FAILED if still running), unless a
+        new session of the same identity replaced it (as livekit-server's room.go skips a
+        replaced session: the SDK's full reconnect)."""
         state = self._rooms.get(live.name)
         if state is None or live.closed or p.info.kind != models.ParticipantInfo.AGENT:
             return
         for job in state.live_jobs():
             if job.state.participant_identity == p.identity:
-                asyncio.get_running_loop().call_later(AGENT_LEFT_GRACE_S, self._agent_left, job.id)
+                asyncio.get_running_loop().call_later(
+                    AGENT_LEFT_GRACE_S, self._agent_left, live, p.identity, job.id
+                )
 
-    def _agent_left(self, job_id: str) -> None:
+    def _agent_left(self, live: LiveRoom, identity: str, job_id: str) -> None:
+        if not live.closed and identity in live.participants:
+            log.info(
+                "agent rejoined: its job goes on",
+                extra={"room": live.name, "identity": identity, "job_id": job_id},
+            )
+            return
         terminate = self._engine.terminate(
             job_id, AGENT_LEFT_ERROR, agent.JSR_UNSPECIFIED, error=AGENT_LEFT_ERROR
         )

@@ -97,12 +97,16 @@ class LoadTracker:
         budgets: Budgets,
         initial_cost: JobCost,
         own_tree: bool = False,
+        monitor: CpuLoadMonitor | None = None,
     ) -> None:
         self._load_fnc = load_fnc
         self._owner = owner
         self._window = interval * samples
         self.budgets = budgets
-        self._cpu = CpuLoadMonitor(interval, samples, tree=own_tree) if load_fnc is None else None
+        if load_fnc is not None:
+            self._cpu: CpuLoadMonitor | None = None
+        else:
+            self._cpu = monitor or CpuLoadMonitor(interval, samples, tree=own_tree)
         self._takes_owner = load_fnc is not None and _takes_an_argument(load_fnc)
         self._jobs: dict[str, _Job] = {}
         self._shared: frozenset[int] = frozenset()
@@ -110,6 +114,8 @@ class LoadTracker:
         self._failing = False
         self._last_learn = time.monotonic()
         self._background: float | None = None
+        self._idle_background: float | None = None
+        self._last_job_at = -math.inf
         self.model = CostModel(initial_cost)
         self.measured = 0.0
         """The measured load (share of budgets.cpus), without reservations."""
@@ -141,6 +147,7 @@ class LoadTracker:
 
     def job_ended(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
+        self._last_job_at = time.monotonic()
         self._track()
 
     def _track(self) -> None:
@@ -179,7 +186,7 @@ class LoadTracker:
     def _learn(self) -> None:
         now = time.monotonic()
         dt, self._last_learn = now - self._last_learn, now
-        self._observe_background(dt)
+        outside = self._observe_background(dt, now)
         rates = self._snapshot.demand  # usage alone would teach a starved job is cheap
         running = [j for j in self._jobs.values() if j.pid in rates]
         grown = [j for j in running if now - j.started >= COST_WARMUP_S]
@@ -187,7 +194,7 @@ class LoadTracker:
         if grown:
             shared = sum(rates.get(p, 0.0) for p in self._shared)
             own = sum(rates[j.pid] for j in grown if j.pid is not None) / len(grown)
-            cpu = own + shared / len(running)
+            cpu = own + shared / len(running) + self._caused_outside(outside, len(running))
         mems = [
             m
             for j in self._jobs.values()
@@ -294,22 +301,36 @@ class LoadTracker:
         )
 
     def background(self) -> float:
-        """Cores used by neither the jobs nor the processes shared among them (the worker
-        itself, the zygote, idle processes, and whatever else the measure sees), averaged
-        over COST_TIME_CONSTANT_S so that the capacity estimate does not follow its noise."""
+        """Cores used by neither the jobs nor what they cause: what the measure sees outside
+        the job processes and the shared ones while no job runs (the worker itself, the zygote,
+        idle processes, other work), averaged over COST_TIME_CONSTANT_S so that the capacity
+        estimate does not follow its noise. Until the worker has been idle, everything outside
+        the jobs."""
+        if self._idle_background is not None:
+            return self._idle_background
         return self._background or 0.0
 
-    def _observe_background(self, dt: float) -> None:
+    def _observe_background(self, dt: float, now: float) -> float | None:
+        """Fold this sample's CPU outside the jobs into the averages; returns it (None before
+        the first sample). It counts as idle when no job ran within the sampling window."""
         snap = self._snapshot
         if snap.total <= 0:  # no sample yet
-            return
+            return None
         shared = sum(snap.pids.get(p, 0.0) for p in self._shared)
-        now = max(0.0, snap.total - snap.jobs - shared)
-        if self._background is None:
-            self._background = now
-        else:
-            alpha = 1.0 - math.exp(-max(0.0, dt) / COST_TIME_CONSTANT_S)
-            self._background += alpha * (now - self._background)
+        outside = max(0.0, snap.total - snap.jobs - shared)
+        alpha = 1.0 - math.exp(-max(0.0, dt) / COST_TIME_CONSTANT_S)
+        self._background = _moved(self._background, outside, alpha)
+        if not self._jobs and now - self._last_job_at > self._window:
+            self._idle_background = _moved(self._idle_background, outside, alpha)
+        return outside
+
+    def _caused_outside(self, outside: float | None, jobs: int) -> float:
+        """Each running job's share of the CPU outside the job processes above the idle
+        background: what calls cost beyond their own process (the worker relaying them; on one
+        machine, the server carrying their media and the callers)."""
+        if outside is None or self._idle_background is None or jobs <= 0:
+            return 0.0
+        return max(0.0, outside - self._idle_background) / jobs
 
     def _estimate_capacity(self) -> bool:
         """Jobs that fit on this worker beside its measured background; True if changed."""
@@ -322,6 +343,11 @@ class LoadTracker:
         new = None if math.isinf(raw) else settle(self.capacity, raw)
         changed, self.capacity = new != self.capacity, new
         return changed
+
+
+def _moved(average: float | None, value: float, alpha: float) -> float:
+    """An exponential moving average moved towards `value` (the first value starts it)."""
+    return value if average is None else average + alpha * (value - average)
 
 
 def custom_effective_load(measured: float, running: int, reserved: int) -> float:

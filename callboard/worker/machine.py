@@ -20,6 +20,9 @@ CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 MEMORY_BUDGET_FRACTION: Final = 0.8
 """Without memory_budget_mb, jobs may take this share of the memory available at start."""
 MB: Final = 1024 * 1024
+SATURATED_RUNNABLE: Final = 0.9
+"""Share of a window a process must be runnable for its run-queue wait to count as unmet
+demand (below it, the process slept part of the window: it was keeping up)."""
 
 
 # -- CPU sources ------------------------------------------------------------------------------
@@ -166,9 +169,9 @@ class CpuSnapshot:
     pids: dict[int, float] = field(default_factory=dict)
     """Each tracked process's rate while it was seen (a job's own cost)."""
     demand: dict[int, float] = field(default_factory=dict)
-    """Each tracked process's CPU rate plus the rate at which it waited for a CPU: what it
-    would have used on an idle machine. Equal to `pids` unless the CPUs are contended, when a
-    starved job's usage understates what it needs."""
+    """What each tracked process would have used on an idle machine (`demand_rate`): its CPU
+    rate, or, when it was runnable nearly all the time, that plus the rate at which it waited
+    for a CPU."""
     jobs: float = 0.0
     """The part of `total` that the tracked processes other than `shared` used (ended ones
     included), so that what is left is everything but the jobs."""
@@ -243,7 +246,9 @@ class CpuLoadMonitor:
             total=sum(t.total_s for t in ticks) / seconds,
             pids={pid: used / secs for pid, (used, secs, _) in pids.items() if secs > 0},
             demand={
-                pid: (used + wait) / secs for pid, (used, secs, wait) in pids.items() if secs > 0
+                pid: demand_rate(used, wait, secs)
+                for pid, (used, secs, wait) in pids.items()
+                if secs > 0
             },
             jobs=sum(used for pid, (used, _, _) in pids.items() if pid not in shared) / seconds,
         )
@@ -254,6 +259,15 @@ class CpuLoadMonitor:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def demand_rate(used_s: float, waited_s: float, seconds: float) -> float:
+    """A process's CPU demand over `seconds`. One that was runnable (running or waiting for a
+    CPU) less than SATURATED_RUNNABLE of the time kept up with its work, however long it
+    waited: it needed what it used. One runnable nearly all the time was starved: its usage
+    understates its need, usage plus wait bounds it."""
+    runnable = (used_s + waited_s) / seconds
+    return runnable if runnable >= SATURATED_RUNNABLE else used_s / seconds
 
 
 def _default_source() -> CpuSource:

@@ -1,16 +1,21 @@
 """A call script run as a process of its own (it enters a private network namespace first):
 bounded in time, everything it started killed when it overruns, its report read back, and the
-test skipped when this machine has no namespace to give it."""
+test skipped when this machine has no namespace to give it. Both halves live here: the test's
+(`run_call_script`) and the script's (`call_script_main`, `against_server`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+import traceback
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -18,8 +23,8 @@ from typing import Any, Final
 import psutil
 import pytest
 
-from tests.interop.livekit_server import clean_env
-from tests.interop.netns import SKIP_EXIT
+from tests.interop.livekit_server import ServerProcess, clean_env, start_server, stop_process
+from tests.interop.netns import MEDIA_IP, SKIP_EXIT, NetnsUnavailable, enter_private_network
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 REPORT_FILE: Final = "report.json"
@@ -113,3 +118,49 @@ def kill_family(proc: subprocess.Popen[bytes]) -> None:
             if p.is_running():
                 os.kill(p.pid, signal.SIGKILL)
     proc.wait(timeout=KILL_WAIT_S)
+
+
+def call_script_main(workdir: Path, report: dict[str, Any], call: Callable[[], None]) -> int:
+    """A call script's main(): enter a private network namespace (else exit SKIP_EXIT), run
+    `call`, which fills `report`, then write the report with any error and the duration; exit
+    1 when `call` raised, else 0."""
+    report.update(skip=None, error=None)
+    try:
+        enter_private_network()
+    except NetnsUnavailable as e:
+        report["skip"] = str(e)
+        (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        return SKIP_EXIT
+    warnings.filterwarnings("ignore", message="The HMAC key is")  # the public dev key pair
+    started = time.monotonic()
+    code = 0
+    try:
+        call()
+    except BaseException as e:
+        report["error"] = f"{type(e).__name__}: {e}"
+        report["traceback"] = traceback.format_exc()
+        code = 1
+    report["duration_s"] = round(time.monotonic() - started, 2)
+    (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+    return code
+
+
+def against_server(
+    kind: str,
+    workdir: Path,
+    report: dict[str, Any],
+    call: Callable[[ServerProcess], Awaitable[None]],
+    timeout: float | None,
+) -> None:
+    """Start a server of `kind` in the namespace, run `call(server)` within `timeout` seconds
+    (None: unbounded here), and stop the server whatever happened."""
+    server = start_server(kind, workdir, media_ip=MEDIA_IP)
+    report["server_log"] = str(server.log_path)
+
+    async def bounded() -> None:
+        await asyncio.wait_for(call(server), timeout)
+
+    try:
+        asyncio.run(bounded())
+    finally:
+        stop_process(server.proc)

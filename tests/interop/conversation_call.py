@@ -23,8 +23,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -34,16 +32,14 @@ from livekit import api
 
 from callboard.plugins.local import models
 from callboard.voice_caller import SipCaller, hibari_voice, sip_caller_token, sip_room_name
+from tests.interop.call_process import against_server, call_script_main
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
     ServerProcess,
     clean_env,
-    start_server,
-    stop_process,
 )
-from tests.interop.media_call import REPORT_FILE, SKIP_EXIT, server_job_ended
-from tests.interop.netns import MEDIA_IP, NetnsUnavailable, enter_private_network
+from tests.interop.media_call import server_job_ended
 from tests.interop.support import wait_until
 from tests.interop.worker_tap import WorkerTap
 
@@ -197,29 +193,15 @@ async def call(
 
 def main(argv: list[str]) -> int:
     workdir, kind = Path(argv[1]), argv[2]
-    report: dict[str, Any] = {"skip": None, "error": None, "kind": kind, "turns": []}
-    try:
-        enter_private_network()
-    except NetnsUnavailable as e:
-        report["skip"] = str(e)
-        (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        return SKIP_EXIT
-    warnings.filterwarnings("ignore", message="The HMAC key is")  # the public dev key pair
-    os.environ.pop("LIVEKIT_URL", None)
-    code = 0
-    try:
+    report: dict[str, Any] = {"kind": kind, "turns": []}
+
+    def run() -> None:
+        os.environ.pop("LIVEKIT_URL", None)
         checker(), models.hibari_voice()  # loaded before the call's clock starts
-        server = start_server(kind, workdir, media_ip=MEDIA_IP)
-        try:
-            asyncio.run(asyncio.wait_for(converse(server, workdir, report), CALL_TIMEOUT_S))
-        finally:
-            stop_process(server.proc)
-    except BaseException as e:
-        report["error"] = f"{type(e).__name__}: {e}"
-        report["traceback"] = traceback.format_exc()
-        code = 1
-    (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-    return code
+        converse_here = functools.partial(converse, workdir=workdir, report=report)
+        against_server(kind, workdir, report, converse_here, CALL_TIMEOUT_S)
+
+    return call_script_main(workdir, report, run)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ import os
 import secrets
 import sys
 import time
-import traceback
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -42,19 +40,16 @@ from callboard import JobExecutorType, Worker, WorkerOptions
 from callboard.log import setup_logging
 from callboard.worker.worker import ActiveJob
 from tests.interop.agents import media_agent
-from tests.interop.call_process import REPORT_FILE
+from tests.interop.call_process import against_server, call_script_main
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
     HOST,
     ServerProcess,
-    start_server,
-    stop_process,
 )
-from tests.interop.netns import MEDIA_IP, SKIP_EXIT, NetnsUnavailable, enter_private_network
+from tests.interop.netns import MEDIA_IP
 from tests.interop.support import wait_until
 
-__all__ = ["REPORT_FILE", "SKIP_EXIT"]  # the other call scripts take them from here too
 AGENT_REPORT_FILE: Final = "agent.jsonl"
 
 CALLER_NUMBER: Final = "+56975231235"
@@ -279,32 +274,18 @@ def leftover_children(me: psutil.Process, server: ServerProcess) -> list[str]:
 def main(argv: list[str]) -> int:
     workdir = Path(argv[1])
     kind = argv[2] if len(argv) > 2 else "livekit-server"
-    report: dict[str, Any] = {"skip": None, "error": None, "media_ip": MEDIA_IP}
-    code = 0
-    try:
-        enter_private_network()
-    except NetnsUnavailable as e:
-        report["skip"] = str(e)
-        (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        return SKIP_EXIT
-    setup_logging("json", logging.INFO)
-    warnings.filterwarnings("ignore", message="The HMAC key is")  # the public dev key pair
-    os.environ[media_agent.REPORT_ENV] = str(workdir / AGENT_REPORT_FILE)
-    started = time.monotonic()
-    try:
-        server = start_server(kind, workdir, media_ip=MEDIA_IP)
-        report["server_log"] = str(server.log_path)
-        try:
-            asyncio.run(asyncio.wait_for(call(server, workdir, report), CALL_TIMEOUT_S))
-        finally:
-            stop_process(server.proc)
-    except BaseException as e:
-        report["error"] = f"{type(e).__name__}: {e}"
-        report["traceback"] = traceback.format_exc()
-        code = 1
-    report["duration_s"] = round(time.monotonic() - started, 2)
-    (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-    return code
+    report: dict[str, Any] = {"media_ip": MEDIA_IP}
+
+    def run() -> None:
+        setup_logging("json", logging.INFO)
+        os.environ[media_agent.REPORT_ENV] = str(workdir / AGENT_REPORT_FILE)
+
+        async def main_call(server: ServerProcess) -> None:
+            await call(server, workdir, report)
+
+        against_server(kind, workdir, report, main_call, CALL_TIMEOUT_S)
+
+    return call_script_main(workdir, report, run)
 
 
 if __name__ == "__main__":

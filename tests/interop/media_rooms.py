@@ -18,7 +18,6 @@ import logging
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -29,15 +28,13 @@ from livekit.protocol import agent
 
 from callboard.simworker import SimWorker
 from tests.interop.agents import media_agent
+from tests.interop.call_process import against_server, call_script_main
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
     ServerProcess,
-    start_server,
-    stop_process,
 )
-from tests.interop.media_call import REPORT_FILE, SKIP_EXIT, base57
-from tests.interop.netns import MEDIA_IP, NetnsUnavailable, enter_private_network
+from tests.interop.media_call import base57
 from tests.interop.support import wait_until
 
 SCENARIO_TIMEOUT_S: Final = 60.0
@@ -494,29 +491,17 @@ async def run_all(server: ServerProcess, report: dict[str, Any], only: list[str]
 
 def main(argv: list[str]) -> int:
     workdir, kind, only = Path(argv[1]), argv[2], argv[3:]
-    report: dict[str, Any] = {"skip": None, "error": None, "kind": kind}
-    try:
-        enter_private_network()
-    except NetnsUnavailable as e:
-        report["skip"] = str(e)
-        (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        return SKIP_EXIT
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore", message="The HMAC key is")  # the public dev key pair
-    code = 0
-    try:
-        server = start_server(kind, workdir, media_ip=MEDIA_IP)
-        report["server_log"] = str(server.log_path)
-        try:
-            asyncio.run(run_all(server, report, only))
-        finally:
-            stop_process(server.proc)
-    except BaseException as e:
-        report["error"] = f"{type(e).__name__}: {e}"
-        report["traceback"] = traceback.format_exc()
-        code = 1
-    (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-    return code
+    report: dict[str, Any] = {"kind": kind}
+
+    def run() -> None:
+        logging.basicConfig(level=logging.WARNING)
+
+        async def all_cases(server: ServerProcess) -> None:
+            await run_all(server, report, only)
+
+        against_server(kind, workdir, report, all_cases, None)
+
+    return call_script_main(workdir, report, run)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
-import warnings
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,16 +31,14 @@ from livekit import api, rtc
 
 from callboard.plugins.local import models
 from tests.interop.agents import receptionist_names as probe
+from tests.interop.call_process import against_server, call_script_main
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
     ServerProcess,
     clean_env,
-    start_server,
-    stop_process,
 )
-from tests.interop.media_call import REPORT_FILE, SKIP_EXIT, server_job_ended
-from tests.interop.netns import MEDIA_IP, NetnsUnavailable, enter_private_network
+from tests.interop.media_call import server_job_ended
 from tests.interop.support import AgentWorker, stop_agent_worker, wait_until
 from tests.interop.worker_tap import WorkerTap
 
@@ -290,32 +286,17 @@ async def converse(
 def main(argv: list[str]) -> int:
     workdir, side, example = Path(argv[1]), argv[2], Path(argv[3])
     says = argv[4] if len(argv) > 4 else CALLER_SAYS
-    report: dict[str, Any] = {"skip": None, "error": None, "side": side}
-    try:
-        enter_private_network()
-    except NetnsUnavailable as e:
-        report["skip"] = str(e)
-        (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        return SKIP_EXIT
-    warnings.filterwarnings("ignore", message="The HMAC key is")  # the public dev key pair
-    code = 0
-    started = time.monotonic()
-    try:
+    report: dict[str, Any] = {"side": side}
+
+    def run() -> None:
         models.whisper(), models.hibari_voice()  # loaded before the clock of the call starts
-        server = start_server("livekit-server", workdir, media_ip=MEDIA_IP)
-        report["server_log"] = str(server.log_path)
-        try:
-            main_call = call(server, side, example, says, workdir, report)
-            asyncio.run(asyncio.wait_for(main_call, CALL_TIMEOUT_S))
-        finally:
-            stop_process(server.proc)
-    except BaseException as e:
-        report["error"] = f"{type(e).__name__}: {e}"
-        report["traceback"] = traceback.format_exc()
-        code = 1
-    report["duration_s"] = round(time.monotonic() - started, 2)
-    (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-    return code
+
+        async def main_call(server: ServerProcess) -> None:
+            await call(server, side, example, says, workdir, report)
+
+        against_server("livekit-server", workdir, report, main_call, CALL_TIMEOUT_S)
+
+    return call_script_main(workdir, report, run)
 
 
 if __name__ == "__main__":

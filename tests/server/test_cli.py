@@ -15,10 +15,11 @@ from typing import Final
 import aiohttp
 import pytest
 
-from callboard.cli import EXIT_OK, EXIT_USAGE, main
+from callboard.cli import EXIT_OK, EXIT_USAGE, install_stop, main
 from callboard.log import root_logging_kept
 from callboard.server.config import DEV_API_KEY, DEV_API_SECRET, KEYS_ENV
 from callboard.simworker import SimWorker
+from tests.server.support import wait_until
 
 STARTUP_DEADLINE_S: Final = 15.0
 STOP_DEADLINE_S: Final = 5.0
@@ -138,3 +139,22 @@ async def test_signal_stops_the_server_cleanly(signum: signal.Signals, with_work
     log = stderr.decode()
     assert '"server stopped"' in log
     assert "Traceback" not in log
+
+
+async def test_a_second_signal_exits_at_once_when_the_shutdown_hangs() -> None:
+    """A server whose shutdown waits on a stuck thread would ignore every later SIGTERM (seen
+    with servers orphaned in a dead network namespace): the second signal exits."""
+    stop = asyncio.Event()
+    exits: list[int] = []
+    install_stop(stop, exits.append)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(stop.wait(), STOP_DEADLINE_S)
+        assert exits == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        await wait_until(lambda: bool(exits), "an exit after the second signal")
+        assert exits == [128 + signal.SIGTERM]
+    finally:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

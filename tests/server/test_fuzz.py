@@ -435,7 +435,7 @@ def test_random_twirp_requests_get_twirp_errors_never_500(arena: Arena) -> None:
 # -- the frame generator against a server process -------------------------------------------
 
 FUZZ_INPUTS_ENV: Final = "CALLBOARD_FUZZ_INPUTS"
-FUZZ_INPUTS: Final = env_int(FUZZ_INPUTS_ENV, 20_000)
+FUZZ_INPUTS: Final = env_int(FUZZ_INPUTS_ENV, 8_000)
 BYSTANDER_EVERY: Final = 2_000
 
 

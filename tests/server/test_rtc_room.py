@@ -4,18 +4,23 @@ RoomService sees them."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
+import pytest
 from livekit import api
 from livekit.protocol import models
 
+from callboard.server import rooms
 from callboard.server.app import EmbeddedServer
 from callboard.server.config import DEV_API_KEY, DEV_API_SECRET
 from callboard.server.ids import new_id
 from callboard.server.rtc.model import TRACK_PREFIX, participant_info
 from callboard.server.rtc.relay import Frame, FrameSink
+from callboard.simworker import SimWorker
+from tests.server.support import wait_until
 
 
 @dataclass
@@ -118,3 +123,38 @@ async def test_a_hidden_member_is_invisible_to_the_others(server: EmbeddedServer
     room.join(participant_info("watcher", permission=hidden), watcher, True)
     assert "watcher" not in a.seen
     assert [p.identity for p in room.visible_to(None)] == ["a"]
+
+
+async def test_an_agent_replaced_by_its_own_rejoin_keeps_its_job_and_one_gone_ends_it(
+    server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """livekit-server ends a job when its agent's participant leaves the room, but not when a
+    new session of the same identity replaced it (room.go skips a replaced session): that is
+    the rtc SDK's full reconnect, e.g. after a lost connection on a starved machine."""
+    monkeypatch.setattr(rooms, "AGENT_LEFT_GRACE_S", 0.2)
+    sim = SimWorker(
+        server.url, DEV_API_KEY, DEV_API_SECRET, agent_name="rejoining", job_seconds=None
+    )
+    await sim.start()
+    try:
+        async with api.LiveKitAPI(server.http_url, DEV_API_KEY, DEV_API_SECRET) as lk:
+            for room_name in ("replaced", "gone"):
+                await lk.agent_dispatch.create_dispatch(
+                    api.CreateAgentDispatchRequest(agent_name="rejoining", room=room_name)
+                )
+            await wait_until(lambda: len(sim.jobs) == 2, "both jobs assigned")
+        by_room = {j.job.room.name: j.job for j in sim.jobs.values()}
+        for room_name, job in by_room.items():
+            live = server.rooms.live_room(room_name)
+            info = participant_info(f"sim-{job.id}", kind=models.ParticipantInfo.AGENT)
+            first = live.join(info, Phone(), True)
+            if room_name == "replaced":
+                live.join(participant_info(f"sim-{job.id}", kind=info.kind), Phone(), True)
+            else:
+                live.leave(first, models.CLIENT_INITIATED)
+        gone = by_room["gone"].id
+        await wait_until(lambda: gone in sim.terminated, "the job whose agent left to end")
+        await asyncio.sleep(0.3)
+        assert by_room["replaced"].id not in sim.terminated
+    finally:
+        await sim.aclose()

@@ -132,7 +132,7 @@ class SoakPlan:
 
     @classmethod
     def sized(cls, jobs: int) -> SoakPlan:
-        """The CI form for ~200 jobs (5 events), one more event per 100 jobs beyond."""
+        """The CI form: 5 events up to 200 jobs, one more event per 100 jobs beyond."""
         return cls(jobs=jobs, events=max(5, jobs // 100 + 3))
 
     def schedule(self) -> list[JobSpec]:

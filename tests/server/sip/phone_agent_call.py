@@ -22,8 +22,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import traceback
-import warnings
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,6 +31,7 @@ from callboard.plugins.local import models
 from callboard.server.sip.audio import resample
 from callboard.server.sip.codecs import SAMPLE_RATE, Pcm
 from callboard.server.sip.phone import utterance
+from tests.interop.call_process import call_script_main
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
@@ -43,8 +42,7 @@ from tests.interop.livekit_server import (
     free_port,
     stop_process,
 )
-from tests.interop.media_call import REPORT_FILE, SKIP_EXIT, server_job_ended
-from tests.interop.netns import NetnsUnavailable, enter_private_network
+from tests.interop.media_call import server_job_ended
 from tests.interop.support import wait_until
 from tests.server.sip.agents.phone_receptionist import REPORT_ENV
 from tests.server.sip.phone_media import RtpSink, RtpStream, write_pcap
@@ -221,24 +219,13 @@ def server_log_record(server: ServerProcess, message: str) -> dict[str, Any] | N
 
 def main(argv: list[str]) -> int:
     workdir = Path(argv[1])
-    report: dict[str, Any] = {"skip": None, "error": None}
-    try:
-        enter_private_network()
-    except NetnsUnavailable as e:
-        report["skip"] = str(e)
-        (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        return SKIP_EXIT
-    warnings.filterwarnings("ignore", message="The HMAC key is")
-    code = 0
-    try:
+    report: dict[str, Any] = {}
+
+    def call() -> None:
         models.whisper(), models.hibari_voice()
         asyncio.run(asyncio.wait_for(run(workdir, report), CALL_TIMEOUT_S))
-    except BaseException as e:
-        report["error"] = f"{type(e).__name__}: {e}"
-        report["traceback"] = traceback.format_exc()
-        code = 1
-    (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-    return code
+
+    return call_script_main(workdir, report, call)
 
 
 if __name__ == "__main__":
