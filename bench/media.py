@@ -30,6 +30,8 @@ server:
   two servers is what ours adds;
 - jitter p99 (lean): each packet's arrival against its RTP timestamp, beyond the least delayed
   packet of its stream: what a receiver's jitter buffer has to absorb;
+- buffer ms (sdk): the receiving SDKs' mean jitter buffer delay (libwebrtc's
+  jitterBufferDelay ÷ jitterBufferEmittedCount, every subscriber);
 - the client processes' CPU over the window.
 """
 
@@ -177,17 +179,21 @@ async def remote_track(room: rtc.Room) -> rtc.Track:
     return await found
 
 
-async def packets(room: rtc.Room) -> tuple[int, int]:
-    """(audio packets sent, audio packets received) by this participant, from RTC stats."""
+async def packets(room: rtc.Room) -> tuple[int, int, float, int]:
+    """(audio packets sent, audio packets received, jitter buffer delay in seconds, samples
+    emitted by the jitter buffer) for this participant, from RTC stats."""
     stats = await room.get_rtc_stats()
-    sent = received = 0
+    sent = received = emitted = 0
+    buffered = 0.0
     # both connections: with one peer connection (livekit-server's /rtc/v1) all is on one
     for s in [*stats.publisher_stats, *stats.subscriber_stats]:
         if s.HasField("outbound_rtp") and s.outbound_rtp.stream.kind == "audio":
             sent += s.outbound_rtp.sent.packets_sent
         if s.HasField("inbound_rtp") and s.inbound_rtp.stream.kind == "audio":
             received += s.inbound_rtp.received.packets_received
-    return sent, received
+            buffered += s.inbound_rtp.inbound.jitter_buffer_delay
+            emitted += s.inbound_rtp.inbound.jitter_buffer_emitted_count
+    return sent, received, buffered, emitted
 
 
 def latencies(sent_onsets: list[float], heard_onsets: list[float]) -> list[float]:
@@ -244,10 +250,13 @@ async def run_sdk_client(
         t.cancel()
     await asyncio.sleep(IN_FLIGHT_S)
     totals = [0, 0]
+    buffered, emitted = 0.0, 0
     for side in (s for pair in pairs for s in pair):
-        sent, received = await packets(side.room)
+        sent, received, delay, samples = await packets(side.room)
         totals[0] += sent
         totals[1] += received
+        buffered += delay
+        emitted += samples
     lat: list[float] = []
     for caller, agent in pairs[:latency_calls]:
         lat += latencies(caller.sent_onsets, agent.heard_onsets)
@@ -264,6 +273,8 @@ async def run_sdk_client(
         "received": totals[1],
         "latencies": lat,
         "bursts_sent": bursts,
+        "jitter_buffer_s": buffered,
+        "jitter_buffer_samples": emitted,
         "stuck": len(stuck),
         "client_cores": client_cores,
         "disconnected": broken,
@@ -392,6 +403,8 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
     received = sum(r["received"] for r in results)
     lat = sorted(x for r in results for x in r["latencies"])
     jitter = sorted(x for r in results for x in r.get("jitter", []))
+    buffered = sum(r.get("jitter_buffer_s", 0.0) for r in results)
+    emitted = sum(r.get("jitter_buffer_samples", 0) for r in results)
     tracks = 2 * args.calls
     return {
         "server": kind,
@@ -408,6 +421,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         "bursts_timed_pct": 100 * len(lat) / max(1, sum(r.get("bursts_sent", 0) for r in results)),
         "jitter_ms_p95": 1000 * percentile(jitter, 95),
         "jitter_ms_p99": 1000 * percentile(jitter, 99),
+        "jitter_buffer_ms": 1000 * buffered / emitted if emitted else float("nan"),
         "broken_sides": sum(r["stuck"] + r["disconnected"] for r in results),
         "client_cores": sum(r["client_cores"] for r in results),
         "clients_crashed": sum(r.get("crashed", 0) for r in results),
@@ -432,7 +446,8 @@ def crashed(calls: int) -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         f"{'server':16} {'calls':>5} {'lost %':>7} {'CPU cores':>9} {'CPU/track %':>11} "
-        f"{'m2e p50 ms':>10} {'m2e p95 ms':>10} {'timed %':>7} {'jitter p99':>10} {'broken':>6} "
+        f"{'m2e p50 ms':>10} {'m2e p95 ms':>10} {'timed %':>7} {'jitter p99':>10} "
+        f"{'buffer ms':>9} {'broken':>6} "
         f"{'client cores':>12}"
     )
     for r in rows:
@@ -440,7 +455,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['server']:16} {r['calls']:>5} {r['lost_pct']:>7.2f} {r['cpu_cores']:>9.2f} "
             f"{r['cpu_per_track_pct']:>11.2f} {r['latency_ms_p50']:>10.1f} "
             f"{r['latency_ms_p95']:>10.1f} {r['bursts_timed_pct']:>7.0f} "
-            f"{r['jitter_ms_p99']:>10.1f} {r['broken_sides']:>6} {r['client_cores']:>12.2f}"
+            f"{r['jitter_ms_p99']:>10.1f} {r['jitter_buffer_ms']:>9.1f} {r['broken_sides']:>6} "
+            f"{r['client_cores']:>12.2f}"
         )
     if len(rows) == 2:
         ours, theirs = rows
