@@ -11,21 +11,18 @@ sent and received and the mouth-to-ear latencies.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
-import traceback
-import warnings
 from pathlib import Path
 from typing import Any, Final
 
 from bench.lean_participant import LeanParticipant, Pacer, encode_voice
 from bench.media import IN_FLIGHT_S, latencies, token
-from tests.interop.livekit_server import start_server, stop_process
-from tests.interop.media_call import REPORT_FILE, SKIP_EXIT
-from tests.interop.netns import MEDIA_IP, NetnsUnavailable, enter_private_network
+from tests.interop.call_process import against_server, call_script_main
+from tests.interop.livekit_server import ServerProcess
 
 CALLS: Final = 6
 SECONDS: Final = 1.5
+CALLS_TIMEOUT_S: Final = 40.0
 
 
 async def hold_calls(url: str, report: dict[str, Any]) -> None:
@@ -62,28 +59,15 @@ async def hold_calls(url: str, report: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     workdir, kind = Path(argv[1]), argv[2]
-    report: dict[str, Any] = {"skip": None, "error": None, "kind": kind}
-    try:
-        enter_private_network()
-    except NetnsUnavailable as e:
-        report["skip"] = str(e)
-        (workdir / REPORT_FILE).write_text(json.dumps(report))
-        return SKIP_EXIT
-    warnings.filterwarnings("ignore", message="The HMAC key is")  # the public dev key pair
-    code = 0
-    try:
-        server = start_server(kind, workdir, media_ip=MEDIA_IP)
-        report["server_log"] = str(server.log_path)
-        try:
-            asyncio.run(hold_calls(server.ws_url, report))
-        finally:
-            stop_process(server.proc)
-    except BaseException as e:
-        report["error"] = f"{type(e).__name__}: {e}"
-        report["traceback"] = traceback.format_exc()
-        code = 1
-    (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-    return code
+    report: dict[str, Any] = {"kind": kind}
+
+    async def calls(server: ServerProcess) -> None:
+        await hold_calls(server.ws_url, report)
+
+    def run() -> None:
+        against_server(kind, workdir, report, calls, CALLS_TIMEOUT_S)
+
+    return call_script_main(workdir, report, run)
 
 
 if __name__ == "__main__":
