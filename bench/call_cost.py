@@ -34,6 +34,7 @@ import numpy as np
 from bench._common import LOOPBACK, cpu_seconds, machine_summary
 from bench._side_by_side import AgentProcess
 from bench.sip import AGENT_NAME, CALLED, CALLER_SAYS, REPLY_TIMEOUT_S, SipServerProcess
+from bench.voice import EXAMPLE
 from callboard.server.sip.codecs import FRAME_SAMPLES, Pcm
 from callboard.server.sip.phone import ActiveCall, SipPhone
 from callboard.server.sip.uac import DialTarget
@@ -164,8 +165,8 @@ async def measure(
     return Phase(name, wall, by_name(job0, job1), by_name(srv0, srv1), rest, turns)
 
 
-async def run(seconds: float, py_spy_dir: Path | None) -> list[Phase]:
-    from bench.voice import EXAMPLE, wait_registered
+async def run(seconds: float, py_spy_dir: Path | None, example: Path) -> list[Phase]:
+    from bench.voice import wait_registered
     from callboard.plugins.local import models
     from callboard.server.sip.audio import resample
     from tests.server.sip.provisioning import trunk_and_rule
@@ -182,7 +183,7 @@ async def run(seconds: float, py_spy_dir: Path | None) -> list[Phase]:
         AGENT_NAME,
         workdir,
         script="voice_agent",
-        extra_env={"BENCH_EXAMPLE": str(EXAMPLE)},
+        extra_env={"BENCH_EXAMPLE": str(example)},
     )
     spy = PySpy(py_spy_dir)
     try:
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.call_cost", description=__doc__)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--py-spy", type=Path, default=None, help="record each phase here")
+    parser.add_argument("--example", type=Path, default=EXAMPLE, help="the agent module")
     args = parser.parse_args(argv)
     try:
         enter_private_network()
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
-    phases = asyncio.run(run(args.seconds, args.py_spy))
+    phases = asyncio.run(run(args.seconds, args.py_spy, args.example.resolve()))
     print(machine_summary())
     for phase in phases:
         print(phase.report())
