@@ -29,14 +29,16 @@ from callboard.server.sip.rules import Dispatch
 
 log = get_logger("server.sip.room")
 
-ROOM_FRAME_SAMPLES: Final = OPUS_CLOCK_RATE * FRAME_SAMPLES // SAMPLE_RATE
-"""960: one 20 ms frame at the room's 48 kHz."""
 TRACK_NAME: Final = "phone"
 MAX_BUFFERED_FRAMES: Final = 25
 """Per subscribed track, 500 ms of audio waiting for the phone; older frames are dropped."""
 ROOM_TIME_BASE: Final = Fraction(1, OPUS_CLOCK_RATE)
 PHONE_OPUS_BITRATE: Final = 32000
 """bit/s for the caller's 8 kHz speech (narrowband Opus; G.711 itself carries 64 kbit/s)."""
+PHONE_OPUS_FRAME_MS: Final = 40
+"""Two phone frames per Opus packet: half the packets (and wake-ups) to the agent's WebRTC for
+~20 ms more delay; 60 ms saved more CPU but cost its turns ~80 ms (bench/README.md)."""
+PHONE_OPUS_SAMPLES: Final = SAMPLE_RATE * PHONE_OPUS_FRAME_MS // 1000
 PHONE_OPUS_COMPLEXITY: Final = 5
 """libopus's effort, 0..10 (10 by default): 5 costs ~20 % less CPU per frame."""
 
@@ -47,7 +49,7 @@ def _samples(frames: list[av.AudioFrame]) -> Pcm:
 
 
 class AudioToRoom:
-    """8 kHz phone frames → 20 ms Opus packets (pts in 1/48000 s), encoded once per call for all
+    """8 kHz phone frames → 40 ms Opus packets (pts in 1/48000 s), encoded once per call for all
     its subscribers, at the phone's rate: the room's usual path (48 kHz PCM, encoded per
     subscriber by aiortc's stereo 96 kbit/s encoder) cost a call's server about 1 % of a core
     more (bench/README.md, `sip --agent`)."""
@@ -61,7 +63,7 @@ class AudioToRoom:
         self._encoder.time_base = Fraction(1, SAMPLE_RATE)
         self._encoder.options = {
             "application": "voip",
-            "frame_duration": "20",
+            "frame_duration": str(PHONE_OPUS_FRAME_MS),
             "compression_level": str(PHONE_OPUS_COMPLEXITY),
         }
         self._pending = np.zeros(0, dtype=np.int16)
@@ -72,8 +74,9 @@ class AudioToRoom:
         but the room's clock still runs."""
         self._pending = np.concatenate([self._pending, pcm]) if len(self._pending) else pcm
         out = []
-        while len(self._pending) >= FRAME_SAMPLES:
-            chunk, self._pending = self._pending[:FRAME_SAMPLES], self._pending[FRAME_SAMPLES:]
+        while len(self._pending) >= PHONE_OPUS_SAMPLES:
+            chunk = self._pending[:PHONE_OPUS_SAMPLES]
+            self._pending = self._pending[PHONE_OPUS_SAMPLES:]
             if wanted:
                 frame = av.AudioFrame.from_ndarray(
                     chunk.reshape(1, -1), format="s16", layout="mono"
@@ -82,7 +85,7 @@ class AudioToRoom:
                 for packet in self._encoder.encode(frame):
                     packet.pts, packet.time_base = self._pts, ROOM_TIME_BASE
                     out.append(packet)
-            self._pts += ROOM_FRAME_SAMPLES
+            self._pts += PHONE_OPUS_SAMPLES * OPUS_CLOCK_RATE // SAMPLE_RATE
         return out
 
 
