@@ -29,13 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import numpy as np
-
 from bench._common import LOOPBACK, cpu_seconds, machine_summary
 from bench._side_by_side import AgentProcess
-from bench.sip import AGENT_NAME, CALLED, CALLER_SAYS, REPLY_TIMEOUT_S, SipServerProcess
+from bench.sip import (
+    AGENT_NAME,
+    CALLED,
+    REPLY_TIMEOUT_S,
+    SipServerProcess,
+    caller_speech,
+    receptionist_worker,
+)
 from bench.voice import EXAMPLE
 from callboard.server.sip.codecs import FRAME_SAMPLES, Pcm
+from callboard.server.sip.media import FRAME_S
 from callboard.server.sip.phone import ActiveCall, SipPhone
 from callboard.server.sip.uac import DialTarget
 from tests.interop.netns import NetnsUnavailable, enter_private_network
@@ -139,7 +145,7 @@ async def talk(call: ActiveCall, speech: Pcm, until: float) -> list[float]:
         answer = await call.wait_utterance(said, REPLY_TIMEOUT_S)
         if answer is None:
             break
-        turns.append((answer[0] - said) * 0.02)
+        turns.append((answer[0] - said) * FRAME_S)
     return turns
 
 
@@ -167,24 +173,13 @@ async def measure(
 
 async def run(seconds: float, py_spy_dir: Path | None, example: Path) -> list[Phase]:
     from bench.voice import wait_registered
-    from callboard.plugins.local import models
-    from callboard.server.sip.audio import resample
     from tests.server.sip.provisioning import trunk_and_rule
 
-    said = models.hibari_voice().synthesize(CALLER_SAYS, 1.0)
-    speech = resample(np.frombuffer(said, dtype="<i2"), models.TTS_SAMPLE_RATE, 8000)
+    speech = caller_speech()
     workdir = Path(tempfile.mkdtemp(prefix="bench-call-cost-"))
     server = SipServerProcess(echo=False)
     server.start()
-    worker = AgentProcess(
-        "ours",
-        "start",
-        server,
-        AGENT_NAME,
-        workdir,
-        script="voice_agent",
-        extra_env={"BENCH_EXAMPLE": str(example)},
-    )
+    worker = receptionist_worker(server, workdir, example)
     spy = PySpy(py_spy_dir)
     try:
         await wait_registered(worker)
