@@ -236,25 +236,36 @@ async def agent_call(
     )
 
 
-async def run_agent(calls: int, seconds: float, stagger: float) -> None:
-    from bench.voice import EXAMPLE, wait_registered
+def caller_speech() -> Pcm:
+    """CALLER_SAYS in hibari's voice, at the phone's 8 kHz."""
     from callboard.plugins.local import models
     from callboard.server.sip.audio import resample
 
     said = models.hibari_voice().synthesize(CALLER_SAYS, 1.0)
-    speech = resample(np.frombuffer(said, dtype="<i2"), models.TTS_SAMPLE_RATE, 8000)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-sip-"))
-    server = SipServerProcess(echo=False)
-    server.start()
-    worker = AgentProcess(
+    return resample(np.frombuffer(said, dtype="<i2"), models.TTS_SAMPLE_RATE, 8000)
+
+
+def receptionist_worker(server: SipServerProcess, workdir: Path, example: Path) -> AgentProcess:
+    """Callboard's worker running `example` (the receptionist) for the rule's AGENT_NAME."""
+    return AgentProcess(
         "ours",
         "start",
         server,
         AGENT_NAME,
         workdir,
         script="voice_agent",
-        extra_env={"BENCH_EXAMPLE": str(EXAMPLE)},
+        extra_env={"BENCH_EXAMPLE": str(example)},
     )
+
+
+async def run_agent(calls: int, seconds: float, stagger: float) -> None:
+    from bench.voice import EXAMPLE, wait_registered
+
+    speech = caller_speech()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sip-"))
+    server = SipServerProcess(echo=False)
+    server.start()
+    worker = receptionist_worker(server, workdir, EXAMPLE)
     try:
         await wait_registered(worker)
         await trunk_and_rule(server.http_url, CALLED, agents=[AGENT_NAME])

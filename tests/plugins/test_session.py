@@ -1,6 +1,7 @@
 """The four plugins in one livekit-agents AgentSession: the caller's words are transcribed, the
-script answers, the answer is spoken (and understood when transcribed back), and the scripted
-goodbye calls the agent's end_call tool."""
+script answers, the answer is spoken (and understood when transcribed back), the scripted
+goodbye calls the agent's end_call tool, and the session's two VAD streams share one inference
+per window."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ SCRIPT = Script(
         Intent("bye", (r"\b(bye|goodbye)\b",), "Goodbye, have a nice day.", tool="end_call"),
     ),
 )
+SHARED_WINDOWS = 0.9
+"""Of the windows the VAD model ran, the fraction the session's second VAD stream reused."""
 CALLER_LINES = ("I would like an appointment on Tuesday, please.", "That's all, goodbye.")
 
 
@@ -59,8 +62,10 @@ class Receptionist(Agent):
 @pytest.mark.timeout(SESSION_TEST_TIMEOUT)
 async def test_a_spoken_conversation_through_the_offline_plugins() -> None:
     caller, recorder = Caller(), Recorder()
+    vad = load_vad()
+    runs, reused = vad.silero.runs, vad.silero.reused
     session: AgentSession[None] = AgentSession(
-        vad=load_vad(),
+        vad=vad,
         stt=WhisperSTT(),
         llm=ScriptedLLM(SCRIPT),
         tts=offline_tts(),
@@ -93,6 +98,11 @@ async def test_a_spoken_conversation_through_the_offline_plugins() -> None:
         await asyncio.wait_for(agent.ended.wait(), TURN_TIMEOUT)
     finally:
         await session.aclose()
+    runs, reused = vad.silero.runs - runs, vad.silero.reused - reused
+    print(f"VAD windows: {runs} run, {reused} reused")
+    # the session's turn detection and its STT's segmentation follow the same audio: the model
+    # runs once per window for both
+    assert reused >= SHARED_WINDOWS * runs > 0
 
     for line, transcripts in zip(CALLER_LINES, turns, strict=True):
         assert wer(line, " ".join(transcripts)) <= MAX_WER, (line, transcripts)

@@ -45,7 +45,7 @@ async def test_vads_share_one_model_and_keep_their_own_silence_setting() -> None
     tts = HibariTTS()
     two_sentences = await speak(tts, f"{SENTENCES[0]} {SENTENCES[1]}")  # ~0.6 s pause inside
     eager, patient = load_vad(min_silence_duration=0.3), load_vad(min_silence_duration=1.0)
-    assert eager._onnx_session is patient._onnx_session  # type: ignore[attr-defined]
+    assert eager.silero is patient.silero
     streams = [eager.stream(), patient.stream()]
     for part in (silence(0.5, 16000), two_sentences, silence(1.5, 16000)):
         for frame in in_frames(resample(part, 16000)):

@@ -3,7 +3,7 @@
     from callboard.plugins import local
 
     session = AgentSession(
-        vad=local.load_vad(),          # silero (livekit-plugins-silero)
+        vad=local.load_vad(),          # silero's model (livekit-plugins-silero)
         stt=local.WhisperSTT(),        # Whisper tiny.en, shared by the worker's jobs
         llm=local.ScriptedLLM(script), # deterministic intents, slots and tool calls
         tts=local.offline_tts(),       # hibari, then espeak-ng if installed
@@ -28,7 +28,7 @@ from callboard.plugins.local.tts import (
     HibariTTS,
     offline_tts,
 )
-from callboard.plugins.local.vad import load_vad
+from callboard.plugins.local.vad import SileroVAD, VADOptions, load_vad
 
 __all__ = [
     "EspeakOptions",
@@ -39,7 +39,9 @@ __all__ = [
     "Script",
     "ScriptedLLM",
     "ScriptedRealtimeModel",
+    "SileroVAD",
     "Slot",
+    "VADOptions",
     "WhisperOptions",
     "WhisperSTT",
     "load_vad",

@@ -1,8 +1,8 @@
 """A phone call as a server-side member of the live room (no WebRTC hop): the caller's audio is
-published as a track of 48 kHz PCM frames, the tracks it subscribes to (the agent's Opus) are
-decoded, mixed and handed to the call at 8 kHz, DTMF goes both ways as `SipDTMF` data packets,
-and the call is answered once someone in the room subscribes to the caller (livekit-sip's
-`waitSubscribe`)."""
+published as a track of Opus packets (encoded once, from its 8 kHz), the tracks it subscribes
+to (the agent's Opus) are decoded, mixed and handed to the call at 8 kHz, DTMF goes both ways
+as `SipDTMF` data packets, and the call is answered once someone in the room subscribes to the
+caller (livekit-sip's `waitSubscribe`)."""
 
 from __future__ import annotations
 
@@ -29,12 +29,18 @@ from callboard.server.sip.rules import Dispatch
 
 log = get_logger("server.sip.room")
 
-ROOM_FRAME_SAMPLES: Final = OPUS_CLOCK_RATE * FRAME_SAMPLES // SAMPLE_RATE
-"""960: one 20 ms frame at the room's 48 kHz."""
 TRACK_NAME: Final = "phone"
 MAX_BUFFERED_FRAMES: Final = 25
 """Per subscribed track, 500 ms of audio waiting for the phone; older frames are dropped."""
 ROOM_TIME_BASE: Final = Fraction(1, OPUS_CLOCK_RATE)
+PHONE_OPUS_BITRATE: Final = 32000
+"""bit/s for the caller's 8 kHz speech (narrowband Opus; G.711 itself carries 64 kbit/s)."""
+PHONE_OPUS_FRAME_MS: Final = 40
+"""Two phone frames per Opus packet: half the packets (and wake-ups) to the agent's WebRTC for
+~20 ms more delay; 60 ms saved more CPU but cost its turns ~80 ms (bench/README.md)."""
+PHONE_OPUS_SAMPLES: Final = SAMPLE_RATE * PHONE_OPUS_FRAME_MS // 1000
+PHONE_OPUS_COMPLEXITY: Final = 5
+"""libopus's effort, 0..10 (10 by default): 5 costs ~20 % less CPU per frame."""
 
 
 def _samples(frames: list[av.AudioFrame]) -> Pcm:
@@ -43,30 +49,43 @@ def _samples(frames: list[av.AudioFrame]) -> Pcm:
 
 
 class AudioToRoom:
-    """8 kHz phone frames → 20 ms 48 kHz mono s16 `av.AudioFrame`s with running pts."""
+    """8 kHz phone frames → 40 ms Opus packets (pts in 1/48000 s), encoded once per call for all
+    its subscribers, at the phone's rate: the room's usual path (48 kHz PCM, encoded per
+    subscriber by aiortc's stereo 96 kbit/s encoder) cost a call's server about 1 % of a core
+    more (bench/README.md, `sip --agent`)."""
 
     def __init__(self) -> None:
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=OPUS_CLOCK_RATE)
+        self._encoder = av.CodecContext.create("libopus", "w")
+        self._encoder.sample_rate = SAMPLE_RATE
+        self._encoder.format = "s16"
+        self._encoder.layout = "mono"
+        self._encoder.bit_rate = PHONE_OPUS_BITRATE
+        self._encoder.time_base = Fraction(1, SAMPLE_RATE)
+        self._encoder.options = {
+            "application": "voip",
+            "frame_duration": str(PHONE_OPUS_FRAME_MS),
+            "compression_level": str(PHONE_OPUS_COMPLEXITY),
+        }
         self._pending = np.zeros(0, dtype=np.int16)
         self._pts = 0
 
-    def frames(self, pcm: Pcm) -> list[av.AudioFrame]:
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = SAMPLE_RATE
-        self._pending = np.concatenate([self._pending, _samples(self._resampler.resample(frame))])
+    def packets(self, pcm: Pcm, wanted: bool = True) -> list[av.Packet[Any]]:
+        """The packets `pcm` completes; with nobody listening (`wanted` false) none are encoded,
+        but the room's clock still runs."""
+        self._pending = np.concatenate([self._pending, pcm]) if len(self._pending) else pcm
         out = []
-        while len(self._pending) >= ROOM_FRAME_SAMPLES:
-            chunk, self._pending = (
-                self._pending[:ROOM_FRAME_SAMPLES],
-                self._pending[ROOM_FRAME_SAMPLES:],
-            )
-            room_frame = av.AudioFrame.from_ndarray(
-                chunk.reshape(1, -1), format="s16", layout="mono"
-            )
-            room_frame.sample_rate = OPUS_CLOCK_RATE
-            room_frame.pts, room_frame.time_base = self._pts, ROOM_TIME_BASE
-            self._pts += ROOM_FRAME_SAMPLES
-            out.append(room_frame)
+        while len(self._pending) >= PHONE_OPUS_SAMPLES:
+            chunk = self._pending[:PHONE_OPUS_SAMPLES]
+            self._pending = self._pending[PHONE_OPUS_SAMPLES:]
+            if wanted:
+                frame = av.AudioFrame.from_ndarray(
+                    chunk.reshape(1, -1), format="s16", layout="mono"
+                )
+                frame.sample_rate = SAMPLE_RATE
+                for packet in self._encoder.encode(frame):
+                    packet.pts, packet.time_base = self._pts, ROOM_TIME_BASE
+                    out.append(packet)
+            self._pts += PHONE_OPUS_SAMPLES * OPUS_CLOCK_RATE // SAMPLE_RATE
         return out
 
 
@@ -197,8 +216,8 @@ class RoomMediaLeg:
         self.live.update(self.participant)
 
     def caller_audio(self, pcm: Pcm) -> None:
-        for frame in self._to_room.frames(pcm):
-            self.publication.push(frame)
+        for packet in self._to_room.packets(pcm, wanted=bool(self.publication.sinks)):
+            self.publication.push(packet)
 
     def caller_digit(self, digit: str) -> None:
         code = DTMF_DIGITS.find(digit.upper())

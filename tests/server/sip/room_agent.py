@@ -26,7 +26,8 @@ from callboard.server.rtc.model import (
     Publication,
     participant_info,
 )
-from callboard.server.rtc.relay import Frame, FrameSink
+from callboard.server.rtc.relay import OPUS_CLOCK_RATE as ROOM_RATE
+from callboard.server.rtc.relay import Frame, FrameSink, opus_payload
 
 AGENT: Final = "agent"
 SCAN_S: Final = 0.01
@@ -89,9 +90,15 @@ class AgentMember:
         if self.echo:
             return self._echo_sink()
 
+        decoder = av.CodecContext.create("opus", "r")
+        to_s16 = av.AudioResampler(format="s16", layout="mono", rate=ROOM_RATE)
+
         def sink(frame: Frame) -> None:
-            if isinstance(frame, av.AudioFrame):
-                seen.samples.append(frame.to_ndarray().reshape(-1).astype(np.int16))
+            audio = opus_payload(frame)
+            decoded = [audio] if isinstance(audio, av.AudioFrame) else decoder.decode(audio)
+            for pcm in decoded:
+                for s16 in to_s16.resample(pcm):
+                    seen.samples.append(s16.to_ndarray().reshape(-1).astype(np.int16))
 
         return sink
 
