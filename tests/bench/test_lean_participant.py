@@ -17,6 +17,9 @@ from tests.interop.livekit_server import ServerUnavailable, livekit_server_binar
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(90, func_only=True)]
 
 CALL_PROCESS_TIMEOUT_S: Final = 60.0
+MAX_LOST_PER_SIDE: Final = 1
+"""livekit-server once lost 1 of 28 packets to one side in CI; a silent track (the bug this
+pins) loses all of them."""
 MAX_LATENCY_S: Final = 0.2
 """Loopback forwarding on an idle machine takes milliseconds; this bounds a loaded one's
 median (a garbage collection or a busy machine delays single packets more)."""
@@ -33,10 +36,11 @@ def test_lean_calls_hear_every_packet(tmp_path: Path, kind: str) -> None:
     report = run.succeeded()
     sides = report["sides"]
     assert len(sides) == 12 and all(s["closed"] is None for s in sides), run.context()
-    # each side publishes what DTX sends, and hears exactly what its peer sent
+    # each side publishes what DTX sends, and hears what its peer sent (but for a stray packet)
     for i, side in enumerate(sides):
         peer = sides[i ^ 1]
-        assert side["sent"] > 0 and side["received"] == peer["sent"], run.context()
+        assert side["sent"] > 0, run.context()
+        assert 0 <= peer["sent"] - side["received"] <= MAX_LOST_PER_SIDE, run.context()
     # every burst's first packet was recognised at the other side, promptly
     assert report["bursts_heard"] == report["bursts_sent"] > 0, run.context()
     assert statistics.median(report["latencies"]) < MAX_LATENCY_S, run.context()
