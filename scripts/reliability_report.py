@@ -1,7 +1,7 @@
 """Run the reliability tests and write docs/RELIABILITY.md from what they proved.
 
     python scripts/reliability_report.py          # long: 1,000-job soak, 100,000 fuzz inputs
-    python scripts/reliability_report.py --short  # the forms CI runs (150 jobs, 8,000 inputs)
+    python scripts/reliability_report.py --short  # the forms CI runs (100 jobs, 8,000 inputs)
 
 It runs, in one pytest: the soak (tests/soak), the frame fuzzer against a server process
 (tests/server/test_fuzz.py), the token-attack table (tests/server/test_auth.py) and the drain
@@ -32,7 +32,7 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 REPORT: Final = ROOT / "docs" / "RELIABILITY.md"
 LONG_JOBS: Final = 1000
 LONG_INPUTS: Final = 100_000
-SHORT_JOBS: Final = 150
+SHORT_JOBS: Final = 100
 SHORT_INPUTS: Final = 8_000
 RUN_TIMEOUT_S: Final = 1800
 TESTS: Final = (
@@ -418,7 +418,7 @@ def drain_section(drain: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "--short", action="store_true", help="the CI forms (150 jobs, 8,000 fuzz inputs)"
+        "--short", action="store_true", help="the CI forms (100 jobs, 8,000 fuzz inputs)"
     )
     parser.add_argument("--output", type=Path, default=REPORT, help="where to write the report")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """The soak with injected faults (see harness.py for the run and accounting.py for what
 "accounted for" means): one run serves every test of this module.
 
-CI runs the short form (CALLBOARD_SOAK_JOBS unset: 150 jobs, about a minute);
+CI runs the short form (CALLBOARD_SOAK_JOBS unset: 100 jobs, under a minute);
 `CALLBOARD_SOAK_JOBS=1000 pytest tests/soak` (or scripts/reliability_report.py) runs the long
 form.
 """
@@ -27,7 +27,7 @@ from tests.soak.harness import MEMORY_GROWTH_LIMIT, SoakPlan, SoakReport, run_so
 from tests.subprocs import json_lines
 
 JOBS_ENV: Final = "CALLBOARD_SOAK_JOBS"
-CI_JOBS: Final = 150
+CI_JOBS: Final = 100
 JOBS: Final = env_int(JOBS_ENV, CI_JOBS)
 TIMEOUT_S: Final = 300 + 2 * JOBS
 JWT_RE: Final = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.eyJ")
