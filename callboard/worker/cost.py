@@ -53,16 +53,23 @@ class CostModel:
 
     def observe(self, cpu: float | None, memory_mb: float | None, dt: float) -> None:
         """Fold in one measure (the mean over the measured jobs) taken `dt` s after the last."""
-        alpha = 1.0 - math.exp(-max(0.0, dt) / COST_TIME_CONSTANT_S)
         new_cpu, new_mem = self.cost.cpu, self.cost.memory_mb
         if cpu is not None:
-            new_cpu = cpu if not self.cpu_measured else new_cpu + alpha * (cpu - new_cpu)
+            new_cpu = moving_average(new_cpu if self.cpu_measured else None, cpu, dt)
             self.cpu_measured = True
         if memory_mb is not None:
-            first = not self.memory_measured
-            new_mem = memory_mb if first else new_mem + alpha * (memory_mb - new_mem)
+            new_mem = moving_average(new_mem if self.memory_measured else None, memory_mb, dt)
             self.memory_measured = True
         self.cost = JobCost(cpu=new_cpu, memory_mb=new_mem)
+
+
+def moving_average(average: float | None, value: float, dt: float) -> float:
+    """`average` moved towards `value`, seen `dt` s after the last value, with time constant
+    COST_TIME_CONSTANT_S; the first value (`average` None) starts it."""
+    if average is None:
+        return value
+    alpha = 1.0 - math.exp(-max(0.0, dt) / COST_TIME_CONSTANT_S)
+    return average + alpha * (value - average)
 
 
 def jobs_that_fit(budget: float, used: float, per_job: float) -> float:

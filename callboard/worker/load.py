@@ -22,11 +22,11 @@ from typing import Any, Final
 from callboard.job.executor import RunningJob
 from callboard.log import get_logger
 from callboard.worker.cost import (
-    COST_TIME_CONSTANT_S,
     COST_WARMUP_S,
     CostModel,
     JobCost,
     jobs_that_fit,
+    moving_average,
     settle,
 )
 from callboard.worker.machine import (
@@ -318,10 +318,9 @@ class LoadTracker:
             return None
         shared = sum(snap.pids.get(p, 0.0) for p in self._shared)
         outside = max(0.0, snap.total - snap.jobs - shared)
-        alpha = 1.0 - math.exp(-max(0.0, dt) / COST_TIME_CONSTANT_S)
-        self._background = _moved(self._background, outside, alpha)
+        self._background = moving_average(self._background, outside, dt)
         if not self._jobs and now - self._last_job_at > self._window:
-            self._idle_background = _moved(self._idle_background, outside, alpha)
+            self._idle_background = moving_average(self._idle_background, outside, dt)
         return outside
 
     def _caused_outside(self, outside: float | None, jobs: int) -> float:
@@ -343,11 +342,6 @@ class LoadTracker:
         new = None if math.isinf(raw) else settle(self.capacity, raw)
         changed, self.capacity = new != self.capacity, new
         return changed
-
-
-def _moved(average: float | None, value: float, alpha: float) -> float:
-    """An exponential moving average moved towards `value` (the first value starts it)."""
-    return value if average is None else average + alpha * (value - average)
 
 
 def custom_effective_load(measured: float, running: int, reserved: int) -> float:
