@@ -221,13 +221,13 @@ class Whisper:
 
 
 def looks_invented(text: str, seconds: float) -> bool:
-    """Nothing, more words than the audio can hold, a word or phrase (up to three words) said
-    twice back to back, or three words said again further on (the decoder starting over).
+    """Nothing, more words than the audio can hold, one or two words said twice back to back,
+    or three words said again anywhere further on (back to back, or the decoder starting over).
     Numbers may repeat: "five five five"."""
     words = re.findall(r"[a-z0-9']+", text.lower())
     if not words or len(words) > WORDS_PER_SECOND_MAX * max(seconds, 1.0):
         return True
-    for n in (1, 2, 3):
+    for n in range(1, REPEATED_PHRASE_WORDS):
         for i in range(len(words) - 2 * n + 1):
             if words[i : i + n] == words[i + n : i + 2 * n] and not _numbers(words[i : i + n]):
                 return True
