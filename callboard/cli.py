@@ -197,6 +197,12 @@ def _app_parser() -> argparse.ArgumentParser:
         p.add_argument("--api-key", help="API key (default: LIVEKIT_API_KEY)")
         p.add_argument("--api-secret", help="API secret (default: LIVEKIT_API_SECRET)")
         p.add_argument("--log-level", default=None)
+        p.add_argument(
+            "--jobs-per-process",
+            type=int,
+            default=None,
+            help="jobs one job process may run at once (default: the agent's options, 1)",
+        )
         if name == "connect":
             p.add_argument("--room", required=True, help="room to dispatch the agent to")
     return parser
@@ -236,8 +242,9 @@ def app_main(opts: WorkerOptions, argv: Sequence[str] | None = None) -> int:
             ("ws_url", args.url),
             ("api_key", args.api_key),
             ("api_secret", args.api_secret),
+            ("jobs_per_process", args.jobs_per_process),
         )
-        if v
+        if v is not None and v != ""
     }
     from callboard.worker.worker import Worker  # the agent module imports this file cheaply
 

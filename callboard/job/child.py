@@ -1,8 +1,9 @@
 """Code that runs inside a job process, right after the zygote forked it.
 
 Re-initialise (fresh loop, reseeded RNG, ignore SIGINT/SIGTERM: the worker decides), run
-`prewarm_fnc`, report Initialized, then serve the worker's messages: one StartJob, pings,
-a shutdown. Logs travel to the worker over the same socket. The process exits after its job.
+`prewarm_fnc`, report Initialized, then serve the worker's messages: StartJob (one, or several
+at once when the worker shares processes), pings, shutdowns. Logs travel to the worker over the
+same socket. The process exits when the worker hangs up, which it does after the last job.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -29,15 +31,17 @@ from callboard.job import ipc
 from callboard.job.context import JobAcceptArguments, JobExecutorType, JobProcess, RunningJobInfo
 from callboard.job.flavour import new_job_context, new_job_process
 from callboard.job.inference import InferenceClient, registered_runners, socket_name
-from callboard.job.runner import Entrypoint, RunnableJob, run_job
+from callboard.job.runner import Entrypoint, JobOutcome, RunnableJob, run_job
 from callboard.log import extra_fields, root_logging_kept
 
 EXIT_OK: Final = 0
 EXIT_PREWARM_FAILED: Final = 3
 EXIT_CRASHED: Final = 4
 STACK_DUMP_SIGNAL: Final = signal.SIGUSR1
-FINAL_ACK_TIMEOUT_S: Final = 5.0
-"""How long a finished job process waits for the worker to acknowledge its JobDone."""
+JOB_LOG_FIELDS: ContextVar[tuple[tuple[str, str], ...]] = ContextVar(
+    "callboard_job_log_fields", default=()
+)
+"""The ids of the job whose task writes a log record (set in each job's own context)."""
 
 
 def stack_dump_path(pid: int) -> Path:
@@ -140,6 +144,7 @@ class IpcLogHandler(logging.Handler):
             if record.exc_info:
                 exc_text = "".join(traceback.format_exception(*record.exc_info))
             extra = {k: _plain(v) for k, v in extra_fields(record).items()}
+            extra = {**dict(JOB_LOG_FIELDS.get()), **extra}
             frame = ipc.encode(
                 ipc.LogRecordMsg(record.levelno, record.name, record.getMessage(), extra, exc_text)
             )
@@ -152,16 +157,6 @@ class IpcLogHandler(logging.Handler):
     def _write(self, frame: bytes) -> None:
         if not self._writer.is_closing():
             self._writer.write(frame)
-
-
-async def _until_eof(reader: asyncio.StreamReader, pending: asyncio.Future[Any]) -> None:
-    """Read (and drop) frames until the worker hangs up. `pending` is the read already under
-    way: a stream has one reader at a time, so it is awaited, never cancelled and replaced
-    (a second readexactly() while the first still waits raises RuntimeError)."""
-    if await pending is None:
-        return
-    while await ipc.read_message(reader) is not None:
-        pass
 
 
 def _plain(value: Any) -> Any:
@@ -196,43 +191,64 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
     inference = None
     if registered_runners():
         inference = InferenceClient(socket_name(spec.zygote_pid))
-    ctx: RunnableJob | None = None
-    job: asyncio.Task[Any] | None = None
+    jobs: dict[str, tuple[RunnableJob, asyncio.Task[JobOutcome]]] = {}
+    reader_task = asyncio.ensure_future(ipc.read_message(reader))
     while True:
-        reader_task = asyncio.ensure_future(ipc.read_message(reader))
-        waits: set[asyncio.Future[Any]] = {reader_task}
-        if job is not None:
-            waits.add(job)
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        if job is not None and job.done():
-            outcome = job.result()
-            writer.write(ipc.encode(ipc.JobDone(outcome.status, outcome.error)))
+        await asyncio.wait(
+            {reader_task, *(task for _, task in jobs.values())},
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        finished = [job_id for job_id, (_, task) in jobs.items() if task.done()]
+        for job_id in finished:
+            outcome = jobs.pop(job_id)[1].result()
+            writer.write(ipc.encode(ipc.JobDone(outcome.status, outcome.error, job_id)))
+        if finished:
             await writer.drain()
-            # Exit only once the worker has read JobDone and hung up: exiting first could let
-            # a ping the worker is writing meet a closed socket and lose the unread report.
-            with contextlib.suppress(TimeoutError, ConnectionError, ipc.IpcError):
-                async with asyncio.timeout(FINAL_ACK_TIMEOUT_S):
-                    await _until_eof(reader, reader_task)
-            writer.close()
-            return EXIT_OK
+        if not reader_task.done():
+            continue
         msg = reader_task.result()
         if msg is None:
-            # the worker is gone: stop the job, nobody is left to report to
-            if ctx is not None and job is not None:
-                ctx.shutdown("worker connection lost")
-                await asyncio.wait({job}, timeout=spec.shutdown_timeout)
+            # after the last job the worker's hang-up is its acknowledgement of our JobDone;
+            # with jobs still running the worker is gone: stop them, nobody is left to report to
+            await _stop_all(jobs, "worker connection lost", spec.shutdown_timeout)
+            writer.close()
             return EXIT_OK
+        reader_task = asyncio.ensure_future(ipc.read_message(reader))
         if isinstance(msg, ipc.Ping):
             writer.write(ipc.encode(ipc.Pong(msg.timestamp, time.time())))
-        elif isinstance(msg, ipc.StartJob) and job is None:
-            ctx = new_job_context(proc, msg.running_info(), inference)
-            job = asyncio.ensure_future(run_job(ctx, spec.entrypoint, spec.shutdown_timeout))
+        elif isinstance(msg, ipc.StartJob):
+            info = msg.running_info()
+            if info.job.id not in jobs:
+                ctx = new_job_context(proc, info, inference)
+                jobs[info.job.id] = (ctx, asyncio.ensure_future(_run_tagged(ctx, spec)))
         elif isinstance(msg, ipc.Shutdown):
-            if ctx is None:
+            if msg.job_id:
+                if msg.job_id in jobs:
+                    jobs[msg.job_id][0].shutdown(msg.reason)
+            elif not jobs:
                 return EXIT_OK
-            ctx.shutdown(msg.reason)
+            else:
+                for ctx, _ in jobs.values():
+                    ctx.shutdown(msg.reason)
         else:
             print(f"callboard job process: unexpected {type(msg).__name__}", file=sys.stderr)
+
+
+async def _run_tagged(ctx: RunnableJob, spec: ChildSpec) -> JobOutcome:
+    """Run one job with its ids on every log line written in its tasks (a process may run
+    several jobs at once)."""
+    fields = ctx.job_fields
+    JOB_LOG_FIELDS.set((("job_id", fields["job_id"]), ("room", fields["room"])))
+    return await run_job(ctx, spec.entrypoint, spec.shutdown_timeout)
+
+
+async def _stop_all(
+    jobs: dict[str, tuple[RunnableJob, asyncio.Task[JobOutcome]]], reason: str, timeout: float
+) -> None:
+    for ctx, _ in jobs.values():
+        ctx.shutdown(reason)
+    if jobs:
+        await asyncio.wait([task for _, task in jobs.values()], timeout=timeout)
 
 
 REHEARSAL_JOB_ID: Final = "AJ_zygote_rehearsal"

@@ -94,16 +94,21 @@ class Pong(Message):
 @register(5)
 @dataclass(frozen=True)
 class Shutdown(Message):
+    """Stop job `job_id`, or every job of the process when it is empty."""
+
     reason: str
+    job_id: str = ""
 
 
 @register(6)
 @dataclass(frozen=True)
 class JobDone(Message):
-    """The job's outcome; the process exits right after."""
+    """Job `job_id`'s outcome; a process whose last job is done exits once the worker hangs
+    up."""
 
     status: int
     error: str = ""
+    job_id: str = ""
 
 
 @register(7)

@@ -1,8 +1,10 @@
 """PROCESS executor: a zygote that forks job processes, and a warm pool of prewarmed ones.
 
 `launch` hands a job to an idle prewarmed process in O(1) when there is one, else forks a new
-process from the zygote (milliseconds plus prewarm); the pool refills in the background. Every
-process is single-use: it exits after its job.
+process from the zygote (milliseconds plus prewarm); the pool refills in the background. A
+process runs one job by default; with `jobs_per_process` N > 1 a busy process takes further
+jobs up to N at once (the fullest first), which shares one process's memory among calls at the
+cost of their isolation. Every process is single-use: it exits once its last job ends.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from callboard.job import ipc
 from callboard.job.context import RunningJobInfo
 from callboard.job.inference import socket_name
 from callboard.job.process import (
+    HostedJob,
     JobProcessHandle,
     ProcessInitError,
     SupervisionLimits,
@@ -82,11 +85,13 @@ class ProcessExecutor:
         limits: SupervisionLimits,
         num_idle: int,
         idle_memory_mb: float = 0.0,
+        jobs_per_process: int = 1,
     ) -> None:
         self._zygote_config = zygote_config
         self._zygote = ZygoteClient(zygote_config, self._on_exit)
         self._retired: set[ZygoteClient] = set()
         self._limits = limits
+        self._jobs_per_process = jobs_per_process
         self._target_idle = num_idle
         self._idle_memory_mb = idle_memory_mb
         """Total PSS the idle processes may hold (0: no budget)."""
@@ -113,10 +118,11 @@ class ProcessExecutor:
         self._filler = asyncio.get_running_loop().create_task(self._fill_task(), name="pool-fill")
         self._wake.set()
 
-    async def launch(self, info: RunningJobInfo) -> JobProcessHandle:
-        """Hand the job to an idle process, else a fresh one; a process that fails its
-        prewarm is replaced (up to LAUNCH_ATTEMPTS) so the job is not lost to it."""
-        proc = self._take_idle()
+    async def launch(self, info: RunningJobInfo) -> HostedJob:
+        """Hand the job to a busy process with room for it, else an idle one, else a fresh one;
+        a process that fails its prewarm is replaced (up to LAUNCH_ATTEMPTS) so the job is not
+        lost to it."""
+        proc = self._busy_with_room() or self._take_idle()
         attempt = 1
         while proc is None:
             try:
@@ -125,10 +131,10 @@ class ProcessExecutor:
                 if attempt >= LAUNCH_ATTEMPTS:
                     raise
                 attempt += 1
-        proc.launch(info)
+        job = proc.host(info)
         self._last_launch = asyncio.get_running_loop().time()
         self._wake.set()
-        return proc
+        return job
 
     def set_idle_target(self, count: int) -> None:
         """Reconcile the warm pool toward `count` idle processes, as many as its memory budget
@@ -189,6 +195,13 @@ class ProcessExecutor:
 
     # -- pool -----------------------------------------------------------------------------------
 
+    def _busy_with_room(self) -> JobProcessHandle | None:
+        """The fullest process that runs jobs and may take one more (jobs_per_process > 1)."""
+        if self._jobs_per_process == 1:
+            return None
+        hosts = [p for p in self._procs.values() if p.running and p.free_slots > 0]
+        return max(hosts, key=lambda p: len(p.running), default=None)
+
     def _take_idle(self) -> JobProcessHandle | None:
         while self._idle:
             proc = self._idle.popleft()
@@ -202,7 +215,7 @@ class ProcessExecutor:
             pid, sock = await self._zygote.fork(warm=warm)
             if sock is None:
                 raise ZygoteError("zygote sent no channel for a job process")
-            proc = JobProcessHandle(pid, sock, self._limits)
+            proc = JobProcessHandle(pid, sock, self._limits, self._jobs_per_process)
             self._procs[pid] = proc
             if pid in self._pending_exits:
                 proc.exited(self._pending_exits.pop(pid))
@@ -331,6 +344,6 @@ class ProcessExecutor:
 
     @staticmethod
     async def _retire(proc: JobProcessHandle) -> None:
-        """Release a process's resources once its outcome is settled."""
-        await proc.wait()
+        """Release a process's resources once its jobs' outcomes are settled."""
+        await proc.wait_finished()
         await proc.aclose()

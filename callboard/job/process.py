@@ -1,10 +1,12 @@
-"""One supervised job process, seen from the worker: handshake, ping, memory, the stop ladder,
-and exactly one outcome.
+"""One supervised job process, seen from the worker: handshake, ping, memory, the stop ladders,
+and exactly one outcome for each job it runs (one job, or up to `jobs_per_process` at once).
 
 Liveness is a dead-man timer: every pong resets it, a late pong logs "unresponsive", a missed
 deadline dumps the process's stacks to the log and kills it. Memory is sampled off the loop:
 a warning above job_memory_warn_mb, a kill above job_memory_limit_mb. Stopping is a ladder:
-Shutdown over IPC → exit within shutdown_process_timeout → stack dump → SIGKILL → reaped.
+Shutdown over IPC → exit within shutdown_process_timeout → stack dump → SIGKILL → reaped. A
+process shared by several jobs is killed only for what concerns them all (a blocked loop, its
+memory, a crash); a job in it that ignores its stop is failed and left until its neighbours end.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from typing import Any, Final
 import psutil
 
 from callboard.job import ipc
-from callboard.job.child import EXIT_PREWARM_FAILED, STACK_DUMP_SIGNAL, stack_dump_path
+from callboard.job.child import STACK_DUMP_SIGNAL, stack_dump_path
 from callboard.job.context import RunningJobInfo
+from callboard.job.ipc import LogRecordMsg
 from callboard.job.runner import JobOutcome, failed
 from callboard.log import get_logger
 
@@ -58,11 +61,62 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-class JobProcessHandle:
-    """A forked job process: idle after its handshake, then one job, then gone."""
+class HostedJob:
+    """One job in a job process, seen from the worker: its own outcome, its own stop."""
 
-    def __init__(self, pid: int, sock: socket.socket, limits: SupervisionLimits) -> None:
+    def __init__(self, process: JobProcessHandle, info: RunningJobInfo) -> None:
+        self.process = process
+        self._info = info
+        self._done: asyncio.Future[JobOutcome] = asyncio.get_running_loop().create_future()
+
+    @property
+    def info(self) -> RunningJobInfo:
+        return self._info
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def memory_mb(self) -> float | None:
+        """Its share of its process's PSS."""
+        return self.process.memory_share_mb
+
+    @property
+    def done(self) -> bool:
+        return self._done.done()
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return {"pid": self.process.pid, "job_id": self._info.job.id, "room": self.room}
+
+    @property
+    def room(self) -> str:
+        return self._info.job.room.name
+
+    def terminate(self, reason: str) -> None:
+        self.process.stop_job(self, reason)
+
+    async def wait(self) -> JobOutcome:
+        return await asyncio.shield(self._done)
+
+    async def wait_exit(self) -> int:
+        return await self.process.wait_exit()
+
+    def resolve(self, outcome: JobOutcome) -> None:
+        if not self._done.done():
+            self._done.set_result(outcome)
+
+
+class JobProcessHandle:
+    """A forked job process: idle after its handshake, then up to `capacity` jobs at once, and
+    gone after its last one ends (it takes no new job once empty)."""
+
+    def __init__(
+        self, pid: int, sock: socket.socket, limits: SupervisionLimits, capacity: int = 1
+    ) -> None:
         self.pid = pid
+        self.capacity = capacity
         self._sock = sock
         self._limits = limits
         loop = asyncio.get_running_loop()
@@ -70,42 +124,35 @@ class JobProcessHandle:
         self._channel_closed: asyncio.Future[None] = loop.create_future()
         self._initialized: asyncio.Future[str] = loop.create_future()
         self._exit_code: asyncio.Future[int] = loop.create_future()
-        self._done: asyncio.Future[JobOutcome] = loop.create_future()
-        self._reported: JobOutcome | None = None
+        self._finished: asyncio.Future[None] = loop.create_future()
         self._kill_reason: str | None = None
         self._last_pong = time.monotonic()
         self._warned_memory = False
         self.memory: MemoryUsage | None = None
         """The last memory sample (every memory_interval, off the loop)."""
-        self._info: RunningJobInfo | None = None
+        self._jobs: dict[str, HostedJob] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
-
-    # -- RunningJob protocol ------------------------------------------------------------------
-
-    @property
-    def info(self) -> RunningJobInfo:
-        assert self._info is not None
-        return self._info
-
-    async def wait(self) -> JobOutcome:
-        return await asyncio.shield(self._done)
-
-    def terminate(self, reason: str) -> None:
-        if self._stopping or self._exit_code.done():
-            return
-        self._stopping = True
-        self._send(ipc.Shutdown(reason))
-        self._spawn(self._stop_ladder(), "stop-ladder")
+        self._closed_to_jobs = False
+        """No new job: the process is stopping, emptied, or holds a job that ignored its stop."""
+        self._abandoned = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     @property
     def fields(self) -> dict[str, Any]:
+        running = self.running
+        if len(running) == 1:
+            return running[0].fields
         out: dict[str, Any] = {"pid": self.pid}
-        if self._info is not None:
-            out.update(job_id=self._info.job.id, room=self._info.job.room.name)
+        if running:
+            out["job_ids"] = [j.info.job.id for j in running]
         return out
+
+    @property
+    def running(self) -> list[HostedJob]:
+        """Its jobs without an outcome yet."""
+        return [j for j in self._jobs.values() if not j.done]
 
     @property
     def alive(self) -> bool:
@@ -113,7 +160,14 @@ class JobProcessHandle:
 
     @property
     def idle(self) -> bool:
-        return self._info is None and self._initialized.done() and self.alive
+        return not self._jobs and self._initialized.done() and self.alive and not self._stopping
+
+    @property
+    def free_slots(self) -> int:
+        """Jobs it may still take beside the ones it runs (0 once emptied or stopping)."""
+        if not self.alive or self._closed_to_jobs or self._stopping:
+            return 0
+        return max(0, self.capacity - len(self.running))
 
     async def start(self) -> None:
         """Open the channel and wait for the handshake (prewarm) within initialize_timeout."""
@@ -133,13 +187,42 @@ class JobProcessHandle:
 
     @property
     def memory_mb(self) -> float | None:
-        """PSS in MB at the last sample, None before the first (what the worker's cost model
-        and the warm pool's memory budget count)."""
+        """PSS in MB at the last sample, None before the first (what the warm pool's memory
+        budget counts)."""
         return self.memory.pss_mb if self.memory is not None else None
 
-    def launch(self, info: RunningJobInfo) -> None:
-        self._info = info
+    @property
+    def memory_share_mb(self) -> float | None:
+        """Each running job's share of the PSS (what the worker's cost model counts)."""
+        mb = self.memory_mb
+        return None if mb is None else mb / max(1, len(self.running))
+
+    def host(self, info: RunningJobInfo) -> HostedJob:
+        """Start `info`'s job in this process."""
+        job = HostedJob(self, info)
+        self._jobs[info.job.id] = job
         self._send(ipc.StartJob.of(info))
+        return job
+
+    def terminate(self, reason: str) -> None:
+        """Stop the process: each of its jobs if it runs any, else the process itself."""
+        running = self.running
+        if running:
+            for job in running:
+                self.stop_job(job, reason)
+            return
+        if self._stopping or self._exit_code.done():
+            return
+        self._stopping = True
+        self._send(ipc.Shutdown(reason))
+        self._spawn(self._stop_ladder(), "stop-ladder")
+
+    def stop_job(self, job: HostedJob, reason: str) -> None:
+        """Ask one job to stop; its ladder escalates if it does not within shutdown_timeout."""
+        if job.done or self._exit_code.done():
+            return
+        self._send(ipc.Shutdown(reason, job.info.job.id))
+        self._spawn(self._job_stop_ladder(job), "stop-ladder")
 
     def exited(self, code: int) -> None:
         """The zygote reaped this process; resolve once its last frames are read."""
@@ -148,15 +231,15 @@ class JobProcessHandle:
         if not self._initialized.done():
             self._initialized.set_result(describe_exit(code))
         if self._channel is None or self._channel_closed.done():
-            self._resolve(code)
+            self._finish(code)
         else:
-            self._spawn(self._resolve_after_drain(code), "resolve")
+            self._spawn(self._finish_after_drain(code), "resolve")
 
-    async def _resolve_after_drain(self, code: int) -> None:
+    async def _finish_after_drain(self, code: int) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(DRAIN_AFTER_EXIT_S):
                 await asyncio.shield(self._channel_closed)
-        self._resolve(code)
+        self._finish(code)
 
     def _on_channel_closed(self, error: Exception | None) -> None:
         if error is not None:
@@ -169,9 +252,14 @@ class JobProcessHandle:
             self._channel_closed.set_result(None)
 
     def kill(self, reason: str) -> None:
-        """SIGKILL now; the outcome says `reason`."""
+        """SIGKILL now; the jobs it still runs fail with `reason`."""
         if self._kill_reason is None:
             self._kill_reason = reason
+            if len(self.running) > 1:
+                log.error(
+                    "killing a job process that runs several jobs: they all fail",
+                    extra={**self.fields, "reason": reason},
+                )
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
 
@@ -179,6 +267,8 @@ class JobProcessHandle:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._exit_code.done():
+            self._finish(self._exit_code.result())
         if self._channel is not None and self._channel.transport is not None:
             self._channel.transport.close()
         with contextlib.suppress(OSError):
@@ -186,6 +276,10 @@ class JobProcessHandle:
 
     async def wait_exit(self) -> int:
         return await asyncio.shield(self._exit_code)
+
+    async def wait_finished(self) -> None:
+        """Until it exited and each of its jobs has its outcome."""
+        await asyncio.shield(self._finished)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -196,19 +290,12 @@ class JobProcessHandle:
         if self._channel is not None:
             self._channel.send(msg)
 
-    def _resolve(self, code: int) -> None:
-        if self._done.done():
+    def _finish(self, code: int) -> None:
+        if self._finished.done():
             return
-        if self._kill_reason is not None:
-            outcome = failed(self._kill_reason)
-        elif self._reported is not None:
-            outcome = self._reported
-        elif self._info is None:
-            why = "prewarm_fnc failed" if code == EXIT_PREWARM_FAILED else describe_exit(code)
-            outcome = failed(f"job process {why} before starting the job")
-        else:
-            outcome = failed(f"job process {describe_exit(code)}")
-        self._done.set_result(outcome)
+        for job in self.running:
+            job.resolve(failed(self._kill_reason or f"job process {describe_exit(code)}"))
+        self._finished.set_result(None)
 
     def _on_message(self, msg: ipc.Message) -> None:
         if isinstance(msg, ipc.Pong):
@@ -219,13 +306,31 @@ class JobProcessHandle:
             if not self._initialized.done():
                 self._initialized.set_result(msg.error)
         elif isinstance(msg, ipc.JobDone):
-            self._reported = JobOutcome(msg.status, msg.error)
-            # hanging up is the acknowledgement the process waits for before it exits
-            if self._channel is not None and self._channel.transport is not None:
-                self._channel.transport.close()
+            self._job_done(msg)
 
-    def _relay_log(self, msg: ipc.LogRecordMsg) -> None:
-        extra = {**msg.extra, **self.fields}
+    def _job_done(self, msg: ipc.JobDone) -> None:
+        job = self._jobs.get(msg.job_id)
+        if job is None:
+            log.warning("a job process reported an unknown job", extra={**self.fields})
+            return
+        if job.done:
+            log.warning("a job failed for not stopping in time has now ended", extra=job.fields)
+        job.resolve(JobOutcome(msg.status, msg.error))
+        if self.running:
+            return
+        # emptied: it takes no more jobs, and hanging up is what lets it exit
+        self._closed_to_jobs = True
+        if self._abandoned:
+            self.kill("its jobs ended")
+            return
+        if self._channel is not None and self._channel.transport is not None:
+            self._channel.transport.close()
+        self._spawn(self._stop_ladder(), "exit-ladder")
+
+    def _relay_log(self, msg: LogRecordMsg) -> None:
+        extra = {**self.fields, **msg.extra}
+        if "job_id" in msg.extra:
+            extra.pop("job_ids", None)
         if msg.exc_text:
             extra["exc_text"] = msg.exc_text
         logging.getLogger(msg.logger).log(msg.level, msg.message, extra=_safe_extra(extra))
@@ -273,40 +378,67 @@ class JobProcessHandle:
             if self.memory is None:
                 continue
             mb = self.memory.uss_mb
-            if limits.memory_limit_mb and mb > limits.memory_limit_mb:
-                limit = limits.memory_limit_mb
-                reason = f"killed: memory {mb:.0f} MB over job_memory_limit_mb {limit:g}"
+            jobs = max(1, len(self.running))
+            if limits.memory_limit_mb and mb > limits.memory_limit_mb * jobs:
+                limit = f"{limits.memory_limit_mb:g}" + (f" x {jobs} jobs" if jobs > 1 else "")
+                reason = f"killed: memory {mb:.0f} MB over job_memory_limit_mb {limit}"
                 log.error(
                     "job process over its memory limit",
                     extra={**self.fields, "memory_mb": round(mb, 1)},
                 )
                 self.kill(reason)
                 return
-            if limits.memory_warn_mb and mb > limits.memory_warn_mb and not self._warned_memory:
+            warn_mb = limits.memory_warn_mb * jobs
+            if warn_mb and mb > warn_mb and not self._warned_memory:
                 self._warned_memory = True
                 log.warning(
                     "job process memory above job_memory_warn_mb",
-                    extra={
-                        **self.fields,
-                        "memory_mb": round(mb, 1),
-                        "warn_mb": limits.memory_warn_mb,
-                    },
+                    extra={**self.fields, "memory_mb": round(mb, 1), "warn_mb": warn_mb},
                 )
 
     async def _stop_ladder(self) -> None:
+        """A process with no job left, asked to exit: SIGKILL if it does not within
+        shutdown_timeout."""
         try:
             async with asyncio.timeout(self._limits.shutdown_timeout):
                 await self.wait_exit()
-            return
         except TimeoutError:
-            pass
-        reason = f"killed: did not stop within {self._limits.shutdown_timeout:g}s of shutdown"
-        await self._dump_stacks(reason)
-        if self._reported is None:
-            self.kill(reason)
-        else:
+            log.warning("job process did not exit when asked; killing it", extra=self.fields)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
+
+    async def _job_stop_ladder(self, job: HostedJob) -> None:
+        """A job asked to stop that has no outcome within shutdown_timeout: its process is
+        dumped and killed if the job is alone in it; beside other jobs it is failed and left
+        there, and the process takes no new job and is killed once the others end."""
+        timeout = self._limits.shutdown_timeout
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await job.wait()
+        if job.done:
+            return
+        reason = f"killed: did not stop within {timeout:g}s of shutdown"
+        others = [j for j in self.running if j is not job]
+        if not others:
+            await self._dump_stacks(reason)
+            self.kill(reason)
+            return
+        self._closed_to_jobs = self._abandoned = True
+        log.error(
+            "job did not stop; it is failed, and its process takes no new job and is killed "
+            "once its other jobs end",
+            extra={
+                **job.fields,
+                "timeout_s": timeout,
+                "other_jobs": [j.info.job.id for j in others],
+            },
+        )
+        job.resolve(
+            failed(
+                f"did not stop within {timeout:g}s of shutdown (left in a process shared with "
+                f"{len(others)} other job(s), killed after them)"
+            )
+        )
 
 
 class ProcessInitError(Exception):

@@ -41,7 +41,9 @@ def build_executor(r: ResolvedOptions) -> JobExecutor:
         shutdown_timeout=o.shutdown_process_timeout,
         unresponsive_timeout=o.unresponsive_timeout,
     )
-    return ProcessExecutor(config, limits, r.num_idle_processes, r.idle_processes_memory_mb)
+    return ProcessExecutor(
+        config, limits, r.num_idle_processes, r.idle_processes_memory_mb, o.jobs_per_process
+    )
 
 
 def job_env(r: ResolvedOptions) -> tuple[tuple[str, str], ...]:

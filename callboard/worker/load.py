@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -187,12 +188,12 @@ class LoadTracker:
         now = time.monotonic()
         dt, self._last_learn = now - self._last_learn, now
         outside = self._observe_background(dt, now)
-        rates = self._snapshot.demand  # usage alone would teach a starved job is cheap
+        rates = self._own_rates()  # demand: usage alone would teach a starved job is cheap
         running = [j for j in self._jobs.values() if j.pid in rates]
         grown = [j for j in running if now - j.started >= COST_WARMUP_S]
         cpu = None
         if grown:
-            shared = sum(rates.get(p, 0.0) for p in self._shared)
+            shared = sum(self._snapshot.demand.get(p, 0.0) for p in self._shared)
             own = sum(rates[j.pid] for j in grown if j.pid is not None) / len(grown)
             cpu = own + shared / len(running) + self._caused_outside(outside, len(running))
         mems = [
@@ -201,6 +202,12 @@ class LoadTracker:
             if now - j.started >= COST_WARMUP_S and (m := j.handle.memory_mb) is not None
         ]
         self.model.observe(cpu, sum(mems) / len(mems) if mems else None, dt)
+
+    def _own_rates(self) -> dict[int, float]:
+        """Each job process's demand shared out among the jobs it runs (cores per job)."""
+        demand = self._snapshot.demand
+        per_pid = Counter(j.pid for j in self._jobs.values() if j.pid in demand)
+        return {pid: demand[pid] / n for pid, n in per_pid.items() if pid is not None}
 
     # -- what the server sees, and admission -----------------------------------------------------
 
@@ -214,7 +221,7 @@ class LoadTracker:
         """Cores in use or spoken for: everything but our jobs as measured, each job at its own
         demand (at least the learned cost while it warms up), the learned cost per offer."""
         now = time.monotonic()
-        rates = self._snapshot.demand
+        rates = self._own_rates()
         per_job = self.cost.cpu
         jobs = 0.0
         for j in self._jobs.values():

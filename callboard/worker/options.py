@@ -180,6 +180,11 @@ class WorkerOptions:
     availability_timeout: float = AVAILABILITY_ANSWER_TIMEOUT_S
     """Seconds request_fnc may take before the offer is rejected automatically."""
     namespace: str = ""
+    jobs_per_process: int = 1
+    """How many jobs one job process may run at once (PROCESS executor). 1: a process per job,
+    so a crash, a blocked loop or a memory limit touches that job alone. N > 1 shares one
+    process's memory (the rtc SDK's runtime, the interpreter, what prewarm loaded) among up to
+    N calls, for fleets where memory per call matters more than that isolation."""
     multiprocessing_context: str = "forkserver"
     """How job processes start: "forkserver" (forked from the zygote, milliseconds) or "spawn"
     (a fresh interpreter each, for libraries that cannot survive a fork)."""
@@ -221,6 +226,10 @@ class WorkerOptions:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise OptionsError(f"{name} must be an int >= 0, got {value!r}")
+        if not _is_int(self.jobs_per_process) or self.jobs_per_process < 1:
+            raise OptionsError(
+                f"jobs_per_process must be an int >= 1, got {self.jobs_per_process!r}"
+            )
         if self.multiprocessing_context not in MULTIPROCESSING_CONTEXTS:
             raise OptionsError(
                 "multiprocessing_context must be one of "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 
@@ -60,6 +61,27 @@ async def slow_shutdown_callback(ctx: JobContext) -> None:
         await asyncio.sleep(0.01)
 
     ctx.add_shutdown_callback(cb)
+    await asyncio.Event().wait()
+
+
+STUBBORN_BLOCK_S = 3.0
+
+
+async def shares_a_process(ctx: JobContext) -> None:
+    """Logs a line without ids (the job engine adds them); then by its room's name: `crash`
+    kills its whole process, `stubborn` blocks its loop for STUBBORN_BLOCK_S when asked to
+    stop; any other runs until it is stopped."""
+    logging.getLogger("tests.job.shared").warning("job says hello")
+    room = ctx.job.room.name
+    if "crash" in room:
+        await asyncio.sleep(0.3)
+        os._exit(3)
+    if "stubborn" in room:
+
+        async def block(reason: str) -> None:
+            time.sleep(STUBBORN_BLOCK_S)  # noqa: ASYNC251 (ignoring the stop is the point)
+
+        ctx.add_shutdown_callback(block)
     await asyncio.Event().wait()
 
 

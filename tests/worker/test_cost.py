@@ -194,3 +194,23 @@ async def test_a_job_costs_its_own_cpu_plus_what_the_machine_spends_beside_it_pe
     assert tracker.cost.cpu == pytest.approx(0.2 + callers / 2)
     assert tracker.background() == pytest.approx(0.1), "the idle background, not the callers"
     assert tracker.capacity == math.floor((0.7 * 2 - 0.1) / 0.3)
+
+
+async def test_jobs_sharing_a_process_each_cost_their_share_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With jobs_per_process > 1 several jobs report one pid: the process's demand is shared
+    out among them, not counted once per job, and so is its memory."""
+    monkeypatch.setattr(load_module, "COST_WARMUP_S", 0.0)
+    monitor = ScriptedMonitor()
+    budgets = Budgets(cpus=2.0, threshold=0.7, memory_mb=math.inf)
+    tracker = LoadTracker(None, None, 0.5, 5, budgets, JobCost(0.25, 100.0), monitor=monitor)
+    monitor.next = CpuSnapshot(total=0.0)
+    await tracker.sample()
+    for n in range(3):
+        tracker.job_started(f"job-{n}", Handle(201))  # type: ignore[arg-type]
+    host = {201: 0.6}
+    monitor.next = CpuSnapshot(total=0.6, pids=host, demand=host, jobs=0.6)
+    await tracker.sample()
+    assert tracker.cost.cpu == pytest.approx(0.2)
+    assert tracker.effective(0) == pytest.approx(0.6 / 2)

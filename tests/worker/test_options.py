@@ -165,6 +165,12 @@ def test_counts_must_be_non_negative_ints(name: str, value: Any) -> None:
         options(**{name: value})
 
 
+@pytest.mark.parametrize("value", [0, -1, 2.5, "3", None, True])
+def test_jobs_per_process_is_an_int_of_at_least_one(value: Any) -> None:
+    with pytest.raises(OptionsError, match=r"^jobs_per_process must be an int >= 1, got"):
+        options(jobs_per_process=value)
+
+
 @pytest.mark.parametrize("name", ["job_memory_warn_mb", "job_memory_limit_mb"])
 @pytest.mark.parametrize("value", [-1, -0.5, math.nan, "100"])
 def test_memory_limits_must_be_non_negative_numbers(name: str, value: Any) -> None:

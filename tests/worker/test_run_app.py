@@ -69,6 +69,9 @@ def free_port() -> int:
 # -- invalid options and unreachable servers -----------------------------------------------
 
 
+JPP0 = ("--jobs-per-process", "0")
+
+
 @pytest.mark.usefixtures("no_livekit_env")
 @pytest.mark.parametrize(
     ("argv", "expected"),
@@ -86,8 +89,12 @@ def free_port() -> int:
             ["dev", "--url", "localhost:7880", "--api-key", "k", "--api-secret", "s"],
             "ws_url must look like ws://host:port or wss://host, got 'localhost:7880'",
         ),
+        (
+            ["start", "--url", "ws://127.0.0.1:7880", "--api-key", "k", "--api-secret", "s", *JPP0],
+            "jobs_per_process must be an int >= 1, got 0",
+        ),
     ],
-    ids=["nothing", "no-secret", "bad-url"],
+    ids=["nothing", "no-secret", "bad-url", "jobs-per-process"],
 )
 def test_bad_options_exit_2_with_one_line(
     capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
