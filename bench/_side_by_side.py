@@ -137,8 +137,10 @@ class AgentProcess:
         num_idle: int | None = None,
         script: str = "agent",
         extra_env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
-        """`script`: bench/agents/<side>_<script>.py (`agent`, or `voice_agent`)."""
+        """`script`: bench/agents/<side>_<script>.py (`agent`, or `voice_agent`); `args`: more
+        command-line arguments after the mode."""
         if side not in SIDES or mode not in MODES:
             raise ValueError(f"unknown side {side!r} or mode {mode!r}")
         self.side = side
@@ -170,7 +172,7 @@ class AgentProcess:
         with open(self.log_path, "wb") as log_file:
             self.spawned_at = time.time()
             self.proc = subprocess.Popen(
-                [sys.executable, str(path), mode],
+                [sys.executable, str(path), mode, *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

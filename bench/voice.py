@@ -22,7 +22,11 @@ two sentences (hibari) and hang up; each side is measured the same way:
 - concurrent conversations held: 1, 2, ... `--max-calls` calls at once, until the p95 of their
   turn latencies exceeds 1.5 s or a call fails (the search stops by itself).
 
-    sudo python -m bench.voice [--trials 3] [--calls 3] [--max-calls 6]
+With `--jobs-per-process N` (N > 1) ours is measured a second time the same way, started with
+`--jobs-per-process N`: up to N calls share one job process (an opt-in that trades the
+process-per-call isolation for memory).
+
+    sudo python -m bench.voice [--trials 3] [--calls 3] [--max-calls 6] [--jobs-per-process 3]
 
 **Jobs** (`python -m bench.jobs --voice`): idle tree PSS; dispatch → entrypoint (`time.time()`
 just before CreateDispatch to the entrypoint's first act); dispatch → agent joined (a client in
@@ -269,6 +273,8 @@ CALLER_SAYS: Final = (
     "Hello, I would like to book an appointment for Monday, please.",
     "What time are you open?",
 )
+SHARED: Final = "ours-shared"
+"""Ours again, with `--jobs-per-process` calls a job process."""
 TURN_P95_LIMIT_S: Final = 1.5
 """A concurrency is held while the p95 of its turn latencies stays within this."""
 CONVERSATION_TIMEOUT_S: Final = 120.0
@@ -296,30 +302,45 @@ class ConversationBench:
     idle PSS, `trials` conversations one after another (turn latency), `calls` at once (PSS
     while all of them are in their call), then the capacity search."""
 
-    def __init__(self, server: Any, workdir: Path, trials: int, calls: int, max_calls: int):
+    def __init__(
+        self,
+        server: Any,
+        workdir: Path,
+        trials: int,
+        calls: int,
+        max_calls: int,
+        jobs_per_process: int = 1,
+    ):
         self.server = server
         self.workdir = workdir
         self.trials = trials
         self.calls = calls
         self.max_calls = max_calls
         self.examples = {"ours": EXAMPLE, "theirs": ported_example(workdir)}
+        self.configs: dict[str, tuple[str, tuple[str, ...]]] = {s: (s, ()) for s in SIDES}
+        """Each worker measured: its side, and its command-line arguments after `start`."""
+        self.jobs_per_process = jobs_per_process
+        if jobs_per_process > 1:
+            self.configs[SHARED] = ("ours", ("--jobs-per-process", str(jobs_per_process)))
         self.results: dict[str, ConversationResult] = {}
         self.voice = hibari_voice()
 
     async def run(self, lk: api.LiveKitAPI) -> None:
-        for side in SIDES:
-            self.results[side] = await self.measure(lk, side)
+        for name in self.configs:
+            self.results[name] = await self.measure(lk, name)
 
-    async def measure(self, lk: api.LiveKitAPI, side: str) -> ConversationResult:
+    async def measure(self, lk: api.LiveKitAPI, name: str) -> ConversationResult:
         out = ConversationResult()
+        side, args = self.configs[name]
         worker = AgentProcess(
             side,
             "start",
             self.server,
-            f"talk-{side}",
+            f"talk-{name}",
             self.workdir,
             script="voice_agent",
             extra_env={"BENCH_EXAMPLE": str(self.examples[side])},
+            args=args,
         )
         try:
             await wait_registered(worker)
@@ -337,7 +358,7 @@ class ConversationBench:
                 failed = n - len(latencies) // len(CALLER_SAYS)
                 p95 = percentile(latencies, 95)
                 out.steps.append((n, p95, failed))
-                print(f"  {side}: {n} concurrent call(s): turn p95 {p95:.2f} s, {failed} failed")
+                print(f"  {name}: {n} concurrent call(s): turn p95 {p95:.2f} s, {failed} failed")
                 if failed or not p95 <= TURN_P95_LIMIT_S:
                     break
                 out.capacity = n
@@ -420,14 +441,35 @@ class ConversationBench:
                 t.capacity,
                 "count",
             ),
+            *self.shared_rows(),
+        ]
+
+    def shared_rows(self) -> list[Row]:
+        """Ours again with several calls a process (`--jobs-per-process`), against theirs."""
+        sh, t = self.results.get(SHARED), self.results["theirs"]
+        if sh is None or sh.idle is None or sh.busy is None or t.idle is None:
+            return []
+        n = f"ours with {self.jobs_per_process} calls a process"
+        return [
+            Row(
+                f"turn latency p50, {n}",
+                percentile(sh.latencies, 50) * 1000,
+                percentile(t.latencies, 50) * 1000,
+                "ms",
+            ),
+            Row(f"tree PSS, voice stack idle, {n}", sh.idle.pss_mb, t.idle.pss_mb, "MB"),
+            Row(f"added PSS per call, {n}", sh.added_pss_mb, t.added_pss_mb, "MB", target=0.25),
+            Row(f"concurrent calls held, {n}", sh.capacity, t.capacity, "count"),
         ]
 
 
-async def run_conversations(trials: int, calls: int, max_calls: int, json_out: bool) -> int:
+async def run_conversations(
+    trials: int, calls: int, max_calls: int, jobs_per_process: int, json_out: bool
+) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-talk-"))
     server = await asyncio.to_thread(start_server, "livekit-server", workdir, MEDIA_IP)
     try:
-        bench = ConversationBench(server, workdir, trials, calls, max_calls)
+        bench = ConversationBench(server, workdir, trials, calls, max_calls, jobs_per_process)
         async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
             await bench.run(lk)
     finally:
@@ -452,15 +494,21 @@ def conversations_main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=3, help="sequential calls per side (3)")
     p.add_argument("--calls", type=int, default=3, help="calls at once for memory (3)")
     p.add_argument("--max-calls", type=int, default=6, help="capacity search bound (6)")
+    p.add_argument(
+        "--jobs-per-process",
+        type=int,
+        default=1,
+        help="also measure ours with this many calls a job process (1: not measured)",
+    )
     p.add_argument("--timeout", type=float, default=2400.0, help="overall limit, s (2400)")
     p.add_argument("--json", action="store_true", help="also print every measure as JSON")
     a = p.parse_args(argv)
-    if min(a.trials, a.calls, a.max_calls) < 1:
-        p.error("--trials, --calls and --max-calls must be at least 1")
+    if min(a.trials, a.calls, a.max_calls, a.jobs_per_process) < 1:
+        p.error("--trials, --calls, --max-calls and --jobs-per-process must be at least 1")
     with contextlib.suppress(KeyError):
         del os.environ["LIVEKIT_URL"]
     enter_private_network()
-    main_task = run_conversations(a.trials, a.calls, a.max_calls, a.json)
+    main_task = run_conversations(a.trials, a.calls, a.max_calls, a.jobs_per_process, a.json)
     return asyncio.run(asyncio.wait_for(main_task, a.timeout))
 
 
