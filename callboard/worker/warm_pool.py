@@ -1,7 +1,7 @@
 """How many prewarmed processes the worker asks its executor for: `num_idle_processes` at rest,
-more after a burst (as many as the burst's jobs, for `idle_processes_window` seconds), never
-more than the jobs the worker could still admit, none while draining. The executor holds the
-count within its memory budget (`callboard/job/pool.py`).
+more after a burst (as many as the burst's jobs took, for `idle_processes_window` seconds),
+never more than the jobs the worker could still admit need, none while draining. The executor
+holds the count within its memory budget (`callboard/job/pool.py`).
 """
 
 from __future__ import annotations
@@ -14,15 +14,18 @@ BURST_SPAN_S: Final = 1.0
 """Jobs admitted within this span count as one burst."""
 
 
-def idle_target(base: int, burst: int, room: float, draining: bool) -> int:
+def idle_target(
+    base: int, burst: int, room: float, draining: bool, jobs_per_process: int = 1
+) -> int:
     """Prewarmed processes to keep: none while draining; else the larger of the configured
-    pool and the recent burst, bounded by the `room` for more jobs (inf: no bound)."""
+    pool and the processes the recent burst took, bounded by the processes the `room` for more
+    jobs needs (inf: no bound); a process takes `jobs_per_process` jobs."""
     if draining:
         return 0
-    want = max(base, burst)
+    want = max(base, math.ceil(burst / jobs_per_process))
     if math.isinf(room):
         return want
-    return max(0, min(want, int(room)))
+    return max(0, min(want, math.ceil(max(0, int(room)) / jobs_per_process)))
 
 
 class Demand:

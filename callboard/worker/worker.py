@@ -453,7 +453,9 @@ class Worker:
         capacity = self._load.capacity
         room = math.inf if capacity is None else capacity - len(self._jobs) - len(self._offers)
         burst = self._demand.burst(time.monotonic())
-        target = idle_target(self._r.num_idle_processes, burst, room, self._draining)
+        target = idle_target(
+            self._r.num_idle_processes, burst, room, self._draining, self._r.opts.jobs_per_process
+        )
         self.metrics.idle_target.set(target)
         self._executor.set_idle_target(target)
 

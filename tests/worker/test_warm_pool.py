@@ -90,6 +90,14 @@ def test_idle_target_follows_bursts_within_the_room_for_jobs() -> None:
     assert idle_target(4, burst=6, room=math.inf, draining=True) == 0
 
 
+def test_with_several_jobs_a_process_the_pool_counts_processes_not_jobs() -> None:
+    assert idle_target(1, burst=6, room=math.inf, draining=False, jobs_per_process=3) == 2
+    assert idle_target(1, burst=7, room=math.inf, draining=False, jobs_per_process=3) == 3
+    assert idle_target(2, burst=6, room=4, draining=False, jobs_per_process=3) == 2
+    assert idle_target(2, burst=6, room=1, draining=False, jobs_per_process=3) == 1
+    assert idle_target(2, burst=6, room=0, draining=False, jobs_per_process=3) == 0
+
+
 def test_a_burst_is_the_most_jobs_within_a_second_in_the_window() -> None:
     demand = Demand(window=10.0)
     for t in (0.0, 0.1, 0.2, 0.3, 5.0, 5.5):
