@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from livekit.protocol import agent, models
 
-from callboard.job import ipc
+from callboard.job import heap, ipc
 from callboard.job.context import JobAcceptArguments, JobExecutorType, JobProcess, RunningJobInfo
 from callboard.job.flavour import new_job_context, new_job_process
 from callboard.job.inference import InferenceClient, registered_runners, socket_name
@@ -188,6 +188,17 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
     if error:
         return EXIT_PREWARM_FAILED
 
+    trimmer = asyncio.ensure_future(heap.trim_periodically())
+    try:
+        return await _serve_jobs(reader, writer, proc, spec)
+    finally:
+        trimmer.cancel()
+
+
+async def _serve_jobs(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proc: Any, spec: ChildSpec
+) -> int:
+    """The worker's messages until it hangs up: jobs started, stopped and reported, pings."""
     inference = None
     if registered_runners():
         inference = InferenceClient(socket_name(spec.zygote_pid))

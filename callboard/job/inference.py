@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Final, Protocol
 
-from callboard.job import ipc
+from callboard.job import heap, ipc
 from callboard.log import get_logger
 
 log = get_logger("job.inference")
@@ -176,6 +176,8 @@ async def _serve(address: str, runners: dict[str, Any]) -> int:
                 raise InferenceError(f"no inference runner registered for {req.method!r}")
             result = await loop.run_in_executor(pool, runner.run, req.data)
             channel.send(ipc.InferenceResponse(req.request_id, result, ""))
+            if len(inflight) <= 1:  # the last one: what the models used is free again
+                await loop.run_in_executor(pool, heap.trim)
         except Exception as e:
             detail = f"{type(e).__name__}: {e}"
             log.error(

@@ -29,6 +29,7 @@ MEMO_WINDOWS: Final = 64
 """Windows remembered per model (2 s of audio): enough for two streams of one call that run a
 few windows apart."""
 INT16_SCALE: Final = 1.0 / 32768.0
+WARM_UP_RUNS: Final = 3
 
 Float32Array = npt.NDArray[np.float32]
 
@@ -42,6 +43,20 @@ class SileroModel:
         self._lock = threading.Lock()
         self.runs = 0
         self.reused = 0
+
+    def warm_up(self) -> None:
+        """Run one window at each rate: onnxruntime sets up what a session's first runs need
+        then (~6 MB), so that done in the zygote is shared by every job process, not written
+        again in each."""
+        noise = np.random.default_rng(0)  # silence alone leaves the set-up to the first sound
+        for rate in SAMPLE_RATES:
+            window = int(rate * WINDOW_SECONDS) + CONTEXT_SAMPLES[rate]
+            state = np.zeros(STATE_SHAPE, dtype=np.float32)
+            for _ in range(WARM_UP_RUNS):
+                sound = noise.uniform(-0.5, 0.5, (1, window)).astype(np.float32)
+                _, state = self.session.run(
+                    None, {"input": sound, "state": state, "sr": np.array(rate, np.int64)}
+                )
 
     def infer(
         self, rate: int, model_input: Float32Array, state: Float32Array

@@ -278,9 +278,9 @@ def shared_model() -> SileroModel:
 
 
 def _share_with_job_processes() -> None:
-    """Zygote hook: build the model before the forks, when the plugin is installed."""
+    """Zygote hook: build and warm the model before the forks, when the plugin is installed."""
     with contextlib.suppress(ImportError):
-        shared_model()
+        shared_model().warm_up()
 
 
 before_fork(_share_with_job_processes)
