@@ -136,9 +136,11 @@ class WorkerOptions:
     api_secret: str | None = field(default=None, repr=False)
     """Default: LIVEKIT_API_SECRET."""
     job_memory_warn_mb: float = 500.0
-    """A job process above this memory (MB) is logged; 0 disables."""
+    """A job process above this memory (MB of USS, times the jobs it runs) is logged; 0
+    disables."""
     job_memory_limit_mb: float = 0.0
-    """A job process above this memory (MB) is killed and its job failed; 0 disables."""
+    """A job process above this memory (MB of USS, times the jobs it runs) is killed and its
+    jobs failed; 0 disables."""
     drain_timeout: float = DRAIN_TIMEOUT_S
     """Seconds a drain waits for running jobs before they are terminated."""
     host: str = ""
