@@ -62,6 +62,9 @@ CALL_TIMEOUT_S: Final = 240.0
 TRAILING_SILENCE_S: Final = 2.0
 """The caller's silence after speaking: the agent's VAD needs it to end the turn."""
 SIPP_END_TIMEOUT_S: Final = 20.0
+DEPARTURE_TIMEOUT_S: Final = 1
+"""The rule's rooms close this long after the caller left, which ends the agent's job (the
+server's default, 20 s, would only be waited out)."""
 
 
 def start_callboard(workdir: Path) -> tuple[ServerProcess, int]:
@@ -188,7 +191,9 @@ async def run(workdir: Path, report: dict[str, Any]) -> None:
             REGISTER_TIMEOUT_S,
         )
         assert worker.poll() is None, worker_log()[-3000:]
-        report["trunk_id"], report["rule_id"] = await trunk_and_rule(server.http_url, CALLED)
+        report["trunk_id"], report["rule_id"] = await trunk_and_rule(
+            server.http_url, CALLED, departure_timeout=DEPARTURE_TIMEOUT_S
+        )
         await call_with_sipp(sip_port, workdir, report)
         (job,) = agent_events(workdir, "job")
         report["room"] = job["room"]
