@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -247,6 +248,13 @@ def call_script_main(workdir: Path, report: dict[str, Any], call: Callable[[], N
     report["duration_s"] = round(time.monotonic() - started, 2)
     (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
     return code
+
+
+def load_meanwhile(load: Callable[[], object]) -> None:
+    """Run `load` (the models the call needs later) in a thread while the script starts its
+    server and worker; `load`'s parts must make their first user wait for the one load (as
+    models.whisper() does)."""
+    threading.Thread(target=load, name="preload", daemon=True).start()
 
 
 def against_server(

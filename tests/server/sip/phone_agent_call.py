@@ -31,7 +31,7 @@ from callboard.plugins.local import models
 from callboard.server.sip.audio import resample
 from callboard.server.sip.codecs import SAMPLE_RATE, Pcm
 from callboard.server.sip.phone import utterance
-from tests.interop.call_process import call_script_main
+from tests.interop.call_process import call_script_main, load_meanwhile
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
@@ -227,7 +227,7 @@ def main(argv: list[str]) -> int:
     report: dict[str, Any] = {}
 
     def call() -> None:
-        models.whisper(), models.hibari_voice()
+        load_meanwhile(lambda: (models.whisper(), models.hibari_voice()))
         asyncio.run(asyncio.wait_for(run(workdir, report), CALL_TIMEOUT_S))
 
     return call_script_main(workdir, report, call)
