@@ -177,15 +177,15 @@ def side_by_side(
     if (reason := unavailable_reason()) is not None:
         pytest.skip(reason)
     started: dict[str, StartedCall | str] = {}
-    for kind in selected_values(request, param):
-        try:
-            if kind == "livekit-server":
-                livekit_server_binary()  # built here, outside the namespace, if not cached yet
-        except ServerUnavailable as e:
-            started[kind] = str(e)
-        else:
-            started[kind] = start(kind)
     try:
+        for kind in selected_values(request, param):
+            try:
+                if kind == "livekit-server":
+                    livekit_server_binary()  # built here, outside the namespace, if not cached
+            except ServerUnavailable as e:
+                started[kind] = str(e)
+            else:
+                started[kind] = start(kind)
         yield started
     finally:
         for call in started.values():
@@ -198,7 +198,8 @@ def selected_values(request: pytest.FixtureRequest, param: str) -> list[Any]:
     values: dict[Any, None] = {}
     for item in request.session.items:
         callspec = getattr(item, "callspec", None)
-        if item.module is request.module and callspec is not None and param in callspec.params:
+        in_module = getattr(item, "module", None) is request.module
+        if in_module and callspec is not None and param in callspec.params:
             values[callspec.params[param]] = None
     return list(values)
 
