@@ -17,10 +17,10 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import psutil
 import pytest
@@ -46,8 +46,6 @@ REPORT_FILE: Final = "report.json"
 CALL_LOG: Final = "call.log"
 KILL_WAIT_S: Final = 10.0
 LOG_TAIL_CHARS: Final = 4000
-
-K = TypeVar("K")
 
 
 @dataclass
@@ -156,7 +154,7 @@ def start_call_script(
     return StartedCall(proc, workdir, time.monotonic() + timeout, tuple(logs))
 
 
-def finish_all(started: Mapping[K, StartedCall]) -> dict[K, CallRun]:
+def finish_all(started: dict[str, StartedCall]) -> dict[str, CallRun]:
     """Each started call's run; the rest are stopped when one fails or skips."""
     try:
         return {key: call.finish() for key, call in started.items()}
