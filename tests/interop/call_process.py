@@ -1,7 +1,8 @@
 """A call script run as a process of its own (it enters a private network namespace first):
 bounded in time, everything it started killed when it overruns, its report read back, and the
 test skipped when this machine has no namespace to give it. Both halves live here: the test's
-(`run_call_script`) and the script's (`call_script_main`, `against_server`)."""
+(`run_call_script`, or `start_call_script` for calls run side by side) and the script's
+(`call_script_main`, `against_server`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -23,8 +25,21 @@ from typing import Any, Final
 import psutil
 import pytest
 
-from tests.interop.livekit_server import ServerProcess, clean_env, start_server, stop_process
-from tests.interop.netns import MEDIA_IP, SKIP_EXIT, NetnsUnavailable, enter_private_network
+from tests.interop.livekit_server import (
+    ServerProcess,
+    ServerUnavailable,
+    clean_env,
+    livekit_server_binary,
+    start_server,
+    stop_process,
+)
+from tests.interop.netns import (
+    MEDIA_IP,
+    SKIP_EXIT,
+    NetnsUnavailable,
+    enter_private_network,
+    unavailable_reason,
+)
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 REPORT_FILE: Final = "report.json"
@@ -85,6 +100,47 @@ def run_call_script(
     logs: Sequence[str] = (CALL_LOG,),
 ) -> CallRun:
     """`python -m module workdir *args`; past `timeout` it and all it started are killed."""
+    return start_call_script(module, args, workdir, timeout, logs).finish()
+
+
+@dataclass
+class StartedCall:
+    """A call script started and not waited for yet: calls that spend most of their time
+    waiting on real-time audio run side by side, and each test then `finish()`es its own."""
+
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    deadline: float
+    """time.monotonic() past which the script and all it started are killed."""
+    logs: tuple[str, ...]
+
+    def finish(self) -> CallRun:
+        """Wait for the script (until its deadline), then read its report; skip the test when
+        the script found no network namespace to run in."""
+        try:
+            self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            kill_family(self.proc)
+        path = self.workdir / REPORT_FILE
+        report = json.loads(path.read_text()) if path.exists() else {"error": "no report written"}
+        if self.proc.returncode == SKIP_EXIT:
+            pytest.skip(f"no private network namespace for media: {report.get('skip')}")
+        return CallRun(self.workdir, self.proc.returncode, report, self.logs)
+
+    def stop(self) -> None:
+        """Kill the script and all it started if it still runs (a test that gave up on it)."""
+        if self.proc.poll() is None:
+            kill_family(self.proc)
+
+
+def start_call_script(
+    module: str,
+    args: Sequence[str],
+    workdir: Path,
+    timeout: float,
+    logs: Sequence[str] = (CALL_LOG,),
+) -> StartedCall:
+    """Start `python -m module workdir *args`, to be finished within `timeout` seconds."""
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / CALL_LOG, "wb") as log:
         proc = subprocess.Popen(
@@ -95,15 +151,63 @@ def run_call_script(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    return StartedCall(proc, workdir, time.monotonic() + timeout, tuple(logs))
+
+
+def finish_all(started: dict[str, StartedCall]) -> dict[str, CallRun]:
+    """Each started call's run; the rest are stopped when one fails or skips."""
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_family(proc)
-    path = workdir / REPORT_FILE
-    report = json.loads(path.read_text()) if path.exists() else {"error": "no report written"}
-    if proc.returncode == SKIP_EXIT:
-        pytest.skip(f"no private network namespace for media: {report.get('skip')}")
-    return CallRun(workdir, proc.returncode, report, tuple(logs))
+        return {key: call.finish() for key, call in started.items()}
+    finally:
+        for call in started.values():
+            call.stop()
+
+
+def side_by_side(
+    request: pytest.FixtureRequest,
+    param: str,
+    start: Callable[[str], StartedCall],
+) -> Iterator[dict[str, StartedCall | str]]:
+    """For a module fixture: `start(kind)` for each server kind whose test the session selected
+    (the values of parameter `param` of the requesting module's tests), all at once, as
+    kind -> started call, or the reason the kind's server cannot be had here; every call still
+    running is stopped when the module is done."""
+    if (reason := unavailable_reason()) is not None:
+        pytest.skip(reason)
+    started: dict[str, StartedCall | str] = {}
+    try:
+        for kind in selected_values(request, param):
+            try:
+                if kind == "livekit-server":
+                    livekit_server_binary()  # built here, outside the namespace, if not cached
+            except ServerUnavailable as e:
+                started[kind] = str(e)
+            else:
+                started[kind] = start(kind)
+        yield started
+    finally:
+        for call in started.values():
+            if isinstance(call, StartedCall):
+                call.stop()
+
+
+def selected_values(request: pytest.FixtureRequest, param: str) -> list[Any]:
+    """The values of parameter `param` in the selected tests of the requesting module."""
+    values: dict[Any, None] = {}
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        in_module = getattr(item, "module", None) is request.module
+        if in_module and callspec is not None and param in callspec.params:
+            values[callspec.params[param]] = None
+    return list(values)
+
+
+def finished(started: dict[str, StartedCall | str], kind: str) -> CallRun:
+    """The run of `kind`'s call started by `side_by_side` (the test skips if it had none)."""
+    call = started[kind]
+    if isinstance(call, str):
+        pytest.skip(call)
+    return call.finish()
 
 
 def kill_family(proc: subprocess.Popen[bytes]) -> None:
@@ -143,6 +247,13 @@ def call_script_main(workdir: Path, report: dict[str, Any], call: Callable[[], N
     report["duration_s"] = round(time.monotonic() - started, 2)
     (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
     return code
+
+
+def load_meanwhile(load: Callable[[], object]) -> None:
+    """Run `load` (the models the call needs later) in a thread while the script starts its
+    server and worker; `load`'s parts must make their first user wait for the one load (as
+    models.whisper() does)."""
+    threading.Thread(target=load, name="preload", daemon=True).start()
 
 
 def against_server(

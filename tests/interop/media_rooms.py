@@ -48,6 +48,10 @@ ROOM_CLOSE_TIMEOUT_S: Final = 8.0
 """Both servers close the room a second after its last participant left (departure_timeout 1,
 checked every second here and by livekit-server)."""
 PARTICIPANT_JOBS_AGENT: Final = "media-participant-jobs"
+ENDS_ABANDONED_JOBS: Final = "callboard"
+"""The server kind that ends the job of an agent that left and the jobs of a closed room:
+livekit-server 1.13.5 ends neither (the test asserts them on callboard only), so its run
+records None for both instead of idling through their timeouts."""
 
 
 def room_name(prefix: str) -> str:
@@ -417,30 +421,30 @@ async def jobs_follow_participants(server: ServerProcess, lk: api.LiveKitAPI) ->
         agent_identity = agent_room.local_participant.identity
         listed = await lk.room.list_participants(api.ListParticipantsRequest(room=name))
         await agent_room.disconnect()
-        try:
-            await wait_until(
-                lambda: room_job.job.id in per_room.terminated,
-                "the agent leaving to end its job",
-                AGENT_LEFT_TIMEOUT_S,
-            )
-            agent_left_ended_job = True
-        except AssertionError:
-            agent_left_ended_job = False
+        agent_left_ended_job = await came_true(
+            lambda: room_job.job.id in per_room.terminated,
+            AGENT_LEFT_TIMEOUT_S,
+            server.kind == ENDS_ABANDONED_JOBS,
+        )
         await source.aclose()
         await caller.disconnect()
-        try:
-            await wait_until(
-                lambda: (
-                    {p_job.job.id, pub_job.job.id}
-                    <= {*per_participant.terminated, *per_publisher.terminated}
-                ),
-                "the room closing to terminate the participant and publisher jobs",
-                ROOM_CLOSE_TIMEOUT_S,
-            )
-            room_close_ended_jobs = True
-        except AssertionError:
-            room_close_ended_jobs = False
-        listed_rooms = await lk.room.list_rooms(api.ListRoomsRequest(names=[name]))
+        left_at = time.monotonic()
+        room_close_ended_jobs = await came_true(
+            lambda: (
+                {p_job.job.id, pub_job.job.id}
+                <= {*per_participant.terminated, *per_publisher.terminated}
+            ),
+            ROOM_CLOSE_TIMEOUT_S,
+            server.kind == ENDS_ABANDONED_JOBS,
+        )
+
+        async def room_gone() -> bool:
+            listed = await lk.room.list_rooms(api.ListRoomsRequest(names=[name]))
+            return not listed.rooms
+
+        room_closed = await came_true(
+            room_gone, ROOM_CLOSE_TIMEOUT_S - (time.monotonic() - left_at)
+        )
         return {
             "participant_job": {
                 "type": agent.JobType.Name(p_job.job.type),
@@ -455,13 +459,25 @@ async def jobs_follow_participants(server: ServerProcess, lk: api.LiveKitAPI) ->
             "agent_joined_as": agent_identity,
             "listed_with_agent": sorted(p.identity for p in listed.participants),
             "agent_left_ended_job": agent_left_ended_job,
-            "room_closed": not listed_rooms.rooms,
+            "room_closed": room_closed,
             "room_close_ended_jobs": room_close_ended_jobs,
         }
     finally:
         await rooms.aclose()
         for w in (per_room, per_participant, per_publisher):
             await w.aclose()
+
+
+async def came_true(
+    probe: Callable[[], bool] | Callable[[], Awaitable[bool]], timeout: float, wait: bool = True
+) -> bool | None:
+    """Whether `probe` came true within `timeout` seconds; None when not `wait`ed for."""
+    if not wait:
+        return None
+    try:
+        return bool(await wait_until(probe, "", timeout))
+    except AssertionError:
+        return False
 
 
 SCENARIOS: Final[

@@ -31,7 +31,7 @@ from livekit import api, rtc
 
 from callboard.plugins.local import models
 from tests.interop.agents import receptionist_names as probe
-from tests.interop.call_process import against_server, call_script_main
+from tests.interop.call_process import against_server, call_script_main, load_meanwhile
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
@@ -289,7 +289,7 @@ def main(argv: list[str]) -> int:
     report: dict[str, Any] = {"side": side}
 
     def run() -> None:
-        models.whisper(), models.hibari_voice()  # loaded before the clock of the call starts
+        load_meanwhile(lambda: (models.whisper(), models.hibari_voice()))
 
         async def main_call(server: ServerProcess) -> None:
             await call(server, side, example, says, workdir, report)

@@ -4,21 +4,20 @@ sentences, the agent's speech-to-text hears them, the caller hears the scripted 
 (transcribed back offline), hangs up, and the job ends JS_SUCCESS after livekit-agents closed
 its session for the participant's disconnect.
 
-Each run is a subprocess in a private network namespace (tests/interop/conversation_call.py).
+Each run is a subprocess in a private network namespace (tests/interop/conversation_call.py);
+the runs against both servers go on side by side.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Final
+from collections.abc import Iterator
+from typing import Final
 
 import pytest
 
 from callboard.voice_caller import word_error_rate
-from tests.interop.call_process import run_call_script
+from tests.interop.call_process import StartedCall, finished, side_by_side, start_call_script
 from tests.interop.conversation_call import CALLER_SAYS
-from tests.interop.livekit_server import ServerUnavailable, livekit_server_binary
-from tests.interop.netns import unavailable_reason
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(330, func_only=True)]
 
@@ -31,39 +30,34 @@ SCRIPTED_ANSWERS: Final = (
 """What examples/receptionist.py's script answers to CALLER_SAYS."""
 
 
-def run_call(workdir: Path, kind: str) -> dict[str, Any]:
-    run = run_call_script(
-        "tests.interop.conversation_call",
-        [kind],
-        workdir,
-        CALL_PROCESS_TIMEOUT_S,
-        logs=("call.log", "worker.log"),
-    )
-    return run.succeeded()
-
-
 @pytest.fixture(scope="module")
-def prerequisites() -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+def calls(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, StartedCall | str]]:
+    """The call against each selected server kind, started side by side: each spends most
+    of its time on real-time audio."""
     pytest.importorskip("livekit.agents", reason="needs the agents extra: pip install '.[voice]'")
     pytest.importorskip("faster_whisper", reason="needs the voice extra: pip install '.[voice]'")
 
+    def start(kind: str) -> StartedCall:
+        return start_call_script(
+            "tests.interop.conversation_call",
+            [kind],
+            tmp_path_factory.mktemp(f"conversation-{kind}"),
+            CALL_PROCESS_TIMEOUT_S,
+            logs=("call.log", "worker.log"),
+        )
 
-@pytest.mark.usefixtures("prerequisites")
+    yield from side_by_side(request, "kind", start)
+
+
 @pytest.mark.parametrize(
     "kind", ["callboard", pytest.param("livekit-server", marks=pytest.mark.realserver)]
 )
 def test_a_caller_and_the_agent_understand_each_other_and_the_call_ends_cleanly(
-    tmp_path: Path, kind: str
+    calls: dict[str, StartedCall | str], kind: str
 ) -> None:
-    if kind == "livekit-server":
-        try:
-            livekit_server_binary()
-        except ServerUnavailable as e:
-            pytest.skip(str(e))
-    report = run_call(tmp_path, kind)
+    report = finished(calls, kind).succeeded()
     turns = report["turns"]
     assert [t["said"] for t in turns] == list(CALLER_SAYS)
     for turn, answer in zip(turns, SCRIPTED_ANSWERS, strict=True):

@@ -1,16 +1,16 @@
 """Rooms with media on both servers: the same SDK scenarios (tests/interop/media_rooms.py) run
-against `callboard server` and the real livekit-server, each in a private network namespace."""
+against `callboard server` and the real livekit-server, each in a private network namespace,
+the two side by side."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Final
 
 import pytest
 
-from tests.interop.call_process import run_call_script
+from tests.interop.call_process import StartedCall, finished, side_by_side, start_call_script
 from tests.interop.conftest import CALLBOARD, SERVER_KINDS
-from tests.interop.livekit_server import ServerUnavailable, livekit_server_binary
-from tests.interop.netns import unavailable_reason
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(330, func_only=True)]
 
@@ -20,22 +20,23 @@ PITCH_TOLERANCE: Final = 0.05
 MIN_MEASURED_FRAMES: Final = 250
 
 
-@pytest.fixture(scope="module", params=SERVER_KINDS)
-def scenarios(
+@pytest.fixture(scope="module")
+def runs(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Any]:
-    """Every scenario's report, from one run against one server kind."""
-    kind: str = request.param
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    if kind != CALLBOARD:
-        try:
-            livekit_server_binary()
-        except ServerUnavailable as e:
-            pytest.skip(str(e))
-    workdir = tmp_path_factory.mktemp(f"rooms-{kind}")
-    return run_call_script("tests.interop.media_rooms", [kind], workdir, RUN_TIMEOUT_S).succeeded()
+) -> Iterator[dict[str, StartedCall | str]]:
+    """One run of every scenario against each selected server kind, the runs side by side."""
+
+    def start(kind: str) -> StartedCall:
+        workdir = tmp_path_factory.mktemp(f"rooms-{kind}")
+        return start_call_script("tests.interop.media_rooms", [kind], workdir, RUN_TIMEOUT_S)
+
+    yield from side_by_side(request, "scenarios", start)
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def scenarios(request: pytest.FixtureRequest, runs: dict[str, StartedCall | str]) -> dict[str, Any]:
+    """Every scenario's report, from the run against one server kind."""
+    return finished(runs, request.param).succeeded()
 
 
 def scenario(report: dict[str, Any], name: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any, Final
 import pytest
 
 from tests.interop.agents.receptionist_names import CALLBOARD, LIVEKIT_AGENTS
-from tests.interop.call_process import run_call_script
+from tests.interop.call_process import StartedCall, finish_all, start_call_script
 from tests.interop.livekit_server import ServerUnavailable, livekit_server_binary
 from tests.interop.netns import unavailable_reason
 
@@ -46,15 +46,14 @@ def ported_to_livekit_agents(workdir: Path) -> Path:
     return path
 
 
-def run_call(workdir: Path, side: str, example: Path, *says: str) -> dict[str, Any]:
-    run = run_call_script(
+def start_call(workdir: Path, side: str, example: Path, *says: str) -> StartedCall:
+    return start_call_script(
         "tests.interop.receptionist_call",
         [side, str(example), *says],
         workdir,
         CALL_PROCESS_TIMEOUT_S,
         logs=("call.log", "worker.log"),
     )
-    return run.succeeded()
 
 
 def events(report: dict[str, Any], event: str) -> list[dict[str, Any]]:
@@ -94,10 +93,12 @@ def test_the_receptionist_answers_alike_under_callboard_and_livekit_agents(
     tmp_path: Path,
 ) -> None:
     theirs = ported_to_livekit_agents(tmp_path)
-    runs = {
-        CALLBOARD: run_call(tmp_path / CALLBOARD, CALLBOARD, EXAMPLE),
-        LIVEKIT_AGENTS: run_call(tmp_path / LIVEKIT_AGENTS, LIVEKIT_AGENTS, theirs),
+    # side by side: each call spends most of its time on real-time audio
+    started = {
+        CALLBOARD: start_call(tmp_path / CALLBOARD, CALLBOARD, EXAMPLE),
+        LIVEKIT_AGENTS: start_call(tmp_path / LIVEKIT_AGENTS, LIVEKIT_AGENTS, theirs),
     }
+    runs = {side: run.succeeded() for side, run in finish_all(started).items()}
     for side, report in runs.items():
         # livekit-agents' job context and HTTP session context inside the job, and the test's
         # inference runner served by the worker's inference process, not the job's
@@ -138,7 +139,8 @@ def test_the_receptionist_answers_alike_under_callboard_and_livekit_agents(
 def test_an_agent_with_function_tools_hangs_up_by_deleting_the_room(tmp_path: Path) -> None:
     """examples/hang_up.py under callboard: the caller says goodbye, the scripted LLM calls the
     agent's `end_call` tool, which deletes the room through the job context."""
-    report = run_call(tmp_path, CALLBOARD, HANG_UP_EXAMPLE, "Thank you goodbye")
+    call = start_call(tmp_path, CALLBOARD, HANG_UP_EXAMPLE, "Thank you goodbye")
+    report = call.finish().succeeded()
     assert {"message"} <= words(report["greeting"]), report
     chat = observable(report)["chat"]
     assert chat[-1] == ("assistant", "Goodbye!"), chat

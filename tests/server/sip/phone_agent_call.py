@@ -31,7 +31,7 @@ from callboard.plugins.local import models
 from callboard.server.sip.audio import resample
 from callboard.server.sip.codecs import SAMPLE_RATE, Pcm
 from callboard.server.sip.phone import utterance
-from tests.interop.call_process import call_script_main
+from tests.interop.call_process import call_script_main, load_meanwhile
 from tests.interop.livekit_server import (
     API_KEY,
     API_SECRET,
@@ -62,6 +62,9 @@ CALL_TIMEOUT_S: Final = 240.0
 TRAILING_SILENCE_S: Final = 2.0
 """The caller's silence after speaking: the agent's VAD needs it to end the turn."""
 SIPP_END_TIMEOUT_S: Final = 20.0
+DEPARTURE_TIMEOUT_S: Final = 1
+"""The rule's rooms close this long after the caller left, which ends the agent's job (the
+server's default, 20 s, would only be waited out)."""
 
 
 def start_callboard(workdir: Path) -> tuple[ServerProcess, int]:
@@ -188,7 +191,9 @@ async def run(workdir: Path, report: dict[str, Any]) -> None:
             REGISTER_TIMEOUT_S,
         )
         assert worker.poll() is None, worker_log()[-3000:]
-        report["trunk_id"], report["rule_id"] = await trunk_and_rule(server.http_url, CALLED)
+        report["trunk_id"], report["rule_id"] = await trunk_and_rule(
+            server.http_url, CALLED, departure_timeout=DEPARTURE_TIMEOUT_S
+        )
         await call_with_sipp(sip_port, workdir, report)
         (job,) = agent_events(workdir, "job")
         report["room"] = job["room"]
@@ -222,7 +227,7 @@ def main(argv: list[str]) -> int:
     report: dict[str, Any] = {}
 
     def call() -> None:
-        models.whisper(), models.hibari_voice()
+        load_meanwhile(lambda: (models.whisper(), models.hibari_voice()))
         asyncio.run(asyncio.wait_for(run(workdir, report), CALL_TIMEOUT_S))
 
     return call_script_main(workdir, report, call)

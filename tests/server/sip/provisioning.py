@@ -23,8 +23,10 @@ async def trunk_and_rule(
     attributes: Mapping[str, str] | None = None,
     agents: Sequence[str] = (),
     pin: str = "",
+    departure_timeout: int = 0,
 ) -> tuple[str, str]:
-    """(trunk id, rule id; "" without `rule`). Without `auth` the trunk admits 127.0.0.1."""
+    """(trunk id, rule id; "" without `rule`). Without `auth` the trunk admits 127.0.0.1;
+    `agents` and `departure_timeout` (0: the server's default) go into the rule's room config."""
     async with api.LiveKitAPI(http_url, DEV_API_KEY, DEV_API_SECRET) as lk:
         trunk = sip.SIPInboundTrunkInfo(name="acme", numbers=[called])
         if auth:
@@ -41,9 +43,10 @@ async def trunk_and_rule(
             trunk_ids=[created.sip_trunk_id],
             attributes=dict(attributes or {}),
         )
-        if agents:
+        if agents or departure_timeout:
             dispatches = [api.RoomAgentDispatch(agent_name=name) for name in agents]
-            info.room_config.CopyFrom(room.RoomConfiguration(agents=dispatches))
+            config = room.RoomConfiguration(agents=dispatches, departure_timeout=departure_timeout)
+            info.room_config.CopyFrom(config)
         made = await lk.sip.create_dispatch_rule(
             sip.CreateSIPDispatchRuleRequest(dispatch_rule=info)
         )
