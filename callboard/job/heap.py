@@ -3,8 +3,9 @@
 glibc keeps what native code frees (the rtc SDK's audio buffers, onnxruntime's and
 ctranslate2's tensors) in its arenas, fragmented, so a process in a call holds much more heap
 than it uses. `malloc_trim(0)` returns every whole free page; it takes a few milliseconds on a
-process's heap, so it runs every HEAP_TRIM_INTERVAL_S. A no-op where malloc_trim is missing
-(musl, macOS).
+process's heap, so it runs every HEAP_TRIM_INTERVAL_S, never after each request: a trimmed
+page needed again costs a fault and zeroing, which on a hot path (an inference per TTS chunk)
+costs more than it saves. A no-op where malloc_trim is missing (musl, macOS).
 """
 
 from __future__ import annotations

@@ -176,8 +176,6 @@ async def _serve(address: str, runners: dict[str, Any]) -> int:
                 raise InferenceError(f"no inference runner registered for {req.method!r}")
             result = await loop.run_in_executor(pool, runner.run, req.data)
             channel.send(ipc.InferenceResponse(req.request_id, result, ""))
-            if len(inflight) <= 1:  # the last one: what the models used is free again
-                await loop.run_in_executor(pool, heap.trim)
         except Exception as e:
             detail = f"{type(e).__name__}: {e}"
             log.error(
@@ -204,7 +202,8 @@ async def _serve(address: str, runners: dict[str, Any]) -> int:
     server = await loop.create_unix_server(make_protocol, path=address)
     log.info("inference process ready", extra={"pid": os.getpid(), "methods": sorted(runners)})
     try:
-        await asyncio.Event().wait()  # until the zygote (or its death signal) stops us
+        await heap.trim_periodically()  # until the zygote (or its death signal) stops us
+        await asyncio.Event().wait()  # where there is no malloc_trim
     finally:
         server.close()
     return 0
