@@ -278,9 +278,6 @@ SHARED: Final = "ours-shared"
 TURN_P95_LIMIT_S: Final = 1.5
 """A concurrency is held while the p95 of its turn latencies stays within this."""
 CONVERSATION_TIMEOUT_S: Final = 120.0
-MEMORY_CALLS_STAGGER_S: Final = 3.0
-"""The calls whose memory is sampled dial this far apart: on 2 cores, six job starts at once
-(each livekit-agents process building its VAD) left some agents silent past 30 s."""
 
 
 @dataclass
@@ -388,13 +385,10 @@ class ConversationBench:
                 await event.wait()
             memory.append(worker.memory())
 
-        async def call(i: int) -> list[float]:
-            if measure:  # memory, not latency: the job starts need not all collide
-                await asyncio.sleep(i * MEMORY_CALLS_STAGGER_S)
-            return await self.one_call(lk, worker, greeted[i])
-
         sampler = asyncio.create_task(sample()) if measure else None
-        results = await asyncio.gather(*(call(i) for i in range(n)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self.one_call(lk, worker, greeted[i]) for i in range(n)), return_exceptions=True
+        )
         if sampler is not None:
             sampler.cancel()
         latencies = [x for r in results if isinstance(r, list) for x in r]
