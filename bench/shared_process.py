@@ -1,0 +1,143 @@
+"""Where a job process's memory goes as calls are added to it (`jobs_per_process`).
+
+One callboard worker runs examples/receptionist.py with `--jobs-per-process` (default 8) against
+livekit-server in a private network namespace (root, Linux; nothing leaves the machine). After
+one untimed call it samples the idle tree, then for each count in `--calls` (default 1 3 6) it
+places that many conversations at once (the callers of bench/voice.py) and, once every caller
+heard its greeting, prints the tree's added PSS per call, each process's PSS/USS/threads, and
+the busiest job process's private memory by kind of mapping (heap, pymalloc-sized anonymous
+regions, other anonymous regions, thread stacks). Not side by side: see bench/voice.py for the
+comparison with livekit-agents; this says what the shared process holds.
+
+    sudo python -m bench.shared_process [--jobs-per-process 8] [--calls 1 3 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Final
+
+import psutil
+from livekit import api
+
+from bench._side_by_side import AgentProcess, TreeMemory, settle
+from bench.voice import ConversationBench, wait_registered
+from tests.interop.livekit_server import API_KEY, API_SECRET, start_server, stop_process
+from tests.interop.netns import MEDIA_IP, enter_private_network
+
+KB: Final = 1024
+PYMALLOC_SIZES_KB: Final = range(1000, 1101)
+"""Anonymous regions of about 1 MiB: CPython's object arenas."""
+STACK_SIZES_KB: Final = range(8180, 8201)
+"""Anonymous regions of about 8 MiB: thread stacks."""
+
+
+def private_by_kind(pid: int) -> dict[str, float]:
+    """MB of private (dirty or clean) memory in each kind of anonymous mapping of `pid`."""
+    kinds: dict[str, float] = {}
+    kind = ""
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            parts = line.split()
+            if "-" in parts[0] and not parts[0].endswith(":"):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                size_kb = (end - start) // KB
+                name = parts[5] if len(parts) > 5 else ""
+                kind = _kind(name, size_kb)
+            elif parts[0] in ("Private_Dirty:", "Private_Clean:") and kind:
+                kinds[kind] = kinds.get(kind, 0.0) + int(parts[1]) / KB
+    return {k: round(v, 1) for k, v in sorted(kinds.items())}
+
+
+def _kind(name: str, size_kb: int) -> str:
+    if name == "[heap]":
+        return "heap"
+    if name:
+        return "files" if name.startswith("/") else ""
+    if size_kb in PYMALLOC_SIZES_KB:
+        return "pymalloc arenas"
+    if size_kb in STACK_SIZES_KB:
+        return "thread stacks"
+    return "other anonymous"
+
+
+def describe(worker: AgentProcess, idle: TreeMemory, calls: int) -> None:
+    tree = worker.memory()
+    print(f"{calls} call(s): added PSS per call {(tree.pss_mb - idle.pss_mb) / calls:.1f} MB")
+    rows = []
+    for p in worker.tree():
+        with contextlib.suppress(psutil.Error):
+            info = p.memory_full_info()
+            rows.append((p.pid, info.pss / KB / KB, info.uss / KB / KB, p.num_threads()))
+    for pid, pss, uss, threads in rows:
+        print(f"  pid {pid}: PSS {pss:.1f} MB, USS {uss:.1f} MB, {threads} threads")
+    busiest = max(rows, key=lambda r: r[3])[0]
+    print(f"  pid {busiest} private memory by mapping (MB): {private_by_kind(busiest)}")
+
+
+async def run(jobs_per_process: int, counts: list[int]) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-shared-"))
+    server: Any = await asyncio.to_thread(start_server, "livekit-server", workdir, MEDIA_IP)
+    try:
+        bench = ConversationBench(server, workdir, 1, 1, 1)
+        async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
+            worker = AgentProcess(
+                "ours",
+                "start",
+                server,
+                "shared",
+                workdir,
+                script="voice_agent",
+                extra_env={"BENCH_EXAMPLE": str(bench.examples["ours"])},
+                args=("--jobs-per-process", str(jobs_per_process)),
+            )
+            try:
+                await wait_registered(worker)
+                await bench.conversations(lk, worker, 1)  # untimed
+                await settle(worker)
+                idle = worker.memory()
+                print(f"idle tree: {idle}")
+                for n in counts:
+                    greeted = [asyncio.Event() for _ in range(n)]
+
+                    async def sample(n: int, greeted: list[asyncio.Event]) -> None:
+                        for event in greeted:
+                            await event.wait()
+                        describe(worker, idle, n)
+
+                    sampler = asyncio.create_task(sample(n, greeted))
+                    calls = [bench.one_call(lk, worker, greeted[i]) for i in range(n)]
+                    await asyncio.gather(*calls, return_exceptions=True)
+                    if not sampler.done():
+                        sampler.cancel()
+                        print(f"{n} call(s): not sampled, a caller heard no greeting")
+                    await settle(worker)
+            finally:
+                await asyncio.to_thread(worker.stop)
+    finally:
+        stop_process(server.proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.shared_process", description=__doc__)
+    p.add_argument("--jobs-per-process", type=int, default=8, help="calls a process (8)")
+    p.add_argument("--calls", type=int, nargs="+", default=[1, 3, 6], help="counts (1 3 6)")
+    p.add_argument("--timeout", type=float, default=900.0, help="overall limit, s (900)")
+    a = p.parse_args(argv)
+    if a.jobs_per_process < 1 or min(a.calls) < 1:
+        p.error("--jobs-per-process and --calls must be at least 1")
+    with contextlib.suppress(KeyError):
+        del os.environ["LIVEKIT_URL"]
+    enter_private_network()
+    asyncio.run(asyncio.wait_for(run(a.jobs_per_process, a.calls), a.timeout))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
