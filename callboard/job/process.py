@@ -68,6 +68,7 @@ class HostedJob:
         self.process = process
         self._info = info
         self._done: asyncio.Future[JobOutcome] = asyncio.get_running_loop().create_future()
+        self.stop_requested = False
 
     @property
     def info(self) -> RunningJobInfo:
@@ -88,11 +89,11 @@ class HostedJob:
 
     @property
     def fields(self) -> dict[str, Any]:
-        return {"pid": self.process.pid, "job_id": self._info.job.id, "room": self.room}
-
-    @property
-    def room(self) -> str:
-        return self._info.job.room.name
+        return {
+            "pid": self.process.pid,
+            "job_id": self._info.job.id,
+            "room": self._info.job.room.name,
+        }
 
     def terminate(self, reason: str) -> None:
         self.process.stop_job(self, reason)
@@ -218,9 +219,11 @@ class JobProcessHandle:
         self._spawn(self._stop_ladder(), "stop-ladder")
 
     def stop_job(self, job: HostedJob, reason: str) -> None:
-        """Ask one job to stop; its ladder escalates if it does not within shutdown_timeout."""
-        if job.done or self._exit_code.done():
+        """Ask one job to stop, once; its ladder escalates if it does not within
+        shutdown_timeout."""
+        if job.done or job.stop_requested or self._exit_code.done():
             return
+        job.stop_requested = True
         self._send(ipc.Shutdown(reason, job.info.job.id))
         self._spawn(self._job_stop_ladder(job), "stop-ladder")
 
