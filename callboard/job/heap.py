@@ -30,12 +30,6 @@ def _load_trim() -> Callable[[], object] | None:
 _trim = _load_trim()
 
 
-def trim() -> None:
-    """Return the heap's whole free pages to the system now."""
-    if _trim is not None:
-        _trim()
-
-
 async def trim_periodically(interval: float = HEAP_TRIM_INTERVAL_S) -> None:
     """Trim every `interval` seconds until cancelled."""
     if _trim is None:
