@@ -45,18 +45,24 @@ class SileroModel:
         self.reused = 0
 
     def warm_up(self) -> None:
-        """Run one window at each rate: onnxruntime sets up what a session's first runs need
-        then (~6 MB), so that done in the zygote is shared by every job process, not written
-        again in each."""
+        """Run a few windows at each rate: onnxruntime sets up what a session's first runs
+        need then (~6 MB), so that done in the zygote is shared by every job process, not
+        written again in each."""
         noise = np.random.default_rng(0)  # silence alone leaves the set-up to the first sound
         for rate in SAMPLE_RATES:
             window = int(rate * WINDOW_SECONDS) + CONTEXT_SAMPLES[rate]
             state = np.zeros(STATE_SHAPE, dtype=np.float32)
             for _ in range(WARM_UP_RUNS):
                 sound = noise.uniform(-0.5, 0.5, (1, window)).astype(np.float32)
-                _, state = self.session.run(
-                    None, {"input": sound, "state": state, "sr": np.array(rate, np.int64)}
-                )
+                _, state = self._run(rate, sound, state)
+
+    def _run(
+        self, rate: int, model_input: Float32Array, state: Float32Array
+    ) -> tuple[Any, Float32Array]:
+        out, next_state = self.session.run(
+            None, {"input": model_input, "state": state, "sr": np.array(rate, dtype=np.int64)}
+        )
+        return out, next_state
 
     def infer(
         self, rate: int, model_input: Float32Array, state: Float32Array
@@ -68,9 +74,7 @@ class SileroModel:
             if found is not None:
                 self.reused += 1
                 return found
-        out, next_state = self.session.run(
-            None, {"input": model_input, "state": state, "sr": np.array(rate, dtype=np.int64)}
-        )
+        out, next_state = self._run(rate, model_input, state)
         result = (float(out.item()), next_state)
         with self._lock:
             self.runs += 1
