@@ -170,6 +170,20 @@ class Handle:
     memory_mb: float | None = None
 
 
+async def scripted_tracker(
+    monkeypatch: pytest.MonkeyPatch, idle_cpu: float
+) -> tuple[LoadTracker, ScriptedMonitor]:
+    """A tracker on 2 CPUs (threshold 0.7, no memory limit) whose monitor the test scripts,
+    after one sample of the idle machine using `idle_cpu`; jobs count as grown at once."""
+    monkeypatch.setattr(load_module, "COST_WARMUP_S", 0.0)
+    monitor = ScriptedMonitor()
+    budgets = Budgets(cpus=2.0, threshold=0.7, memory_mb=math.inf)
+    tracker = LoadTracker(None, None, 0.5, 5, budgets, JobCost(0.25, 100.0), monitor=monitor)
+    monitor.next = CpuSnapshot(total=idle_cpu)
+    await tracker.sample()
+    return tracker, monitor
+
+
 async def test_a_job_costs_its_own_cpu_plus_what_the_machine_spends_beside_it_per_job(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -177,12 +191,7 @@ async def test_a_job_costs_its_own_cpu_plus_what_the_machine_spends_beside_it_pe
     benches), a call costs more than its process: the CPU outside the job processes above what
     it is while the worker is idle is shared out among the running jobs, so the worker admits
     what the machine holds, not what its processes alone would."""
-    monkeypatch.setattr(load_module, "COST_WARMUP_S", 0.0)
-    monitor = ScriptedMonitor()
-    budgets = Budgets(cpus=2.0, threshold=0.7, memory_mb=math.inf)
-    tracker = LoadTracker(None, None, 0.5, 5, budgets, JobCost(0.25, 100.0), monitor=monitor)
-    monitor.next = CpuSnapshot(total=0.1)
-    await tracker.sample()
+    tracker, monitor = await scripted_tracker(monkeypatch, idle_cpu=0.1)
     assert tracker.background() == pytest.approx(0.1)
 
     for pid in (101, 102):
@@ -200,13 +209,8 @@ async def test_jobs_sharing_a_process_each_cost_their_share_of_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With jobs_per_process > 1 several jobs report one pid: the process's demand is shared
-    out among them, not counted once per job, and so is its memory."""
-    monkeypatch.setattr(load_module, "COST_WARMUP_S", 0.0)
-    monitor = ScriptedMonitor()
-    budgets = Budgets(cpus=2.0, threshold=0.7, memory_mb=math.inf)
-    tracker = LoadTracker(None, None, 0.5, 5, budgets, JobCost(0.25, 100.0), monitor=monitor)
-    monitor.next = CpuSnapshot(total=0.0)
-    await tracker.sample()
+    out among them, not counted once per job."""
+    tracker, monitor = await scripted_tracker(monkeypatch, idle_cpu=0.0)
     for n in range(3):
         tracker.job_started(f"job-{n}", Handle(201))  # type: ignore[arg-type]
     host = {201: 0.6}
