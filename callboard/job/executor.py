@@ -44,8 +44,9 @@ class JobExecutor(Protocol):
         """Start `info`'s job; returns once it is running."""
         ...
 
-    def set_idle_target(self, count: int) -> None:
-        """Keep `count` prewarmed processes (the worker lowers it while draining or at its cap)."""
+    def set_warm_target(self, jobs: int) -> None:
+        """Keep prewarmed processes enough for the next `jobs` jobs to start without a fork (the
+        worker lowers it while draining or at its cap)."""
 
     def process_pids(self) -> list[int]:
         """Pids of the processes this executor runs (idle and busy), for metrics."""

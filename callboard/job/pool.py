@@ -4,13 +4,16 @@
 process from the zygote (milliseconds plus prewarm); the pool refills in the background. A
 process runs one job by default; with `jobs_per_process` N > 1 a busy process takes further
 jobs up to N at once (the fullest first), which shares one process's memory among calls at the
-cost of their isolation. Every process is single-use: it exits once its last job ends.
+cost of their isolation, and its free places count toward the warm pool, so that no idle
+process is kept for jobs a busy one will take. Every process is single-use: it exits once its
+last job ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -59,6 +62,12 @@ def _can_connect(address: str) -> bool:
     return True
 
 
+def idle_processes_for(jobs: int, free_places: int, jobs_per_process: int) -> int:
+    """Idle processes that let `jobs` more jobs start without a fork when the processes already
+    running jobs have `free_places` between them."""
+    return math.ceil(max(0, jobs - free_places) / jobs_per_process)
+
+
 def idle_within_budget(target: int, idle_pss_mb: float, budget_mb: float) -> int:
     """How many of `target` idle processes of `idle_pss_mb` each fit in `budget_mb` (0: no
     budget)."""
@@ -83,7 +92,7 @@ class ProcessExecutor:
         self,
         zygote_config: ipc.ZygoteConfig,
         limits: SupervisionLimits,
-        num_idle: int,
+        warm_jobs: int,
         idle_memory_mb: float = 0.0,
         jobs_per_process: int = 1,
     ) -> None:
@@ -92,7 +101,8 @@ class ProcessExecutor:
         self._retired: set[ZygoteClient] = set()
         self._limits = limits
         self._jobs_per_process = jobs_per_process
-        self._target_idle = num_idle
+        self._warm_jobs = warm_jobs
+        """Jobs that should be able to start without a fork (the worker's warm target)."""
         self._idle_memory_mb = idle_memory_mb
         """Total PSS the idle processes may hold (0: no budget)."""
         self._idle_pss_mb = IDLE_PSS_PRIOR_MB
@@ -136,10 +146,9 @@ class ProcessExecutor:
         self._wake.set()
         return job
 
-    def set_idle_target(self, count: int) -> None:
-        """Reconcile the warm pool toward `count` idle processes, as many as its memory budget
-        holds at the measured idle PSS (extra ones are stopped)."""
-        self._target_idle = count
+    def set_warm_target(self, jobs: int) -> None:
+        """Reconcile the warm pool toward `idle_target` (extra idle processes are stopped)."""
+        self._warm_jobs = jobs
         target = self.idle_target
         while len(self._idle) > target:
             self._idle.pop().terminate("warm pool shrinking")
@@ -153,11 +162,15 @@ class ProcessExecutor:
 
     @property
     def idle_target(self) -> int:
-        """The idle processes the pool keeps: the worker's target within the memory budget."""
+        """The idle processes the pool keeps: enough for the worker's warm target of jobs, less
+        the free places of processes already running jobs, within the memory budget at the
+        measured idle PSS."""
         measured = [m for p in self._idle if (m := p.memory_mb) is not None]
         if measured:
             self._idle_pss_mb = max(measured)
-        return idle_within_budget(self._target_idle, self._idle_pss_mb, self._idle_memory_mb)
+        free = sum(p.free_slots for p in self._procs.values() if p.running)
+        wanted = idle_processes_for(self._warm_jobs, free, self._jobs_per_process)
+        return idle_within_budget(wanted, self._idle_pss_mb, self._idle_memory_mb)
 
     def process_pids(self) -> list[int]:
         return [self._zygote.pid, *self._procs] if self._zygote.pid else list(self._procs)

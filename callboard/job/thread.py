@@ -135,7 +135,7 @@ class ThreadExecutor:
         await job.wait()
         self._jobs.discard(job)
 
-    def set_idle_target(self, count: int) -> None:
+    def set_warm_target(self, jobs: int) -> None:
         return None
 
     def process_pids(self) -> list[int]:

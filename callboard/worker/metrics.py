@@ -39,8 +39,10 @@ class WorkerMetrics:
             "Measured load without reservations (0-1)",
             registry=self.registry,
         )
-        self.idle_target = Gauge(
-            "callboard_warm_pool_target", "Prewarmed processes asked for", registry=self.registry
+        self.warm_target = Gauge(
+            "callboard_warm_pool_target",
+            "Jobs the warm pool is asked to start without a fork",
+            registry=self.registry,
         )
         self.answer_latency = Histogram(
             "callboard_offer_answer_seconds",

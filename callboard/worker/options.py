@@ -124,7 +124,8 @@ class WorkerOptions:
     num_idle_processes: int | EnvOption[int] = field(
         default_factory=lambda: EnvOption(0, _default_idle_processes())
     )
-    """Prewarmed processes kept ready for the next jobs."""
+    """Prewarmed processes kept ready for the next jobs (with `jobs_per_process` N > 1: enough
+    for that many next jobs, counting the free places of processes already running jobs)."""
     permissions: WorkerPermissions = field(default_factory=WorkerPermissions)
     worker_type: WorkerType = WorkerType.ROOM
     agent_name: str | None = None

@@ -1,7 +1,8 @@
-"""How many prewarmed processes the worker asks its executor for: `num_idle_processes` at rest,
-more after a burst (as many as the burst's jobs took, for `idle_processes_window` seconds),
-never more than the jobs the worker could still admit need, none while draining. The executor
-holds the count within its memory budget (`callboard/job/pool.py`).
+"""How many jobs the worker asks its executor to be able to start without a fork:
+`num_idle_processes` at rest, more after a burst (the burst's jobs, for `idle_processes_window`
+seconds), never more than the worker could still admit, none while draining. The executor turns
+that into idle processes (fewer when a process takes several jobs) within its memory budget
+(`callboard/job/pool.py`).
 """
 
 from __future__ import annotations
@@ -14,18 +15,16 @@ BURST_SPAN_S: Final = 1.0
 """Jobs admitted within this span count as one burst."""
 
 
-def idle_target(
-    base: int, burst: int, room: float, draining: bool, jobs_per_process: int = 1
-) -> int:
-    """Prewarmed processes to keep: none while draining; else the larger of the configured
-    pool and the processes the recent burst took, bounded by the processes the `room` for more
-    jobs needs (inf: no bound); a process takes `jobs_per_process` jobs."""
+def warm_target(base: int, burst: int, room: float, draining: bool) -> int:
+    """Jobs the warm pool should be able to start without a fork: none while draining; else
+    the larger of the configured pool and the recent burst, bounded by the `room` for more jobs
+    (inf: no bound). The executor turns it into processes."""
     if draining:
         return 0
-    want = max(base, math.ceil(burst / jobs_per_process))
+    want = max(base, burst)
     if math.isinf(room):
         return want
-    return max(0, min(want, math.ceil(max(0, int(room)) / jobs_per_process)))
+    return max(0, min(want, int(room)))
 
 
 class Demand:

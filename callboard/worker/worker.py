@@ -35,7 +35,7 @@ from callboard.worker.options import (
     WorkerOptions,
 )
 from callboard.worker.status import StatusReporter, WorkerState
-from callboard.worker.warm_pool import Demand, idle_target
+from callboard.worker.warm_pool import Demand, warm_target
 
 log = get_logger("worker")
 
@@ -453,11 +453,9 @@ class Worker:
         capacity = self._load.capacity
         room = math.inf if capacity is None else capacity - len(self._jobs) - len(self._offers)
         burst = self._demand.burst(time.monotonic())
-        target = idle_target(
-            self._r.num_idle_processes, burst, room, self._draining, self._r.opts.jobs_per_process
-        )
-        self.metrics.idle_target.set(target)
-        self._executor.set_idle_target(target)
+        target = warm_target(self._r.num_idle_processes, burst, room, self._draining)
+        self.metrics.warm_target.set(target)
+        self._executor.set_warm_target(target)
 
     async def _load_task(self) -> None:
         while True:

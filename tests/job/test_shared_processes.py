@@ -54,7 +54,11 @@ async def test_three_calls_share_a_process_and_each_ends_on_its_own(
         ) as worker,
         api_client(server) as lk,
     ):
-        pids = [await start_call(lk, worker, f"call-shared-{i}") for i in range(4)]
+        pids = [await start_call(lk, worker, f"call-shared-{i}") for i in range(2)]
+        assert worker.executor.idle_count == 0, "the busy process's free place is the warm one"
+        pids.append(await start_call(lk, worker, "call-shared-2"))
+        await until(lambda: worker.executor.idle_count == 1, "an idle process once it is full")
+        pids.append(await start_call(lk, worker, "call-shared-3"))
         assert pids[0] == pids[1] == pids[2], "three calls fit in one process"
         assert pids[3] != pids[0], "a full process takes no fourth"
         handle = worker.active_jobs[0].handle

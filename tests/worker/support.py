@@ -224,7 +224,7 @@ class GatedExecutor:
         self.launched.append(job)
         return job
 
-    def set_idle_target(self, count: int) -> None:
+    def set_warm_target(self, jobs: int) -> None:
         return None
 
     def process_pids(self) -> list[int]:

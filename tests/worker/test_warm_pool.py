@@ -13,9 +13,14 @@ from typing import Final
 from livekit.protocol import agent
 
 from callboard import JobExecutorType
-from callboard.job.pool import IDLE_PSS_PRIOR_MB, ProcessExecutor, idle_within_budget
+from callboard.job.pool import (
+    IDLE_PSS_PRIOR_MB,
+    ProcessExecutor,
+    idle_processes_for,
+    idle_within_budget,
+)
 from callboard.server.app import EmbeddedServer
-from callboard.worker.warm_pool import Demand, idle_target
+from callboard.worker.warm_pool import Demand, warm_target
 from tests.worker.agents.jobs import script
 from tests.worker.support import (
     control,
@@ -81,21 +86,26 @@ def idle_memories(pool: ProcessExecutor) -> list[float | None]:
     return [p.memory_mb for p in pool._idle]
 
 
-def test_idle_target_follows_bursts_within_the_room_for_jobs() -> None:
-    assert idle_target(2, burst=0, room=math.inf, draining=False) == 2
-    assert idle_target(2, burst=6, room=math.inf, draining=False) == 6
-    assert idle_target(2, burst=6, room=4, draining=False) == 4, "no more than can be admitted"
-    assert idle_target(2, burst=6, room=0, draining=False) == 0
-    assert idle_target(2, burst=6, room=-3, draining=False) == 0
-    assert idle_target(4, burst=6, room=math.inf, draining=True) == 0
+def test_the_warm_target_follows_bursts_within_the_room_for_jobs() -> None:
+    assert warm_target(2, burst=0, room=math.inf, draining=False) == 2
+    assert warm_target(2, burst=6, room=math.inf, draining=False) == 6
+    assert warm_target(2, burst=6, room=4, draining=False) == 4, "no more than can be admitted"
+    assert warm_target(2, burst=6, room=0, draining=False) == 0
+    assert warm_target(2, burst=6, room=-3, draining=False) == 0
+    assert warm_target(4, burst=6, room=math.inf, draining=True) == 0
 
 
-def test_with_several_jobs_a_process_the_pool_counts_processes_not_jobs() -> None:
-    assert idle_target(1, burst=6, room=math.inf, draining=False, jobs_per_process=3) == 2
-    assert idle_target(1, burst=7, room=math.inf, draining=False, jobs_per_process=3) == 3
-    assert idle_target(2, burst=6, room=4, draining=False, jobs_per_process=3) == 2
-    assert idle_target(2, burst=6, room=1, draining=False, jobs_per_process=3) == 1
-    assert idle_target(2, burst=6, room=0, draining=False, jobs_per_process=3) == 0
+def test_a_process_per_job_keeps_an_idle_process_per_warm_job() -> None:
+    assert idle_processes_for(2, free_places=0, jobs_per_process=1) == 2
+    assert idle_processes_for(0, free_places=0, jobs_per_process=1) == 0
+
+
+def test_with_several_jobs_a_process_idle_processes_cover_what_busy_ones_cannot() -> None:
+    assert idle_processes_for(6, free_places=0, jobs_per_process=3) == 2
+    assert idle_processes_for(7, free_places=0, jobs_per_process=3) == 3
+    assert idle_processes_for(2, free_places=0, jobs_per_process=8) == 1
+    assert idle_processes_for(2, free_places=7, jobs_per_process=8) == 0, "a busy one has room"
+    assert idle_processes_for(6, free_places=1, jobs_per_process=3) == 2
 
 
 def test_a_burst_is_the_most_jobs_within_a_second_in_the_window() -> None:
