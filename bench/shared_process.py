@@ -39,7 +39,8 @@ STACK_SIZES_KB: Final = range(8180, 8201)
 
 
 def private_by_kind(pid: int) -> dict[str, float]:
-    """MB of private (dirty or clean) memory in each kind of anonymous mapping of `pid`."""
+    """MB of private (dirty or clean) memory of `pid` by kind of anonymous mapping, and by
+    file for mapped files, largest first (under 0.1 MB left out)."""
     kinds: dict[str, float] = {}
     kind = ""
     with open(f"/proc/{pid}/smaps") as smaps:
@@ -52,14 +53,14 @@ def private_by_kind(pid: int) -> dict[str, float]:
                 kind = _kind(name, size_kb)
             elif parts[0] in ("Private_Dirty:", "Private_Clean:") and kind:
                 kinds[kind] = kinds.get(kind, 0.0) + int(parts[1]) / KB
-    return {k: round(v, 1) for k, v in sorted(kinds.items())}
+    return {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v >= 0.1}
 
 
 def _kind(name: str, size_kb: int) -> str:
     if name == "[heap]":
         return "heap"
     if name:
-        return "files" if name.startswith("/") else ""
+        return os.path.basename(name) if name.startswith("/") else ""
     if size_kb in PYMALLOC_SIZES_KB:
         return "pymalloc arenas"
     if size_kb in STACK_SIZES_KB:
