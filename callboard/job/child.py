@@ -51,11 +51,27 @@ def stack_dump_path(pid: int) -> Path:
 
 def prepare_for_forks() -> None:
     """Run once in the zygote, before it forks: what every child would otherwise load or
-    compute itself (ctypes for prctl, the temp dir probe) is then shared, not redone."""
+    compute itself (ctypes for prctl, the temp dir probe, the rtc SDK's native library) is
+    then shared, not redone."""
     global _set_pdeathsig
     if _set_pdeathsig is None:
         _set_pdeathsig = _load_pdeathsig()
     tempfile.gettempdir()
+    _load_rtc_library()
+
+
+def _load_rtc_library() -> None:
+    """Load the rtc SDK's native library (if the agent imported the SDK) without starting it:
+    its ~0.9 MB of relocations are then written once, not in every job process. Loading
+    starts no thread; the SDK starts its runtime on first use, in the job process."""
+    if "livekit.rtc" not in sys.modules:
+        return
+    try:
+        from livekit.rtc._ffi_client import get_ffi_lib
+
+        get_ffi_lib()
+    except Exception as e:  # the SDK raises a bare Exception on an unknown platform
+        logging.getLogger(__name__).debug("rtc SDK library not preloaded: %s", e)
 
 
 def after_fork(keep_fds: set[int]) -> None:
@@ -184,7 +200,7 @@ async def _serve(sock: socket.socket, spec: ChildSpec) -> int:
     if spec.rehearse_job_start and not error:
         await _rehearse_job_start(spec.shutdown_timeout)
     writer.write(ipc.encode(ipc.Initialized(os.getpid(), error)))
-    await writer.drain()
+    await _drain(writer)
     if error:
         return EXIT_PREWARM_FAILED
 
@@ -214,7 +230,7 @@ async def _serve_jobs(
             outcome = jobs.pop(job_id)[1].result()
             writer.write(ipc.encode(ipc.JobDone(outcome.status, outcome.error, job_id)))
         if finished:
-            await writer.drain()
+            await _drain(writer)
         if not reader_task.done():
             continue
         msg = reader_task.result()
@@ -243,6 +259,13 @@ async def _serve_jobs(
                     ctx.shutdown(msg.reason)
         else:
             print(f"callboard job process: unexpected {type(msg).__name__}", file=sys.stderr)
+
+
+async def _drain(writer: asyncio.StreamWriter) -> None:
+    """Wait until what was written is in the kernel; if the worker is gone meanwhile, the next
+    read says so (None) and the process ends as on any hang-up."""
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
 
 
 async def _run_tagged(ctx: RunnableJob, spec: ChildSpec) -> JobOutcome:
