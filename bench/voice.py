@@ -50,8 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import psutil
 from livekit import api, rtc
 
+from bench._cpu_watch import CpuWatch
 from bench._side_by_side import (
     SIDES,
     AgentProcess,
@@ -297,6 +299,40 @@ class ConversationResult:
         return (self.busy.pss_mb - self.idle.pss_mb) / self.calls
 
 
+class CallTimeline:
+    """When one call of the memory sample reached each step, in seconds from the first dial of
+    the sample (monotonic): where a call that heard no greeting got stuck."""
+
+    def __init__(self, origin_s: float) -> None:
+        self.origin_s = origin_s
+        self.steps: dict[str, float] = {"dial": self._now()}
+
+    def _now(self) -> float:
+        return time.monotonic() - self.origin_s
+
+    def mark(self, step: str) -> None:
+        self.steps.setdefault(step, self._now())
+
+    def watch(self, caller: SipCaller) -> None:
+        """Mark when the agent's participant appears in the caller's room."""
+
+        @caller.room.on("participant_connected")
+        def joined(p: rtc.RemoteParticipant) -> None:
+            if p.identity.startswith(AGENT_IDENTITY_PREFIX):
+                self.mark("agent joined")
+
+    def heard(self, caller: SipCaller) -> None:
+        """Mark the first 10 ms of the agent's audio at the caller, and the first voiced."""
+        if caller.ear.frames:
+            self.steps["first audio"] = caller.ear.frames[0][0] - self.origin_s
+        voiced = caller.ear.first_voiced_after(0.0)
+        if voiced is not None:
+            self.steps["first voiced"] = voiced - self.origin_s
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.1f}" for k, v in sorted(self.steps.items(), key=lambda x: x[1]))
+
+
 def pss(memory: TreeMemory | None) -> float:
     """PSS in MB, nan when not measured (a call of the sample failed)."""
     return memory.pss_mb if memory is not None else float("nan")
@@ -376,8 +412,11 @@ class ConversationBench:
         self, lk: api.LiveKitAPI, worker: AgentProcess, n: int, measure: bool = False
     ) -> tuple[list[float], TreeMemory | None]:
         """`n` calls at once, each greeting + CALLER_SAYS; the turn latencies of those that
-        completed and, with `measure`, the tree's memory once every caller heard its greeting."""
+        completed and, with `measure`, the tree's memory once every caller heard its greeting
+        (and, printed, where each call's time and the machine's CPU went meanwhile)."""
         greeted = [asyncio.Event() for _ in range(n)]
+        start = time.monotonic()
+        timelines = [CallTimeline(start) for _ in range(n)]
         memory: list[TreeMemory] = []
 
         async def sample() -> None:
@@ -386,8 +425,12 @@ class ConversationBench:
             memory.append(worker.memory())
 
         sampler = asyncio.create_task(sample()) if measure else None
+        watch = CpuWatch(lambda: self.cpu_groups(worker)) if measure else None
+        if watch is not None:
+            watch.start()
         results = await asyncio.gather(
-            *(self.one_call(lk, worker, greeted[i]) for i in range(n)), return_exceptions=True
+            *(self.one_call(lk, worker, greeted[i], timelines[i]) for i in range(n)),
+            return_exceptions=True,
         )
         if sampler is not None:
             sampler.cancel()
@@ -395,25 +438,49 @@ class ConversationBench:
         for r in results:
             if isinstance(r, BaseException):
                 print(f"  {worker.side}: a call failed: {type(r).__name__}: {r}")
+        if watch is not None:
+            await watch.stop()
+            print(f"  {worker.agent_name}: {n} calls, seconds from the first dial:")
+            print("\n".join(f"    call {i + 1}: {t}" for i, t in enumerate(timelines)))
+            print(f"  CPU, % of one core, every second:\n{watch.timeline()}")
+            print(f"  busiest processes:\n{watch.busiest()}")
         return latencies, (memory[0] if memory else None)
 
+    def cpu_groups(self, worker: AgentProcess) -> dict[str, list[psutil.Process]]:
+        """The processes of a conversation: this one (the callers), the server, the worker."""
+        return {
+            "bench": [psutil.Process()],
+            "server": [psutil.Process(self.server.proc.pid)],
+            "worker": worker.tree(),
+        }
+
     async def one_call(
-        self, lk: api.LiveKitAPI, worker: AgentProcess, greeted: asyncio.Event
+        self,
+        lk: api.LiveKitAPI,
+        worker: AgentProcess,
+        greeted: asyncio.Event,
+        timeline: CallTimeline | None = None,
     ) -> list[float]:
+        t = timeline or CallTimeline(time.monotonic())
         room = sip_room_name(CALLER_NUMBER)
         await lk.room.create_room(api.CreateRoomRequest(name=room, departure_timeout=1))
         token = sip_caller_token(API_KEY, API_SECRET, room, CALLER_NUMBER)
         caller = SipCaller(self.server.ws_url, token, self.voice)
+        t.watch(caller)
         await caller.dial()
+        t.mark("dialled")
         try:
             async with asyncio.timeout(CONVERSATION_TIMEOUT_S):
                 await lk.agent_dispatch.create_dispatch(
                     api.CreateAgentDispatchRequest(agent_name=worker.agent_name, room=room)
                 )
+                t.mark("dispatched")
                 await caller.listen_to_greeting()
+                t.mark("greeted")
                 greeted.set()
                 turns = [await caller.say(sentence) for sentence in CALLER_SAYS]
         finally:
+            t.heard(caller)
             await caller.hang_up()
         await asyncio.sleep(END_WAIT_S)  # the job ends with the call
         return [t.latency_s for t in turns if t.latency_s is not None]
@@ -495,9 +562,11 @@ async def run_conversations(
 
 def conversations_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.voice", description=__doc__)
-    p.add_argument("--trials", type=int, default=3, help="sequential calls per side (3)")
+    p.add_argument("--trials", type=int, default=3, help="sequential calls per side (3; 0: none)")
     p.add_argument("--calls", type=int, default=3, help="calls at once for memory (3)")
-    p.add_argument("--max-calls", type=int, default=6, help="capacity search bound (6)")
+    p.add_argument(
+        "--max-calls", type=int, default=6, help="capacity search bound (6; 0: no search)"
+    )
     p.add_argument(
         "--jobs-per-process",
         type=int,
@@ -507,8 +576,8 @@ def conversations_main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=2400.0, help="overall limit, s (2400)")
     p.add_argument("--json", action="store_true", help="also print every measure as JSON")
     a = p.parse_args(argv)
-    if min(a.trials, a.calls, a.max_calls, a.jobs_per_process) < 1:
-        p.error("--trials, --calls, --max-calls and --jobs-per-process must be at least 1")
+    if min(a.calls, a.jobs_per_process) < 1 or min(a.trials, a.max_calls) < 0:
+        p.error("--calls and --jobs-per-process must be at least 1, --trials and --max-calls 0+")
     with contextlib.suppress(KeyError):
         del os.environ["LIVEKIT_URL"]
     enter_private_network()
