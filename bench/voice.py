@@ -63,8 +63,8 @@ from bench._side_by_side import (
     settle,
     table,
 )
+from bench.caller_process import CallerProcesses
 from callboard.voice_caller import (
-    SipCaller,
     hibari_voice,
     percentile,
     sip_caller_token,
@@ -299,38 +299,10 @@ class ConversationResult:
         return (self.busy.pss_mb - self.idle.pss_mb) / self.calls
 
 
-class CallTimeline:
-    """When one call of the memory sample reached each step, in seconds from the first dial of
-    the sample (monotonic): where a call that heard no greeting got stuck."""
-
-    def __init__(self, origin_s: float) -> None:
-        self.origin_s = origin_s
-        self.steps: dict[str, float] = {"dial": self._now()}
-
-    def _now(self) -> float:
-        return time.monotonic() - self.origin_s
-
-    def mark(self, step: str) -> None:
-        self.steps.setdefault(step, self._now())
-
-    def watch(self, caller: SipCaller) -> None:
-        """Mark when the agent's participant appears in the caller's room."""
-
-        @caller.room.on("participant_connected")
-        def joined(p: rtc.RemoteParticipant) -> None:
-            if p.identity.startswith(AGENT_IDENTITY_PREFIX):
-                self.mark("agent joined")
-
-    def heard(self, caller: SipCaller) -> None:
-        """Mark the first 10 ms of the agent's audio at the caller, and the first voiced."""
-        if caller.ear.frames:
-            self.steps["first audio"] = caller.ear.frames[0][0] - self.origin_s
-        voiced = caller.ear.first_voiced_after(0.0)
-        if voiced is not None:
-            self.steps["first voiced"] = voiced - self.origin_s
-
-    def __str__(self) -> str:
-        return ", ".join(f"{k} {v:.1f}" for k, v in sorted(self.steps.items(), key=lambda x: x[1]))
+def timeline(steps: dict[str, float], origin: float) -> str:
+    """A call's steps in seconds from `origin` (monotonic), in order: where a call of the
+    memory sample that heard no greeting got stuck."""
+    return ", ".join(f"{k} {v - origin:.1f}" for k, v in sorted(steps.items(), key=lambda x: x[1]))
 
 
 def pss(memory: TreeMemory | None) -> float:
@@ -364,11 +336,17 @@ class ConversationBench:
         if jobs_per_process > 1:
             self.configs[SHARED] = ("ours", ("--jobs-per-process", str(jobs_per_process)))
         self.results: dict[str, ConversationResult] = {}
-        self.voice = hibari_voice()
+        self.callers = CallerProcesses(max(calls, max_calls), hibari_voice(), CALLER_SAYS, workdir)
+        """One caller process per call at once, started once for every side: the callers'
+        CPU is theirs, not the bench process's (see bench/caller_process.py)."""
 
     async def run(self, lk: api.LiveKitAPI) -> None:
-        for name in self.configs:
-            self.results[name] = await self.measure(lk, name)
+        await self.callers.start()
+        try:
+            for name in self.configs:
+                self.results[name] = await self.measure(lk, name)
+        finally:
+            await self.callers.aclose()
 
     async def measure(self, lk: api.LiveKitAPI, name: str) -> ConversationResult:
         out = ConversationResult()
@@ -416,7 +394,7 @@ class ConversationBench:
         (and, printed, where each call's time and the machine's CPU went meanwhile)."""
         greeted = [asyncio.Event() for _ in range(n)]
         start = time.monotonic()
-        timelines = [CallTimeline(start) for _ in range(n)]
+        steps: list[dict[str, float]] = [{} for _ in range(n)]
         memory: list[TreeMemory] = []
 
         async def sample() -> None:
@@ -429,7 +407,7 @@ class ConversationBench:
         if watch is not None:
             watch.start()
         results = await asyncio.gather(
-            *(self.one_call(lk, worker, greeted[i], timelines[i]) for i in range(n)),
+            *(self.one_call(lk, worker, greeted[i], steps[i]) for i in range(n)),
             return_exceptions=True,
         )
         if sampler is not None:
@@ -441,15 +419,17 @@ class ConversationBench:
         if watch is not None:
             await watch.stop()
             print(f"  {worker.agent_name}: {n} calls, seconds from the first dial:")
-            print("\n".join(f"    call {i + 1}: {t}" for i, t in enumerate(timelines)))
+            for i, call_steps in enumerate(steps):
+                print(f"    call {i + 1}: {timeline(call_steps, start)}")
             print(f"  CPU, % of one core, every second:\n{watch.timeline()}")
             print(f"  busiest processes:\n{watch.busiest()}")
         return latencies, (memory[0] if memory else None)
 
     def cpu_groups(self, worker: AgentProcess) -> dict[str, list[psutil.Process]]:
-        """The processes of a conversation: this one (the callers), the server, the worker."""
+        """The processes of a conversation: this one, the callers, the server, the worker."""
         return {
             "bench": [psutil.Process()],
+            "callers": self.callers.processes(),
             "server": [psutil.Process(self.server.proc.pid)],
             "worker": worker.tree(),
         }
@@ -459,31 +439,31 @@ class ConversationBench:
         lk: api.LiveKitAPI,
         worker: AgentProcess,
         greeted: asyncio.Event,
-        timeline: CallTimeline | None = None,
+        steps: dict[str, float] | None = None,
     ) -> list[float]:
-        t = timeline or CallTimeline(time.monotonic())
+        """One conversation, its caller in a caller process; its turn latencies. `steps` gets
+        when the call reached each step (monotonic s), whether it succeeded or not."""
         room = sip_room_name(CALLER_NUMBER)
         await lk.room.create_room(api.CreateRoomRequest(name=room, departure_timeout=1))
         token = sip_caller_token(API_KEY, API_SECRET, room, CALLER_NUMBER)
-        caller = SipCaller(self.server.ws_url, token, self.voice)
-        t.watch(caller)
-        await caller.dial()
-        t.mark("dialled")
+        call = self.callers.dial(self.server.ws_url, token, CALLER_SAYS)
         try:
             async with asyncio.timeout(CONVERSATION_TIMEOUT_S):
+                await call.step("dialled")
                 await lk.agent_dispatch.create_dispatch(
                     api.CreateAgentDispatchRequest(agent_name=worker.agent_name, room=room)
                 )
-                t.mark("dispatched")
-                await caller.listen_to_greeting()
-                t.mark("greeted")
+                call.mark("dispatched")
+                call.listen()
+                await call.step("greeted")
                 greeted.set()
-                turns = [await caller.say(sentence) for sentence in CALLER_SAYS]
+                latencies = await call.ended()
         finally:
-            t.heard(caller)
-            await caller.hang_up()
+            await call.hang_up()
+            if steps is not None:
+                steps.update(call.steps)
         await asyncio.sleep(END_WAIT_S)  # the job ends with the call
-        return [t.latency_s for t in turns if t.latency_s is not None]
+        return latencies
 
     def rows(self) -> list[Row]:
         o, t = self.results["ours"], self.results["theirs"]

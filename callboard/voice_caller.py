@@ -330,7 +330,10 @@ class SipCaller:
 
     def _final_transcript(self, reader: rtc.TextStreamReader, _identity: str) -> None:
         async def read() -> None:
-            text = (await reader.read_all()).strip()
+            try:
+                text = (await reader.read_all()).strip()
+            except rtc.StreamError:  # the call ended mid-transcript
+                return
             attrs = reader.info.attributes or {}
             if attrs.get(TRANSCRIPTION_FINAL) == "true" and text:
                 self._on_final(attrs.get(TRANSCRIBED_TRACK, ""), text)
