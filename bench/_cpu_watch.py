@@ -13,6 +13,8 @@ from typing import Final
 import psutil
 
 PERIOD_S: Final = 1.0
+SATURATED: Final = 0.9
+"""A second in which the watched processes used this share of all cores saturated them."""
 
 Groups = Callable[[], dict[str, list[psutil.Process]]]
 """The processes to watch now, by group name (a worker's tree changes while it runs)."""
@@ -79,6 +81,21 @@ class CpuWatch:
             cells = " ".join(f"{s.get(g, 0.0):>9.0f}%" for g in groups)
             lines.append(f"{at:5.0f}  {cells} {sum(s.values()):>9.0f}%")
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        """Each group's mean CPU over the watch, and how long the machine was saturated."""
+        if not self.samples:
+            return "  (no sample)"
+        groups = sorted({g for _, s in self.samples for g in s})
+        means = {g: sum(s.get(g, 0.0) for _, s in self.samples) / len(self.samples) for g in groups}
+        cores = psutil.cpu_count() or 1
+        full = sum(sum(s.values()) >= SATURATED * 100 * cores for _, s in self.samples)
+        cells = ", ".join(f"{g} {m:.0f}%" for g, m in means.items())
+        return (
+            f"  mean over {self.samples[-1][0]:.0f} s, % of one core: {cells}; "
+            f"total {sum(means.values()):.0f}% of {100 * cores}%, "
+            f"at least {SATURATED:.0%} of all cores in {full} of {len(self.samples)} seconds"
+        )
 
     def busiest(self, limit: int = 8) -> str:
         """The processes that used the most CPU during the watch."""

@@ -8,7 +8,7 @@ VOICE_JSON maps each sentence a caller may say to a file of its speech (int16 mo
 its rate, synthesized once by the bench. stdin takes JSON lines, one command each:
 
     {"call": ID, "dial": {"ws_url": ..., "token": ..., "says": [sentence, ...]}}
-    {"call": ID, "listen": true}     # the agent was dispatched: wait for its greeting
+    {"call": ID, "listen": S}        # the agent was dispatched: hear its greeting within S s
     {"call": ID, "hang_up": true}    # give up on the call
 
 and stdout gives JSON lines, one event each, every time in `time.monotonic()` seconds (one
@@ -16,6 +16,8 @@ clock for every process of the machine):
 
     {"call": ID, "step": "dialled" | "agent joined" | "greeted", "at": t}
     {"call": ID, "step": "ended", "latencies": [s, ...], "error": str | null, "steps": {...}}
+
+A call with nothing to say holds the line after the greeting until it is hung up.
 
 A turn is measured by callboard.voice_caller.SipCaller exactly as in the bench process: the
 caller's end of speech to the first voiced 10 ms of the agent's answer at the caller.
@@ -35,7 +37,7 @@ from typing import IO, Any, Final
 import psutil
 from livekit import rtc
 
-from callboard.voice_caller import SipCaller, Synthesize
+from callboard.voice_caller import REPLY_TIMEOUT_S, SipCaller, Synthesize
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 AGENT_IDENTITY_PREFIX: Final = "agent-"
@@ -76,6 +78,7 @@ class Call:
         self.says: list[str] = list(dial["says"])
         self.emit = emit
         self.listen = asyncio.Event()
+        self.greeting_timeout_s = REPLY_TIMEOUT_S
         self.steps: dict[str, float] = {"dial": time.monotonic()}
 
         @self.caller.room.on("participant_connected")
@@ -95,12 +98,14 @@ class Call:
             await self.caller.dial()
             self.mark("dialled")
             await self.listen.wait()
-            await self.caller.listen_to_greeting()
+            await self.caller.listen_to_greeting(self.greeting_timeout_s)
             self.mark("greeted")
             for sentence in self.says:
                 turn = await self.caller.say(sentence)
                 if turn.latency_s is not None:
                     latencies.append(turn.latency_s)
+            if not self.says:
+                await asyncio.Event().wait()  # until hung up
         except asyncio.CancelledError:
             error = HUNG_UP
         except Exception as e:
@@ -132,6 +137,7 @@ async def serve(voice: Synthesize, commands: Callable[[], Awaitable[bytes]], emi
                 calls[call_id] = Call(call_id, cmd["dial"], voice, emit)
                 tasks[call_id] = asyncio.create_task(calls[call_id].run())
             elif cmd.get("listen") and call_id in calls:
+                calls[call_id].greeting_timeout_s = float(cmd["listen"])
                 calls[call_id].listen.set()
             elif cmd.get("hang_up") and call_id in tasks:
                 tasks[call_id].cancel()
@@ -212,8 +218,9 @@ class RemoteCall:
             raise CallFailed(self.result["error"])
         return [float(x) for x in self.result["latencies"]]
 
-    def listen(self) -> None:
-        self.proc.send({"call": self.id, "listen": True})
+    def listen(self, greeting_timeout_s: float = REPLY_TIMEOUT_S) -> None:
+        """The agent was dispatched: the caller waits for its greeting, at most this long."""
+        self.proc.send({"call": self.id, "listen": greeting_timeout_s})
 
     async def hang_up(self) -> None:
         """Tell the caller to hang up (if its call still runs) and wait until it did."""
