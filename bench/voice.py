@@ -11,14 +11,18 @@ one untimed job.
 
 **Conversations** (`python -m bench.voice`): callers shaped like LiveKit SIP participants
 (callboard.voice_caller.SipCaller: identity `sip_+56975231235`, kind SIP) hear the greeting, say
-two sentences (hibari) and hang up; each side is measured the same way:
+two sentences (hibari) and hang up; they run in caller processes of their own (one per call
+at once, bench/caller_process.py: six rtc SDK callers in the bench process lost their signal
+connections), the bench process only orchestrates. Each side is measured the same way:
 
 - turn latency: the caller's end of speech (its last sample leaving the caller's audio queue) to
   the first voiced 10 ms of the agent's answer arriving at the caller, over `--trials`
   sequential calls, p50 and p95;
-- tree PSS (the worker and every process it started), settled with the voice stack idle, and
-  while `--calls` conversations are in progress (sampled once every caller heard its greeting);
-  added PSS per call is the difference over `--calls`;
+- tree PSS (the worker and every process it started; never the callers), settled with the
+  voice stack idle, and with `--calls` calls in progress (sampled once every caller heard its
+  greeting, which may take up to SAMPLE_GREETING_S: the calls say nothing more and hang up
+  after the sample); added PSS per call is the difference over `--calls`. The sample prints
+  each call's timeline and the CPU of the bench, callers, server and worker meanwhile;
 - concurrent conversations held: 1, 2, ... `--max-calls` calls at once, until the p95 of their
   turn latencies exceeds 1.5 s or a call fails (the search stops by itself).
 
@@ -27,6 +31,7 @@ With `--jobs-per-process N` (N > 1) ours is measured a second time the same way,
 process-per-call isolation for memory).
 
     sudo python -m bench.voice [--trials 3] [--calls 3] [--max-calls 6] [--jobs-per-process 3]
+    sudo python -m bench.voice --trials 0 --max-calls 0 --calls 6   # the memory sample alone
 
 **Jobs** (`python -m bench.jobs --voice`): idle tree PSS; dispatch → entrypoint (`time.time()`
 just before CreateDispatch to the entrypoint's first act); dispatch → agent joined (a client in
@@ -282,11 +287,15 @@ SHARED: Final = "ours-shared"
 TURN_P95_LIMIT_S: Final = 1.5
 """A concurrency is held while the p95 of its turn latencies stays within this."""
 CONVERSATION_TIMEOUT_S: Final = 120.0
-SAMPLE_GREETING_S: Final = 90.0
+SAMPLE_CALLER_NICENESS: Final = 10
+"""The callers' niceness during the memory sample, which measures memory, not latency: the
+worker under test gets the CPU first, as it would on a machine of its own (six caller
+processes at equal priority left one job process holding six calls ~50% of a core)."""
+SAMPLE_GREETING_S: Final = 150.0
 """How long a caller of the memory sample may wait for its greeting. The sample measures
 memory, not latency, and six calls greeted at once saturate 2 cores (each call's job process
-~20% of a core, each caller as much again), so greetings take far longer than a turn's 30 s;
-each call's timeline is printed."""
+~20% of a core, each caller nearly as much again), so greetings take far longer than a turn's
+30 s (livekit-agents' last of six at 79 s on 2026-12-01); each call's timeline is printed."""
 
 
 @dataclass
@@ -414,6 +423,7 @@ class ConversationBench:
         watch = CpuWatch(lambda: self.cpu_groups(worker)) if measure else None
         if watch is not None:
             watch.start()
+            self.callers.set_nice(SAMPLE_CALLER_NICENESS)
         calls = [
             asyncio.create_task(self.one_call(lk, worker, greeted[i], steps[i], sampled))
             for i in range(n)
@@ -425,6 +435,8 @@ class ConversationBench:
             sampler.cancel()
             sampled.set()
         results = await asyncio.gather(*calls, return_exceptions=True)
+        if watch is not None:
+            self.callers.set_nice(0)
         latencies = [x for r in results if isinstance(r, list) for x in r]
         for r in results:
             if isinstance(r, BaseException):
@@ -466,7 +478,7 @@ class ConversationBench:
         token = sip_caller_token(API_KEY, API_SECRET, room, CALLER_NUMBER)
         call = self.callers.dial(self.server.ws_url, token, () if hold else CALLER_SAYS)
         try:
-            async with asyncio.timeout(CONVERSATION_TIMEOUT_S):
+            async with asyncio.timeout(CONVERSATION_TIMEOUT_S + (SAMPLE_GREETING_S if hold else 0)):
                 await call.step("dialled")
                 await lk.agent_dispatch.create_dispatch(
                     api.CreateAgentDispatchRequest(agent_name=worker.agent_name, room=room)
