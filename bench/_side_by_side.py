@@ -487,10 +487,11 @@ class Row:
     def verdict(self) -> str:
         parts = []
         if self.target is not None:
-            ok = not math.isnan(self.ratio) and self.ratio <= self.target
-            parts.append(f"ratio <= {self.target:g}: {'met' if ok else 'MISSED'}")
+            ok = self.ratio <= self.target
+            met = "not measured" if math.isnan(self.ratio) else "met" if ok else "MISSED"
+            parts.append(f"ratio <= {self.target:g}: {met}")
         if self.absolute_target:
-            met = "met" if self.absolute_met else "MISSED"
+            met = {None: "not measured", True: "met", False: "MISSED"}[self.absolute_met]
             parts.append(f"{self.absolute_target}: {met}")
         return "; ".join(parts)
 

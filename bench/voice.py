@@ -11,14 +11,18 @@ one untimed job.
 
 **Conversations** (`python -m bench.voice`): callers shaped like LiveKit SIP participants
 (callboard.voice_caller.SipCaller: identity `sip_+56975231235`, kind SIP) hear the greeting, say
-two sentences (hibari) and hang up; each side is measured the same way:
+two sentences (hibari) and hang up; they run in caller processes of their own (one per call
+at once, bench/caller_process.py: six rtc SDK callers in the bench process lost their signal
+connections), the bench process only orchestrates. Each side is measured the same way:
 
 - turn latency: the caller's end of speech (its last sample leaving the caller's audio queue) to
   the first voiced 10 ms of the agent's answer arriving at the caller, over `--trials`
   sequential calls, p50 and p95;
-- tree PSS (the worker and every process it started), settled with the voice stack idle, and
-  while `--calls` conversations are in progress (sampled once every caller heard its greeting);
-  added PSS per call is the difference over `--calls`;
+- tree PSS (the worker and every process it started; never the callers), settled with the
+  voice stack idle, and with `--calls` calls in progress (sampled once every caller heard its
+  greeting, which may take up to SAMPLE_GREETING_S: the calls say nothing more and hang up
+  after the sample); added PSS per call is the difference over `--calls`. The sample prints
+  each call's timeline and the CPU of the bench, callers, server and worker meanwhile;
 - concurrent conversations held: 1, 2, ... `--max-calls` calls at once, until the p95 of their
   turn latencies exceeds 1.5 s or a call fails (the search stops by itself).
 
@@ -27,6 +31,7 @@ With `--jobs-per-process N` (N > 1) ours is measured a second time the same way,
 process-per-call isolation for memory).
 
     sudo python -m bench.voice [--trials 3] [--calls 3] [--max-calls 6] [--jobs-per-process 3]
+    sudo python -m bench.voice --trials 0 --max-calls 0 --calls 6   # the memory sample alone
 
 **Jobs** (`python -m bench.jobs --voice`): idle tree PSS; dispatch → entrypoint (`time.time()`
 just before CreateDispatch to the entrypoint's first act); dispatch → agent joined (a client in
@@ -42,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -50,8 +56,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import psutil
 from livekit import api, rtc
 
+from bench._cpu_watch import CpuWatch
 from bench._side_by_side import (
     SIDES,
     AgentProcess,
@@ -61,8 +69,9 @@ from bench._side_by_side import (
     settle,
     table,
 )
+from bench.caller_process import CallerProcesses
 from callboard.voice_caller import (
-    SipCaller,
+    REPLY_TIMEOUT_S,
     hibari_voice,
     percentile,
     sip_caller_token,
@@ -278,6 +287,15 @@ SHARED: Final = "ours-shared"
 TURN_P95_LIMIT_S: Final = 1.5
 """A concurrency is held while the p95 of its turn latencies stays within this."""
 CONVERSATION_TIMEOUT_S: Final = 120.0
+SAMPLE_CALLER_NICENESS: Final = 10
+"""The callers' niceness during the memory sample, which measures memory, not latency: the
+worker under test gets the CPU first, as it would on a machine of its own (six caller
+processes at equal priority left one job process holding six calls ~50% of a core)."""
+SAMPLE_GREETING_S: Final = 150.0
+"""How long a caller of the memory sample may wait for its greeting. The sample measures
+memory, not latency, and six calls greeted at once saturate 2 cores (each call's job process
+~20% of a core, each caller nearly as much again), so greetings take far longer than a turn's
+30 s (livekit-agents' last of six at 79 s on 2026-12-01); each call's timeline is printed."""
 
 
 @dataclass
@@ -295,6 +313,12 @@ class ConversationResult:
         if self.idle is None or self.busy is None or not self.calls:
             return float("nan")
         return (self.busy.pss_mb - self.idle.pss_mb) / self.calls
+
+
+def timeline(steps: dict[str, float], origin: float) -> str:
+    """A call's steps in seconds from `origin` (monotonic), in order: where a call of the
+    memory sample that heard no greeting got stuck."""
+    return ", ".join(f"{k} {v - origin:.1f}" for k, v in sorted(steps.items(), key=lambda x: x[1]))
 
 
 def pss(memory: TreeMemory | None) -> float:
@@ -328,11 +352,17 @@ class ConversationBench:
         if jobs_per_process > 1:
             self.configs[SHARED] = ("ours", ("--jobs-per-process", str(jobs_per_process)))
         self.results: dict[str, ConversationResult] = {}
-        self.voice = hibari_voice()
+        self.callers = CallerProcesses(max(calls, max_calls), hibari_voice(), CALLER_SAYS, workdir)
+        """One caller process per call at once, started once for every side: the callers'
+        CPU is theirs, not the bench process's (see bench/caller_process.py)."""
 
     async def run(self, lk: api.LiveKitAPI) -> None:
-        for name in self.configs:
-            self.results[name] = await self.measure(lk, name)
+        await self.callers.start()
+        try:
+            for name in self.configs:
+                self.results[name] = await self.measure(lk, name)
+        finally:
+            await self.callers.aclose()
 
     async def measure(self, lk: api.LiveKitAPI, name: str) -> ConversationResult:
         out = ConversationResult()
@@ -376,8 +406,13 @@ class ConversationBench:
         self, lk: api.LiveKitAPI, worker: AgentProcess, n: int, measure: bool = False
     ) -> tuple[list[float], TreeMemory | None]:
         """`n` calls at once, each greeting + CALLER_SAYS; the turn latencies of those that
-        completed and, with `measure`, the tree's memory once every caller heard its greeting."""
+        completed. With `measure`, the calls say nothing: each holds the line after the
+        greeting until the tree's memory is sampled, once every caller heard its greeting
+        (then they hang up); printed: where each call's time and the machine's CPU went."""
         greeted = [asyncio.Event() for _ in range(n)]
+        sampled = asyncio.Event() if measure else None
+        start = time.monotonic()
+        steps: list[dict[str, float]] = [{} for _ in range(n)]
         memory: list[TreeMemory] = []
 
         async def sample() -> None:
@@ -385,38 +420,84 @@ class ConversationBench:
                 await event.wait()
             memory.append(worker.memory())
 
-        sampler = asyncio.create_task(sample()) if measure else None
-        results = await asyncio.gather(
-            *(self.one_call(lk, worker, greeted[i]) for i in range(n)), return_exceptions=True
-        )
-        if sampler is not None:
+        watch = CpuWatch(lambda: self.cpu_groups(worker)) if measure else None
+        if watch is not None:
+            watch.start()
+            self.callers.set_nice(SAMPLE_CALLER_NICENESS)
+        calls = [
+            asyncio.create_task(self.one_call(lk, worker, greeted[i], steps[i], sampled))
+            for i in range(n)
+        ]
+        if sampled is not None:
+            sampler = asyncio.create_task(sample())
+            # until the sample is taken, or a call failed before its greeting
+            await asyncio.wait([sampler, *calls], return_when=asyncio.FIRST_COMPLETED)
             sampler.cancel()
+            sampled.set()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        if watch is not None:
+            self.callers.set_nice(0)
         latencies = [x for r in results if isinstance(r, list) for x in r]
         for r in results:
             if isinstance(r, BaseException):
                 print(f"  {worker.side}: a call failed: {type(r).__name__}: {r}")
+        if watch is not None:
+            await watch.stop()
+            print(f"  {worker.agent_name}: {n} calls, seconds from the first dial:")
+            for i, call_steps in enumerate(steps):
+                print(f"    call {i + 1}: {timeline(call_steps, start)}")
+            print(f"  CPU while they dialled and were greeted:\n{watch.summary()}")
+            path = self.workdir / f"cpu-{worker.agent_name}.txt"
+            path.write_text(f"{watch.timeline()}\n{watch.busiest()}\n")
+            print(f"  (second by second, and the busiest processes: {path})")
         return latencies, (memory[0] if memory else None)
 
+    def cpu_groups(self, worker: AgentProcess) -> dict[str, list[psutil.Process]]:
+        """The processes of a conversation: this one, the callers, the server, the worker."""
+        return {
+            "bench": [psutil.Process()],
+            "callers": self.callers.processes(),
+            "server": [psutil.Process(self.server.proc.pid)],
+            "worker": worker.tree(),
+        }
+
     async def one_call(
-        self, lk: api.LiveKitAPI, worker: AgentProcess, greeted: asyncio.Event
+        self,
+        lk: api.LiveKitAPI,
+        worker: AgentProcess,
+        greeted: asyncio.Event,
+        steps: dict[str, float] | None = None,
+        hold: asyncio.Event | None = None,
     ) -> list[float]:
+        """One conversation, its caller in a caller process; its turn latencies. `steps` gets
+        when the call reached each step (monotonic s), whether it succeeded or not. With
+        `hold`, the caller says nothing: it hears the greeting (within SAMPLE_GREETING_S),
+        holds the line until `hold` is set, and hangs up."""
         room = sip_room_name(CALLER_NUMBER)
         await lk.room.create_room(api.CreateRoomRequest(name=room, departure_timeout=1))
         token = sip_caller_token(API_KEY, API_SECRET, room, CALLER_NUMBER)
-        caller = SipCaller(self.server.ws_url, token, self.voice)
-        await caller.dial()
+        call = self.callers.dial(self.server.ws_url, token, () if hold else CALLER_SAYS)
         try:
-            async with asyncio.timeout(CONVERSATION_TIMEOUT_S):
+            async with asyncio.timeout(CONVERSATION_TIMEOUT_S + (SAMPLE_GREETING_S if hold else 0)):
+                await call.step("dialled")
                 await lk.agent_dispatch.create_dispatch(
                     api.CreateAgentDispatchRequest(agent_name=worker.agent_name, room=room)
                 )
-                await caller.listen_to_greeting()
+                call.mark("dispatched")
+                call.listen(SAMPLE_GREETING_S if hold else REPLY_TIMEOUT_S)
+                await call.step("greeted")
                 greeted.set()
-                turns = [await caller.say(sentence) for sentence in CALLER_SAYS]
+                if hold is not None:
+                    await hold.wait()
+                    latencies: list[float] = []
+                else:
+                    latencies = await call.ended()
         finally:
-            await caller.hang_up()
+            await call.hang_up()
+            if steps is not None:
+                steps.update(call.steps)
         await asyncio.sleep(END_WAIT_S)  # the job ends with the call
-        return [t.latency_s for t in turns if t.latency_s is not None]
+        return latencies
 
     def rows(self) -> list[Row]:
         o, t = self.results["ours"], self.results["theirs"]
@@ -428,7 +509,7 @@ class ConversationBench:
                 percentile(t.latencies, 50) * 1000,
                 "ms",
                 absolute_target="p50 <= 1200 ms",
-                absolute_met=p50_ours <= 1.2,
+                absolute_met=None if math.isnan(p50_ours) else p50_ours <= 1.2,
             ),
             Row(
                 "turn latency p95",
@@ -439,12 +520,7 @@ class ConversationBench:
             Row("tree PSS, voice stack idle", pss(o.idle), pss(t.idle), "MB"),
             Row(f"tree PSS, {self.calls} calls", pss(o.busy), pss(t.busy), "MB"),
             Row("added PSS per call", o.added_pss_mb, t.added_pss_mb, "MB", target=0.25),
-            Row(
-                f"concurrent calls held (turn p95 <= {TURN_P95_LIMIT_S} s)",
-                o.capacity,
-                t.capacity,
-                "count",
-            ),
+            *self.capacity_rows("", o, t),
             *self.shared_rows(),
         ]
 
@@ -463,8 +539,15 @@ class ConversationBench:
             ),
             Row(f"tree PSS, voice stack idle, {n}", pss(sh.idle), pss(t.idle), "MB"),
             Row(f"added PSS per call, {n}", sh.added_pss_mb, t.added_pss_mb, "MB", target=0.25),
-            Row(f"concurrent calls held, {n}", sh.capacity, t.capacity, "count"),
+            *self.capacity_rows(f", {n}", sh, t),
         ]
+
+    def capacity_rows(self, what: str, o: ConversationResult, t: ConversationResult) -> list[Row]:
+        """Concurrent calls held, when the search ran (`--max-calls` > 0)."""
+        if not self.max_calls:
+            return []
+        limit = f"turn p95 <= {TURN_P95_LIMIT_S} s"
+        return [Row(f"concurrent calls held ({limit}){what}", o.capacity, t.capacity, "count")]
 
 
 async def run_conversations(
@@ -495,9 +578,11 @@ async def run_conversations(
 
 def conversations_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.voice", description=__doc__)
-    p.add_argument("--trials", type=int, default=3, help="sequential calls per side (3)")
+    p.add_argument("--trials", type=int, default=3, help="sequential calls per side (3; 0: none)")
     p.add_argument("--calls", type=int, default=3, help="calls at once for memory (3)")
-    p.add_argument("--max-calls", type=int, default=6, help="capacity search bound (6)")
+    p.add_argument(
+        "--max-calls", type=int, default=6, help="capacity search bound (6; 0: no search)"
+    )
     p.add_argument(
         "--jobs-per-process",
         type=int,
@@ -507,8 +592,8 @@ def conversations_main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=2400.0, help="overall limit, s (2400)")
     p.add_argument("--json", action="store_true", help="also print every measure as JSON")
     a = p.parse_args(argv)
-    if min(a.trials, a.calls, a.max_calls, a.jobs_per_process) < 1:
-        p.error("--trials, --calls, --max-calls and --jobs-per-process must be at least 1")
+    if min(a.calls, a.jobs_per_process) < 1 or min(a.trials, a.max_calls) < 0:
+        p.error("--calls and --jobs-per-process must be at least 1, --trials and --max-calls 0+")
     with contextlib.suppress(KeyError):
         del os.environ["LIVEKIT_URL"]
     enter_private_network()

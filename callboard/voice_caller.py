@@ -12,12 +12,14 @@ caller. The agent's own transcripts (what its STT heard, what it said) arrive on
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import math
 import re
 import secrets
 import time
 import wave
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,10 +158,14 @@ class Recording:
 
 
 class Ear:
-    """The caller's speaker: the agent's audio with the time each 10 ms arrived."""
+    """The caller's speaker: the agent's audio with the time each 10 ms arrived. Each 10 ms is
+    judged voiced or not once, on arrival, so that waiting for a reply costs the same at any
+    point of a long call."""
 
     def __init__(self, recording: Recording) -> None:
         self.frames: list[tuple[float, np.ndarray[Any, Any]]] = []
+        self.voiced: list[float] = []
+        """Arrival times of the voiced 10 ms, in order."""
         self._recording = recording
         self.heard = asyncio.Event()
 
@@ -172,6 +178,8 @@ class Ear:
                 now = time.monotonic()
                 samples = np.frombuffer(ev.frame.data, dtype=np.int16).copy()
                 self.frames.append((now, samples))
+                if rms(samples) > VOICED_RMS:
+                    self.voiced.append(now)
                 self._recording.put(1, now - len(samples) / RECORD_RATE, samples)
                 self.heard.set()
                 self.heard.clear()
@@ -179,22 +187,23 @@ class Ear:
             await stream.aclose()
 
     def first_voiced_after(self, since: float) -> float | None:
-        for t, s in self.frames:
-            if t >= since and rms(s) > VOICED_RMS:
-                return t
-        return None
+        i = bisect.bisect_left(self.voiced, since)
+        return self.voiced[i] if i < len(self.voiced) else None
 
     def reply_after(self, since: float) -> tuple[float, float] | None:
         """(first voiced, last voiced) of a reply that began after `since` and was followed by
         END_OF_REPLY_SILENCE_S of silence; None while the agent is silent or still speaking."""
-        voiced = [t for t, s in self.frames if t >= since and rms(s) > VOICED_RMS]
-        if not voiced or time.monotonic() - voiced[-1] < END_OF_REPLY_SILENCE_S:
+        first = self.first_voiced_after(since)
+        if first is None or time.monotonic() - self.voiced[-1] < END_OF_REPLY_SILENCE_S:
             return None
-        return voiced[0], voiced[-1]
+        return first, self.voiced[-1]
 
     def pcm(self, start: float, end: float) -> bytes:
         """What the caller heard from `start` to `end` (16 kHz int16), with a little margin."""
-        chunks = [s for t, s in self.frames if start - 0.3 <= t <= end + 0.1]
+        times = [t for t, _ in self.frames]
+        lo = bisect.bisect_left(times, start - 0.3)
+        hi = bisect.bisect_right(times, end + 0.1)
+        chunks = [s for _, s in self.frames[lo:hi]]
         return np.concatenate(chunks).astype("<i2").tobytes() if chunks else b""
 
 
@@ -204,7 +213,7 @@ class Mouth:
     def __init__(self, recording: Recording) -> None:
         self.source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=MIC_QUEUE_MS)
         self._recording = recording
-        self._queued: list[np.ndarray[Any, Any]] = []
+        self._queued: deque[np.ndarray[Any, Any]] = deque()
         self._done: asyncio.Future[float] | None = None
 
     async def say(self, pcm: bytes, rate: int) -> float:
@@ -223,7 +232,7 @@ class Mouth:
         step = SAMPLE_RATE * FRAME_MS // 1000
         silence = np.zeros(step, dtype=np.int16)
         while True:
-            samples = self._queued.pop(0) if self._queued else silence
+            samples = self._queued.popleft() if self._queued else silence
             await self.source.capture_frame(rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, step))
             plays_at = time.monotonic() + self.source.queued_duration - FRAME_MS / 1000
             self._recording.put(0, plays_at, samples[:: SAMPLE_RATE // RECORD_RATE])
@@ -321,7 +330,10 @@ class SipCaller:
 
     def _final_transcript(self, reader: rtc.TextStreamReader, _identity: str) -> None:
         async def read() -> None:
-            text = (await reader.read_all()).strip()
+            try:
+                text = (await reader.read_all()).strip()
+            except rtc.StreamError:  # the call ended mid-transcript
+                return
             attrs = reader.info.attributes or {}
             if attrs.get(TRANSCRIPTION_FINAL) == "true" and text:
                 self._on_final(attrs.get(TRANSCRIBED_TRACK, ""), text)
