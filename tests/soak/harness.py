@@ -50,6 +50,7 @@ from tests.soak.accounting import (
     account,
     growth,
     registered_ids,
+    withdrawn_offers,
     worker_ends,
 )
 from tests.subprocs import (
@@ -808,10 +809,12 @@ class Soak:
     def analyse(self) -> None:
         ends = []
         killed_ids: set[str] = set()
+        withdrawn: set[tuple[str, str]] = set()
         for slot in self.slots:
             for proc, figures in zip(slot.instances, slot.figures, strict=True):
                 lines = list(json_lines(proc.log_path))
                 ends += worker_ends(figures.label, lines)
+                withdrawn |= withdrawn_offers(lines)
                 if figures.killed:
                     killed_ids |= registered_ids(lines)
                 self.report.workers.append(figures)
@@ -826,7 +829,9 @@ class Soak:
                 starts[str(line["job_id"])] += 1
                 if line["fault"] in ("raise", "hang", "hog"):
                     self.report.faults[str(line["fault"])] += 1
-        self.report.accounting = account([t.record for t in self.tracked], ends, starts, killed_ids)
+        self.report.accounting = account(
+            [t.record for t in self.tracked], ends, starts, killed_ids, withdrawn
+        )
         self.memory_trend()
 
     def check_log(self, path: Path, lines: list[dict[str, Any]]) -> None:
