@@ -51,27 +51,11 @@ def stack_dump_path(pid: int) -> Path:
 
 def prepare_for_forks() -> None:
     """Run once in the zygote, before it forks: what every child would otherwise load or
-    compute itself (ctypes for prctl, the temp dir probe, the rtc SDK's native library) is
-    then shared, not redone."""
+    compute itself (ctypes for prctl, the temp dir probe) is then shared, not redone."""
     global _set_pdeathsig
     if _set_pdeathsig is None:
         _set_pdeathsig = _load_pdeathsig()
     tempfile.gettempdir()
-    _load_rtc_library()
-
-
-def _load_rtc_library() -> None:
-    """Load the rtc SDK's native library (if the agent imported the SDK) without starting it:
-    its ~0.9 MB of relocations are then written once, not in every job process. Loading
-    starts no thread; the SDK starts its runtime on first use, in the job process."""
-    if "livekit.rtc" not in sys.modules:
-        return
-    try:
-        from livekit.rtc._ffi_client import get_ffi_lib
-
-        get_ffi_lib()
-    except Exception as e:  # the SDK raises a bare Exception on an unknown platform
-        logging.getLogger(__name__).debug("rtc SDK library not preloaded: %s", e)
 
 
 def after_fork(keep_fds: set[int]) -> None:
