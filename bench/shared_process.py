@@ -3,10 +3,11 @@
 One callboard worker runs examples/receptionist.py with `--jobs-per-process` (default 8) against
 livekit-server in a private network namespace (root, Linux; nothing leaves the machine). After
 one untimed call it samples the idle tree, then for each count in `--calls` (default 1 3 6) it
-places that many conversations at once (the callers of bench/voice.py) and, once every caller
-heard its greeting, prints the tree's added PSS per call, each process's PSS/USS/threads, and
-the busiest job process's private memory by kind of mapping (heap, pymalloc-sized anonymous
-regions, other anonymous regions, thread stacks). Not side by side: see bench/voice.py for the
+places that many calls at once (bench/voice.py's memory sample: callers in their own
+processes, silent after the greeting) and, once every caller heard its greeting, prints the
+tree's added PSS per call, each process's PSS/USS/threads, and the busiest job process's
+private memory by kind of mapping (heap, pymalloc-sized anonymous regions, other anonymous
+regions, thread stacks, mapped files). Not side by side: see bench/voice.py for the
 comparison with livekit-agents; this says what the shared process holds.
 
     sudo python -m bench.shared_process [--jobs-per-process 8] [--calls 1 3 6]
@@ -86,7 +87,7 @@ async def run(jobs_per_process: int, counts: list[int]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-shared-"))
     server: Any = await asyncio.to_thread(start_server, "livekit-server", workdir, MEDIA_IP)
     try:
-        bench = ConversationBench(server, workdir, 1, 1, 1)
+        bench = ConversationBench(server, workdir, 1, max(counts), 1)
         async with api.LiveKitAPI(server.http_url, API_KEY, API_SECRET) as lk:
             worker = AgentProcess(
                 "ours",
@@ -99,28 +100,22 @@ async def run(jobs_per_process: int, counts: list[int]) -> None:
                 args=("--jobs-per-process", str(jobs_per_process)),
             )
             try:
+                await bench.callers.start()
                 await wait_registered(worker)
                 await bench.conversations(lk, worker, 1)  # untimed
                 await settle(worker)
                 idle = worker.memory()
                 print(f"idle tree: {idle}")
                 for n in counts:
-                    greeted = [asyncio.Event() for _ in range(n)]
-
-                    async def sample(n: int, greeted: list[asyncio.Event]) -> None:
-                        for event in greeted:
-                            await event.wait()
-                        describe(worker, idle, n)
-
-                    sampler = asyncio.create_task(sample(n, greeted))
-                    calls = [bench.one_call(lk, worker, greeted[i]) for i in range(n)]
-                    await asyncio.gather(*calls, return_exceptions=True)
-                    if not sampler.done():
-                        sampler.cancel()
+                    _, busy = await bench.conversations(
+                        lk, worker, n, measure=True, at_sample=lambda n=n: describe(worker, idle, n)
+                    )
+                    if busy is None:
                         print(f"{n} call(s): not sampled, a caller heard no greeting")
                     await settle(worker)
             finally:
                 await asyncio.to_thread(worker.stop)
+                await bench.callers.aclose()
     finally:
         stop_process(server.proc)
 

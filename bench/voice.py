@@ -52,6 +52,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -403,12 +404,18 @@ class ConversationBench:
         return out
 
     async def conversations(
-        self, lk: api.LiveKitAPI, worker: AgentProcess, n: int, measure: bool = False
+        self,
+        lk: api.LiveKitAPI,
+        worker: AgentProcess,
+        n: int,
+        measure: bool = False,
+        at_sample: Callable[[], object] | None = None,
     ) -> tuple[list[float], TreeMemory | None]:
         """`n` calls at once, each greeting + CALLER_SAYS; the turn latencies of those that
         completed. With `measure`, the calls say nothing: each holds the line after the
         greeting until the tree's memory is sampled, once every caller heard its greeting
-        (then they hang up); printed: where each call's time and the machine's CPU went."""
+        (then they hang up); printed: where each call's time and the machine's CPU went.
+        `at_sample` runs at that moment too (bench/shared_process.py reads smaps there)."""
         greeted = [asyncio.Event() for _ in range(n)]
         sampled = asyncio.Event() if measure else None
         start = time.monotonic()
@@ -419,6 +426,8 @@ class ConversationBench:
             for event in greeted:
                 await event.wait()
             memory.append(worker.memory())
+            if at_sample is not None:
+                at_sample()
 
         watch = CpuWatch(lambda: self.cpu_groups(worker)) if measure else None
         if watch is not None:
