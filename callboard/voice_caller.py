@@ -200,10 +200,7 @@ class Ear:
 
     def pcm(self, start: float, end: float) -> bytes:
         """What the caller heard from `start` to `end` (16 kHz int16), with a little margin."""
-        times = [t for t, _ in self.frames]
-        lo = bisect.bisect_left(times, start - 0.3)
-        hi = bisect.bisect_right(times, end + 0.1)
-        chunks = [s for _, s in self.frames[lo:hi]]
+        chunks = [s for t, s in self.frames if start - 0.3 <= t <= end + 0.1]
         return np.concatenate(chunks).astype("<i2").tobytes() if chunks else b""
 
 
