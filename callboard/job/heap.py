@@ -31,8 +31,10 @@ _trim = _load_trim()
 
 
 async def trim_periodically(interval: float = HEAP_TRIM_INTERVAL_S) -> None:
-    """Trim every `interval` seconds until cancelled."""
+    """Trim every `interval` seconds until cancelled (only wait to be cancelled where there is
+    no malloc_trim)."""
     if _trim is None:
+        await asyncio.Event().wait()
         return
     while True:
         await asyncio.sleep(interval)

@@ -203,7 +203,6 @@ async def _serve(address: str, runners: dict[str, Any]) -> int:
     log.info("inference process ready", extra={"pid": os.getpid(), "methods": sorted(runners)})
     try:
         await heap.trim_periodically()  # until the zygote (or its death signal) stops us
-        await asyncio.Event().wait()  # where there is no malloc_trim
     finally:
         server.close()
     return 0
