@@ -92,13 +92,13 @@ async def test_a_burst_is_taken_to_capacity_and_the_rest_spills_to_the_second_wo
 
             loop = asyncio.get_running_loop()
             last = (answered(first) + answered(second), loop.time())
+            enough = min(len(rooms), sum(caps))
 
             def settled() -> bool:
                 nonlocal last
                 now = answered(first) + answered(second)
                 if now != last[0]:
                     last = (now, loop.time())
-                enough = min(len(rooms), sum(caps))
                 return now >= enough and loop.time() - last[1] >= SETTLE_S
 
             def tally() -> str:
