@@ -203,7 +203,7 @@ class AgentEndpoint:
             elif which == "ping":
                 await self._pong(ws, msg.ping)
             elif which == "migrate_job":
-                engine.on_migrate(session, msg.migrate_job)
+                await engine.on_migrate(session, msg.migrate_job)
             elif which == "simulate_job":
                 log.warning(
                     "simulate_job is not supported by callboard server, ignored",

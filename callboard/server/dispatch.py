@@ -6,6 +6,12 @@ AvailabilityRequest; `available=false` moves on to the next candidate, `terminat
 job, an accept gets a JobAssignment with a freshly minted token. Unlike livekit-server, a worker
 that does not answer in time is skipped rather than failing the job, and a job that finds no
 worker is recorded as failed (JSR_NO_CAPACITY) instead of vanishing.
+
+A worker that disconnects keeps its jobs for `migration_grace`, for the MigrateJobRequest of its
+next session (livekit-server ignores that request and leaves the jobs listed as running). A job
+it never confirmed (no UpdateJobStatus yet) may have lost its assignment in the cut: a claim
+gets the assignment again, and with no claim the job is offered again (`resuming`) instead of
+failed. A confirmed job with no claim fails.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
+def _identity(rec: JobRecord, answer: agent.AvailabilityResponse) -> str:
+    return answer.participant_identity or f"agent-{rec.id}"
+
+
 @dataclass(eq=False)
 class JobRecord:
     """A job and where it runs. `job` is the proto inside its dispatch's state (ListDispatch)."""
@@ -44,6 +54,14 @@ class JobRecord:
     place_task: asyncio.Task[None] | None = None
     migration_timer: asyncio.TimerHandle | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    api_key: str = ""
+    """The key of the workers it was offered to: only they may claim it (MigrateJobRequest)."""
+    answer: agent.AvailabilityResponse | None = None
+    """The accept its assignment was built from, to build it again for a reconnected worker."""
+    confirmed: bool = False
+    """Its worker reported on it since the assignment, so the assignment arrived."""
+    resumed: bool = False
+    """Offered again after its worker was lost: a later claim from elsewhere is a stale copy."""
 
     @property
     def id(self) -> str:
@@ -114,13 +132,38 @@ class DispatchEngine:
 
     def _migration_expired(self, rec: JobRecord, worker_id: str) -> None:
         rec.migration_timer = None
-        if rec.worker is not None and rec.worker.id == worker_id and not rec.ended.is_set():
-            self._end(
-                rec,
-                agent.JS_FAILED,
-                f"worker {worker_id} disconnected and no MigrateJobRequest came within "
-                f"{self._config.migration_grace:g}s",
-            )
+        if rec.worker is None or rec.worker.id != worker_id or rec.ended.is_set():
+            return
+        if not rec.confirmed:
+            self._replace(rec)
+            return
+        self._end(
+            rec,
+            agent.JS_FAILED,
+            f"worker {worker_id} disconnected and no MigrateJobRequest came within "
+            f"{self._config.migration_grace:g}s",
+        )
+
+    def _replace(self, rec: JobRecord) -> None:
+        """Offer again a job whose worker left before confirming it: its assignment may never
+        have arrived, and no reconnected worker claimed it."""
+        assert rec.worker is not None
+        lost = rec.worker
+        log.warning(
+            "worker left before confirming the job and no MigrateJobRequest claimed it within "
+            f"{self._config.migration_grace:g}s: offering the job again",
+            extra=rec.log_fields,
+        )
+        lost.jobs.discard(rec.id)
+        rec.worker = None
+        rec.answer = None
+        rec.resumed = True
+        state = rec.job.state
+        state.status = agent.JS_PENDING
+        state.worker_id = ""
+        state.participant_identity = ""
+        state.updated_at = _now_ns()
+        self._start_placing(rec)
 
     # -- job creation and placement -----------------------------------------------------------
 
@@ -150,11 +193,14 @@ class DispatchEngine:
         self._jobs[job.id] = rec
         if log.isEnabledFor(logging.INFO):
             log.info("job created", extra=rec.log_fields)
+        self._start_placing(rec)
+        return rec
+
+    def _start_placing(self, rec: JobRecord) -> None:
         rec.place_task = asyncio.get_running_loop().create_task(
-            self._place(rec), name=f"place-{job.id}"
+            self._place(rec), name=f"place-{rec.id}"
         )
         rec.place_task.add_done_callback(lambda task: self._placement_done(rec, task))
-        return rec
 
     def has_worker(self, agent_name: str, job_type: int) -> bool:
         """Whether a worker of this agent name serves `job_type` (livekit-server launches
@@ -211,10 +257,10 @@ class DispatchEngine:
         fut: asyncio.Future[agent.AvailabilityResponse] = asyncio.get_running_loop().create_future()
         worker.pending[rec.id] = fut
         rec.job.state.worker_id = worker.id
+        rec.api_key = worker.api_key
+        request = agent.AvailabilityRequest(job=rec.job, resuming=rec.resumed)
         try:
-            await worker.send(
-                agent.ServerMessage(availability=agent.AvailabilityRequest(job=rec.job))
-            )
+            await worker.send(agent.ServerMessage(availability=request))
             if log.isEnabledFor(logging.INFO):
                 log.info("job offered", extra={**rec.log_fields, "worker_id": worker.id})
             return await asyncio.wait_for(fut, self._config.availability_timeout)
@@ -238,10 +284,43 @@ class DispatchEngine:
     async def _assign(
         self, rec: JobRecord, worker: WorkerSession, answer: agent.AvailabilityResponse
     ) -> bool:
-        identity = answer.participant_identity or f"agent-{rec.id}"
         secret = self._keys.secret_for(worker.api_key)
-        if secret is None or worker.closed:
+        if worker.closed or secret is None:
             return False
+        rec.answer = answer
+        now = _now_ns()
+        state = rec.job.state
+        state.status = agent.JS_RUNNING
+        state.participant_identity = _identity(rec, answer)
+        state.worker_id = worker.id
+        state.started_at = now
+        state.updated_at = now
+        rec.worker = worker
+        rec.confirmed = False
+        worker.jobs.add(rec.id)
+        assignment = self._assignment(rec, answer, worker, secret)
+        try:
+            await worker.send(agent.ServerMessage(assignment=assignment))
+        except ConnectionError:
+            worker.jobs.discard(rec.id)
+            rec.worker = None
+            state.status = agent.JS_PENDING
+            return False
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "job assigned",
+                extra={**rec.log_fields, "participant_identity": state.participant_identity},
+            )
+        return True
+
+    def _assignment(
+        self,
+        rec: JobRecord,
+        answer: agent.AvailabilityResponse,
+        worker: WorkerSession,
+        secret: str,
+    ) -> agent.JobAssignment:
+        """The JobAssignment for `worker`, with a token minted from its accept (`answer`)."""
         attributes = dict(answer.participant_attributes)
         attributes[AGENT_NAME_ATTRIBUTE] = worker.agent_name
         perms = worker.permissions
@@ -250,7 +329,7 @@ class DispatchEngine:
             secret,
             AgentTokenRequest(
                 room=rec.job.room.name,
-                identity=identity,
+                identity=_identity(rec, answer),
                 name=answer.participant_name,
                 metadata=answer.participant_metadata,
                 attributes=attributes,
@@ -265,27 +344,7 @@ class DispatchEngine:
             ),
             AGENT_TOKEN_TTL_S,
         )
-        now = _now_ns()
-        state = rec.job.state
-        state.status = agent.JS_RUNNING
-        state.participant_identity = identity
-        state.worker_id = worker.id
-        state.started_at = now
-        state.updated_at = now
-        rec.worker = worker
-        worker.jobs.add(rec.id)
-        try:
-            await worker.send(
-                agent.ServerMessage(assignment=agent.JobAssignment(job=rec.job, token=token))
-            )
-        except ConnectionError:
-            worker.jobs.discard(rec.id)
-            rec.worker = None
-            state.status = agent.JS_PENDING
-            return False
-        if log.isEnabledFor(logging.INFO):
-            log.info("job assigned", extra={**rec.log_fields, "participant_identity": identity})
-        return True
+        return agent.JobAssignment(job=rec.job, token=token)
 
     # -- messages from workers ----------------------------------------------------------------
 
@@ -314,6 +373,7 @@ class DispatchEngine:
                 },
             )
             return
+        rec.confirmed = True
         if update.status in ENDED:
             self._end(rec, update.status, update.error, reason_text="reported by worker")
             return
@@ -326,27 +386,73 @@ class DispatchEngine:
         if update.status == agent.JS_RUNNING and log.isEnabledFor(logging.INFO):
             log.info("job running", extra=rec.log_fields)
 
-    def on_migrate(self, worker: WorkerSession, req: agent.MigrateJobRequest) -> None:
-        """Re-attach jobs a reconnected worker still runs to its new session."""
+    async def on_migrate(self, worker: WorkerSession, req: agent.MigrateJobRequest) -> None:
+        """Re-attach the jobs a reconnected worker claims to its new session; one whose
+        assignment it may never have received gets that assignment again."""
         ids = list(req.job_ids) + [j.id for j in req.jobs if j.id not in req.job_ids]
         for job_id in ids:
             rec = self._jobs.get(job_id)
-            old = rec.worker if rec is not None else None
-            if rec is None or old is None or old.api_key != worker.api_key:
+            if rec is None or rec.api_key != worker.api_key:
                 log.warning(
                     "cannot migrate a job that is unknown, ended or owned by another key",
                     extra={**worker.log_fields, "job_id": job_id},
                 )
                 continue
-            if rec.migration_timer is not None:
-                rec.migration_timer.cancel()
-                rec.migration_timer = None
-            old.jobs.discard(job_id)
-            worker.jobs.add(job_id)
-            rec.worker = worker
-            rec.job.state.worker_id = worker.id
-            rec.job.state.updated_at = _now_ns()
-            log.info("job migrated", extra={**rec.log_fields, "from_worker_id": old.id})
+            old = rec.worker
+            if old is None and rec.answer is None:
+                await self._stop_claimed_copy(rec, worker, "the job is being offered again")
+                continue
+            if rec.resumed and old is not None and not old.closed and old is not worker:
+                await self._stop_claimed_copy(rec, worker, "the job runs on another worker")
+                continue
+            if old is None and rec.place_task is not None:
+                # Its assignment could not be sent and it is being offered again: the claimant
+                # accepted it, so it takes the job rather than a worker picked afresh.
+                rec.place_task.cancel()
+            self._reattach(rec, worker)
+            if not rec.confirmed:
+                await self._reassign(rec, worker)
+
+    def _reattach(self, rec: JobRecord, worker: WorkerSession) -> None:
+        if rec.migration_timer is not None:
+            rec.migration_timer.cancel()
+            rec.migration_timer = None
+        old, rec.worker = rec.worker, worker
+        if old is not None:
+            old.jobs.discard(rec.id)
+        worker.jobs.add(rec.id)
+        state = rec.job.state
+        state.updated_at = _now_ns()
+        if state.status == agent.JS_PENDING:
+            state.status = agent.JS_RUNNING
+            state.started_at = state.updated_at
+        state.worker_id = worker.id
+        log.info("job migrated", extra={**rec.log_fields, "from_worker_id": old.id if old else ""})
+
+    async def _reassign(self, rec: JobRecord, worker: WorkerSession) -> None:
+        """Send the assignment again to a claimant that never confirmed the job: the first one
+        may have been lost with the old connection (a worker ignores a duplicate)."""
+        secret = self._keys.secret_for(worker.api_key)
+        if secret is None or rec.answer is None:
+            return
+        rec.job.state.participant_identity = _identity(rec, rec.answer)
+        assignment = self._assignment(rec, rec.answer, worker, secret)
+        with contextlib.suppress(ConnectionError):
+            await worker.send(agent.ServerMessage(assignment=assignment))
+            log.info("job assignment sent again after a reconnect", extra=rec.log_fields)
+
+    async def _stop_claimed_copy(self, rec: JobRecord, claimant: WorkerSession, why: str) -> None:
+        """Refuse a claim the server cannot honour, and tell the claimant to drop its copy (a
+        job it still runs from before it was lost, or an accept still waiting), so the call
+        gets one agent and the claimant's capacity is freed at once."""
+        log.warning(
+            f"a reconnected worker claims a job, but {why}: terminating its copy",
+            extra={**rec.log_fields, "claimant_worker_id": claimant.id},
+        )
+        with contextlib.suppress(ConnectionError):
+            await claimant.send(
+                agent.ServerMessage(termination=agent.JobTermination(job_id=rec.id))
+            )
 
     # -- termination and the end --------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 `request_fnc` decides within `availability_timeout`; a slow, silent or raising request_fnc is
 answered with a rejection, logged with the job id. After an accept, the server's assignment is
-awaited for `assignment_timeout` ("assignment for job timed out" otherwise).
+awaited for `assignment_timeout` ("assignment for job timed out" otherwise), across a reconnect
+when the accept had left before the cut: the assignment may have been lost on the way, so the
+next session claims the job (MigrateJobRequest) and the server sends the assignment again.
 """
 
 from __future__ import annotations
@@ -137,6 +139,11 @@ class Offer:
         )
 
     @property
+    def held(self) -> bool:
+        """Accepted and not withdrawn: the job is ours, assigned or awaiting its assignment."""
+        return self._accepted is not None and not self._assignment.cancelled()
+
+    @property
     def assigned(self) -> bool:
         """The server assigned this job to us: it is ours even while it is still launching."""
         return self._assignment.done() and not self._assignment.cancelled()
@@ -162,7 +169,16 @@ class Offer:
         if self.task is not None and unanswered:
             self.task.cancel()
 
-    def server_lost(self) -> None:
-        """The connection dropped: an unassigned accept cannot be assigned any more."""
-        if not self._assignment.done():
-            self._assignment.cancel()
+    def server_lost(self, answer_sent: bool) -> None:
+        """The connection dropped. An accept that left (`answer_sent`) still waits for its
+        assignment, which the next session claims; one that never left is withdrawn."""
+        if self._assignment.done():
+            return
+        if self._accepted is not None and answer_sent:
+            log.info(
+                "connection lost after accepting the job: awaiting its assignment on the next "
+                "connection",
+                extra=self._fields,
+            )
+            return
+        self._assignment.cancel()

@@ -67,6 +67,8 @@ class Worker:
         self._running = RunningJobs(self)
         self._jobs = self._running.active
         self._offers: dict[str, Offer] = {}
+        self._claimed: frozenset[str] = frozenset()
+        """The jobs the last MigrateJobRequest claimed: the server may assign them again."""
         self._status = StatusReporter(self)
         self._load = LoadTracker(
             self._opts.load_fnc,
@@ -315,6 +317,7 @@ class Worker:
         )
         first: list[agent.WorkerMessage] = []
         ours = self._owned_job_ids()
+        self._claimed = frozenset(ours if reg.reconnect else ())
         if reg.reconnect and ours:
             migrate = agent.MigrateJobRequest(job_ids=ours)
             first.append(agent.WorkerMessage(migrate_job=migrate))
@@ -325,9 +328,10 @@ class Worker:
 
     def _owned_job_ids(self) -> list[str]:
         """Jobs the server must attach to this worker's new session: the running ones, the
-        assigned ones still launching, and the ended ones whose final status is still queued
-        (without the migration the server would ignore that status and fail the job)."""
-        launching = [i for i, o in self._offers.items() if o.assigned]
+        accepted ones (still launching, or awaiting an assignment the cut may have lost), and
+        the ended ones whose final status is still queued (without the migration the server
+        would ignore that status and fail the job)."""
+        launching = [i for i, o in self._offers.items() if o.held]
         unreported = [
             m.update_job.job_id
             for m in self._conn.pending()
@@ -336,8 +340,13 @@ class Worker:
         return list(dict.fromkeys([*self._jobs, *launching, *unreported]))
 
     def _on_disconnected(self, reason: str) -> None:
-        for offer in list(self._offers.values()):
-            offer.server_lost()
+        unsent = {
+            m.availability.job_id
+            for m in self._conn.pending()
+            if m.WhichOneof("message") == "availability"
+        }
+        for job_id, offer in list(self._offers.items()):
+            offer.server_lost(answer_sent=job_id not in unsent)
         self.update_state()
 
     def _on_server_message(self, msg: agent.ServerMessage) -> None:
@@ -380,13 +389,21 @@ class Worker:
         self.update_state()
 
     def _on_assignment(self, assignment: agent.JobAssignment) -> None:
-        offer = self._offers.get(assignment.job.id)
-        if offer is None or not offer.assign(assignment):
-            log.warning(
-                "assignment for a job this worker did not accept, reporting it failed",
-                extra=self.log_fields(job_id=assignment.job.id),
+        job_id = assignment.job.id
+        offer = self._offers.get(job_id)
+        if offer is not None and offer.assign(assignment):
+            return
+        if job_id in self._claimed:
+            log.info(
+                "assignment sent again for a job this worker already holds, ignored",
+                extra=self.log_fields(job_id=job_id),
             )
-            self._running.report(assignment.job.id, failed("worker had not accepted this job"))
+            return
+        log.warning(
+            "assignment for a job this worker did not accept, reporting it failed",
+            extra=self.log_fields(job_id=job_id),
+        )
+        self._running.report(job_id, failed("worker had not accepted this job"))
 
     def _on_termination(self, job_id: str) -> None:
         if self._running.terminate(job_id, "terminated by the server"):

@@ -424,6 +424,109 @@ async def test_job_not_migrated_within_the_grace_fails_naming_the_worker(
     assert "MigrateJobRequest" in state.error
 
 
+async def accept_and_lose_the_assignment(client: AgentClient, identity: str) -> agent.Job:
+    """Accept the next offer and take the assignment without confirming it, as if the cut that
+    follows had swallowed it (the worker never reports on the job)."""
+    offer = (await client.recv_kind("availability")).availability
+    answer = agent.AvailabilityResponse(
+        job_id=offer.job.id, available=True, participant_identity=identity
+    )
+    await client.send(agent.WorkerMessage(availability=answer))
+    return (await client.recv_kind("assignment")).assignment.job
+
+
+def migrate(*job_ids: str) -> agent.WorkerMessage:
+    return agent.WorkerMessage(migrate_job=agent.MigrateJobRequest(job_ids=job_ids))
+
+
+async def test_a_claimed_job_its_worker_never_confirmed_gets_its_assignment_again(
+    server: EmbeddedServer,
+) -> None:
+    first = await connect(server)
+    first_id = await first.register("lost")
+    await dispatcher(server).create("r-lost", "lost")
+    job = await accept_and_lose_the_assignment(first, "agent-lost")
+    await first.abort()
+    await wait_until(lambda: first_id not in worker_ids(server), "the first session to end")
+
+    second = await connect(server)
+    second_id = await second.register("lost")
+    await second.send(migrate(job.id))
+    again = (await second.recv_kind("assignment")).assignment
+    assert again.job.id == job.id and again.job.state.worker_id == second_id
+    claims = api.TokenVerifier(API_KEY, API_SECRET).verify(again.token)
+    assert (claims.identity, claims.video.room) == ("agent-lost", "r-lost")  # type: ignore[union-attr]
+    state = await dispatcher(server).job_state("r-lost", "lost")
+    assert (state.status, state.worker_id) == (agent.JS_RUNNING, second_id)
+
+    done = agent.UpdateJobStatus(job_id=job.id, status=agent.JS_SUCCESS)
+    await second.send(agent.WorkerMessage(update_job=done))
+    state = await dispatcher(server).wait_job_status("r-lost", "lost", agent.JS_SUCCESS)
+    assert state.worker_id == second_id
+    await second.aclose()
+
+
+async def test_an_unconfirmed_job_nobody_claims_is_offered_again_not_failed(
+    fast_server: EmbeddedServer,
+) -> None:
+    """Its assignment may never have arrived and no session claimed it within the grace: the
+    job is offered again (resuming), here to another worker, instead of failing. A later claim
+    by the lost worker's next session is answered with a JobTermination for its stale copy."""
+    lost = await connect(fast_server)
+    await lost.register("resume")
+    await dispatcher(fast_server).create("r-resume", "resume")
+    job = await accept_and_lose_the_assignment(lost, "agent-resume")
+    other = await connect(fast_server)
+    other_id = await other.register("resume")
+    await lost.abort()
+
+    offer = (await other.recv_kind("availability", timeout=FAST_MIGRATION_S + 5)).availability
+    assert offer.job.id == job.id and offer.resuming
+    await other.send(
+        agent.WorkerMessage(availability=agent.AvailabilityResponse(job_id=job.id, available=True))
+    )
+    assert (await other.recv_kind("assignment")).assignment.job.id == job.id
+    running = agent.UpdateJobStatus(job_id=job.id, status=agent.JS_RUNNING)
+    await other.send(agent.WorkerMessage(update_job=running))
+    state = await dispatcher(fast_server).wait_job_status("r-resume", "resume", agent.JS_RUNNING)
+    assert state.worker_id == other_id and state.error == ""
+
+    back = await connect(fast_server)
+    await back.register("resume")
+    await back.send(migrate(job.id))
+    assert (await back.recv_kind("termination")).termination.job_id == job.id
+    state = await dispatcher(fast_server).job_state("r-resume", "resume")
+    assert (state.status, state.worker_id) == (agent.JS_RUNNING, other_id)
+    for client in (other, back):
+        await client.aclose()
+
+
+async def test_a_claim_for_a_job_the_server_never_got_an_accept_for_is_terminated(
+    fast_server: EmbeddedServer,
+) -> None:
+    """The worker's accept was lost in the cut (the server moved the offer on): the claim of
+    its next session cannot be served, and a JobTermination frees the waiting accept."""
+    cut = await connect(fast_server)
+    await cut.register("unanswered")
+    await dispatcher(fast_server).create("r-unanswered", "unanswered")
+    job_id = (await cut.recv_kind("availability")).availability.job.id
+    other = await connect(fast_server)
+    await other.register("unanswered")
+    await cut.abort()
+    assert (await other.recv_kind("availability")).availability.job.id == job_id
+
+    back = await connect(fast_server)
+    await back.register("unanswered")
+    await back.send(migrate(job_id))
+    assert (await back.recv_kind("termination")).termination.job_id == job_id
+    await other.send(
+        agent.WorkerMessage(availability=agent.AvailabilityResponse(job_id=job_id, available=True))
+    )
+    assert (await other.recv_kind("assignment")).assignment.job.id == job_id
+    for client in (other, back):
+        await client.aclose()
+
+
 # -- offers and assignment -----------------------------------------------------------------------
 
 

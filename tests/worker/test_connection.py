@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,13 @@ from callboard.worker.worker import Worker, WorkerState
 from tests.worker.agents.jobs import script
 from tests.worker.fake_server import FAKE_WORKER_ID, FakeAgentServer
 from tests.worker.support import (
+    DEADLINE_S,
     EXECUTORS,
     GatedExecutor,
     control,
     fast_options,
     no_leftover_children,
+    records_with,
     running_worker,
     server_worker,
     wait_until,
@@ -241,6 +244,82 @@ async def test_a_job_still_launching_during_a_cut_is_migrated_too(
         release.touch()
         done = await ctl.wait_status("slow-start", agent.JS_SUCCESS, agent_name=NAMED)
         assert done.state.worker_id == worker.id
+
+
+def lose_the_next_assignment(server: EmbeddedServer, worker: Worker) -> asyncio.Event:
+    """Cut `worker`'s connection at the moment the server sends it a JobAssignment: the server
+    counts the assignment as sent, the worker never gets it (the soak's accept-then-cut race)."""
+    session = server_worker(server, worker.id)
+    ws, send = server_side_ws(session), session.send
+    lost = asyncio.Event()
+
+    async def send_or_cut(msg: agent.ServerMessage) -> None:
+        if msg.WhichOneof("message") != "assignment" or lost.is_set():
+            await send(msg)
+            return
+        lost.set()
+        assert ws._req is not None and ws._req.transport is not None
+        ws._req.transport.abort()
+
+    session.send = send_or_cut
+    return lost
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+async def test_an_assignment_lost_in_a_cut_is_claimed_and_the_job_runs_at_once(
+    server: EmbeddedServer,
+    executor: JobExecutorType,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker accepted, the cut took the assignment: the next session claims the accepted
+    job, the server sends the assignment again and the call is served, long before the 15 s
+    a claimless job would wait."""
+    caplog.set_level(logging.INFO, logger="callboard")
+    release = tmp_path / "release"
+    opts = fast_options(server, executor, agent_name=NAMED)
+    async with no_leftover_children(), control(server) as ctl, running_worker(opts) as worker:
+        old_id = worker.id
+        lost = lose_the_next_assignment(server, worker)
+        started = asyncio.get_running_loop().time()
+        await ctl.dispatch("lost-assignment", NAMED, script(until=str(release)))
+        await asyncio.wait_for(lost.wait(), DEADLINE_S)
+
+        job = await ctl.wait_status("lost-assignment", agent.JS_RUNNING, agent_name=NAMED)
+        await wait_until(lambda: len(worker.active_jobs) == 1, "the job to run", RECONNECT_S)
+        assert asyncio.get_running_loop().time() - started < RECONNECT_S
+        assert worker.id != old_id
+        assert server_worker(server, worker.id).jobs == {job.id}
+        assert records_with(caplog.records, "connection lost after accepting the job")
+        assert records_with(caplog.records, "job assignment sent again after a reconnect")
+        assert not records_with(caplog.records, "offer withdrawn before assignment")
+
+        release.touch()
+        done = await ctl.wait_status("lost-assignment", agent.JS_SUCCESS, agent_name=NAMED)
+        assert (done.state.worker_id, done.state.error) == (worker.id, "")
+
+
+async def test_an_assignment_sent_again_for_a_running_job_is_ignored(
+    fake: FakeAgentServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a cut the server cannot tell a lost assignment from a lost JS_RUNNING, so it may
+    send the assignment of a claimed job again: the job runs once and nothing is reported."""
+    caplog.set_level(logging.INFO, logger="callboard")
+    async with running_worker(fast_options(fake)) as worker:
+        job = agent.Job(id="AJ_resentassign1", room=models.Room(name="r"), metadata=script())
+        await fake.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job)))
+        await fake.next("availability")
+        await fake.send(agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t")))
+        await fake.next("update_job", lambda m: m.update_job.status == agent.JS_RUNNING)
+        worker._conn.cut()
+        await wait_until(lambda: fake.connections == 2, "a second connection", RECONNECT_S)
+        await fake.next("migrate_job")
+        await fake.send(agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t")))
+        await wait_until(
+            lambda: bool(records_with(caplog.records, "assignment sent again")), "the duplicate"
+        )
+        assert len(worker.active_jobs) == 1
+        assert [r.msg.update_job.status for r in fake.of_kind("update_job")] == [agent.JS_RUNNING]
 
 
 async def test_migrate_job_request_names_the_running_jobs(fake: FakeAgentServer) -> None:
