@@ -17,9 +17,9 @@ config) with 200. A created dispatch is *accounted for* when all of these hold:
 
 A created dispatch that is not accounted for is *lost*. Separately, the final status must be the
 one its injected fault calls for (`expected_outcome`), or the server's "disconnected and no
-MigrateJobRequest" failure for a job on a worker that was SIGKILLed, or whose connection was cut
-while the job's assignment was on its way (the worker logs that offer as withdrawn: it never
-ran the job, so it has none to migrate).
+MigrateJobRequest" failure for a job on a worker that was SIGKILLed. A cut is no excuse: the
+worker claims every job it accepted after reconnecting, including one whose assignment the cut
+swallowed (the server sends that assignment again), so each of them ends as its fault says.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from livekit.protocol import agent
 TERMINAL: Final = frozenset({agent.JS_SUCCESS, agent.JS_FAILED})
 FAULTS: Final = ("none", "raise", "sigkill", "hang", "hog")
 WORKER_GONE: Final = "disconnected and no MigrateJobRequest"
-WITHDRAWN: Final = "offer withdrawn before assignment"
 EXPECTED: Final[Mapping[str, tuple[int, str]]] = {
     "none": (agent.JS_SUCCESS, ""),
     "raise": (agent.JS_FAILED, "entrypoint raised RuntimeError: injected fault"),
@@ -108,16 +107,6 @@ def registered_ids(lines: Iterable[Mapping[str, Any]]) -> set[str]:
     }
 
 
-def withdrawn_offers(lines: Iterable[Mapping[str, Any]]) -> set[tuple[str, str]]:
-    """(job id, worker id) of every offer one worker process accepted and then dropped because
-    its connection was lost before the assignment came."""
-    return {
-        (str(rec["job_id"]), str(rec["worker_id"]))
-        for rec in lines
-        if rec.get("message") == WITHDRAWN and rec.get("job_id") and rec.get("worker_id")
-    }
-
-
 @dataclass
 class Accounting:
     """The verdict on every created dispatch."""
@@ -132,8 +121,7 @@ class Accounting:
     outcomes: Counter[str] = field(default_factory=Counter)
     """Final outcome per fault kind: "<fault> -> <status>" counts."""
     worker_gone: int = 0
-    """Jobs failed by the server because their worker was SIGKILLed, or lost its connection
-    while their assignment was on its way."""
+    """Jobs failed by the server because their worker was SIGKILLed."""
 
     @property
     def problems(self) -> list[str]:
@@ -145,7 +133,6 @@ def account(
     ends: Iterable[WorkerEnd],
     ledger_starts: Mapping[str, int],
     killed_worker_ids: set[str],
-    withdrawn: set[tuple[str, str]],
 ) -> Accounting:
     """Apply the definition in this module's docstring to a run."""
     by_job: dict[str, list[WorkerEnd]] = defaultdict(list)
@@ -183,8 +170,7 @@ def account(
                     f"worker {end.instance} logged {agent.JobStatus.Name(end.status)}"
                 )
         acc.outcomes[f"{rec.fault} -> {agent.JobStatus.Name(final.status)}"] += 1
-        gone = killed_worker_ids | {w for j, w in withdrawn if j == job.id}
-        problem = outcome_problem(rec.fault, final, gone)
+        problem = outcome_problem(rec.fault, final, killed_worker_ids)
         if problem == WORKER_GONE:
             acc.worker_gone += 1
         elif problem is not None:
@@ -207,8 +193,8 @@ def _final(rec: DispatchRecord, job: agent.Job, logged: list[WorkerEnd]) -> Fina
 
 def outcome_problem(fault: str, final: FinalStatus, killed_worker_ids: set[str]) -> str | None:
     """None when `final` is what `fault` calls for; WORKER_GONE for the failure the server
-    records when the job's worker is one of `killed_worker_ids` (SIGKILLed, or cut off before
-    the job's assignment reached it); else what is wrong."""
+    records when the job's worker is one of `killed_worker_ids` (SIGKILLed); else what is
+    wrong."""
     if (
         final.source == "server"
         and final.status == agent.JS_FAILED

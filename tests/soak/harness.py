@@ -50,7 +50,6 @@ from tests.soak.accounting import (
     account,
     growth,
     registered_ids,
-    withdrawn_offers,
     worker_ends,
 )
 from tests.subprocs import (
@@ -809,12 +808,10 @@ class Soak:
     def analyse(self) -> None:
         ends = []
         killed_ids: set[str] = set()
-        withdrawn: set[tuple[str, str]] = set()
         for slot in self.slots:
             for proc, figures in zip(slot.instances, slot.figures, strict=True):
                 lines = list(json_lines(proc.log_path))
                 ends += worker_ends(figures.label, lines)
-                withdrawn |= withdrawn_offers(lines)
                 if figures.killed:
                     killed_ids |= registered_ids(lines)
                 self.report.workers.append(figures)
@@ -830,7 +827,7 @@ class Soak:
                 if line["fault"] in ("raise", "hang", "hog"):
                     self.report.faults[str(line["fault"])] += 1
         self.report.accounting = account(
-            [t.record for t in self.tracked], ends, starts, killed_ids, withdrawn
+            [t.record for t in self.tracked], ends, starts, killed_ids
         )
         self.memory_trend()
 
