@@ -60,11 +60,18 @@ class AgentClient:
     async def connect(
         cls, server: EmbeddedServer, token: str, session: aiohttp.ClientSession | None = None
     ) -> AgentClient:
+        return await cls.connect_url(server.url, token, session)
+
+    @classmethod
+    async def connect_url(
+        cls, ws_url: str, token: str, session: aiohttp.ClientSession | None = None
+    ) -> AgentClient:
+        """Connect to `<ws_url>/agent` of any server (the real livekit-server too)."""
         own = session is None
         http = session or aiohttp.ClientSession()
         try:
             ws = await http.ws_connect(
-                agent_ws_url(server.url),
+                agent_ws_url(ws_url),
                 headers={"Authorization": f"Bearer {token}"},
                 max_msg_size=0,
                 autoclose=False,

@@ -80,14 +80,24 @@ def worker_ids(server: EmbeddedServer) -> set[str]:
     return {w.id for w in server.engine.workers}
 
 
-async def take_job(client: AgentClient, **answer: object) -> agent.JobAssignment:
-    """Accept the next offer (with `answer`'s AvailabilityResponse fields) and report RUNNING."""
+async def accept(client: AgentClient, **answer: object) -> agent.JobAssignment:
+    """Accept the next offer (with `answer`'s AvailabilityResponse fields); its assignment."""
     offer = (await client.recv_kind("availability")).availability
     resp = agent.AvailabilityResponse(job_id=offer.job.id, available=True, **answer)  # type: ignore[arg-type]
     await client.send(agent.WorkerMessage(availability=resp))
     assignment = (await client.recv_kind("assignment")).assignment
     assert assignment.job.id == offer.job.id
-    running = agent.UpdateJobStatus(job_id=offer.job.id, status=agent.JS_RUNNING)
+    return assignment
+
+
+def migrate(*job_ids: str) -> agent.WorkerMessage:
+    return agent.WorkerMessage(migrate_job=agent.MigrateJobRequest(job_ids=job_ids))
+
+
+async def take_job(client: AgentClient, **answer: object) -> agent.JobAssignment:
+    """Accept the next offer (with `answer`'s AvailabilityResponse fields) and report RUNNING."""
+    assignment = await accept(client, **answer)
+    running = agent.UpdateJobStatus(job_id=assignment.job.id, status=agent.JS_RUNNING)
     await client.send(agent.WorkerMessage(update_job=running))
     await client.ping()
     return assignment
@@ -399,7 +409,7 @@ async def test_migrate_after_reconnect_reattaches_the_job(server: EmbeddedServer
 
     second = await connect(server)
     second_id = await second.register("mig")
-    await second.send(agent.WorkerMessage(migrate_job=agent.MigrateJobRequest(job_ids=[job_id])))
+    await second.send(migrate(job_id))
     await second.ping()
     state = await dispatcher(server).job_state("r-mig", "mig")
     assert (state.status, state.worker_id) == (agent.JS_RUNNING, second_id)
@@ -424,28 +434,14 @@ async def test_job_not_migrated_within_the_grace_fails_naming_the_worker(
     assert "MigrateJobRequest" in state.error
 
 
-async def accept_and_lose_the_assignment(client: AgentClient, identity: str) -> agent.Job:
-    """Accept the next offer and take the assignment without confirming it, as if the cut that
-    follows had swallowed it (the worker never reports on the job)."""
-    offer = (await client.recv_kind("availability")).availability
-    answer = agent.AvailabilityResponse(
-        job_id=offer.job.id, available=True, participant_identity=identity
-    )
-    await client.send(agent.WorkerMessage(availability=answer))
-    return (await client.recv_kind("assignment")).assignment.job
-
-
-def migrate(*job_ids: str) -> agent.WorkerMessage:
-    return agent.WorkerMessage(migrate_job=agent.MigrateJobRequest(job_ids=job_ids))
-
-
 async def test_a_claimed_job_its_worker_never_confirmed_gets_its_assignment_again(
     server: EmbeddedServer,
 ) -> None:
     first = await connect(server)
     first_id = await first.register("lost")
     await dispatcher(server).create("r-lost", "lost")
-    job = await accept_and_lose_the_assignment(first, "agent-lost")
+    # the assignment is "lost": the worker never reports on the job
+    job = (await accept(first, participant_identity="agent-lost")).job
     await first.abort()
     await wait_until(lambda: first_id not in worker_ids(server), "the first session to end")
 
@@ -475,7 +471,7 @@ async def test_an_unconfirmed_job_nobody_claims_is_offered_again_not_failed(
     lost = await connect(fast_server)
     await lost.register("resume")
     await dispatcher(fast_server).create("r-resume", "resume")
-    job = await accept_and_lose_the_assignment(lost, "agent-resume")
+    job = (await accept(lost)).job
     other = await connect(fast_server)
     other_id = await other.register("resume")
     await lost.abort()

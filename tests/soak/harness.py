@@ -826,9 +826,7 @@ class Soak:
                 starts[str(line["job_id"])] += 1
                 if line["fault"] in ("raise", "hang", "hog"):
                     self.report.faults[str(line["fault"])] += 1
-        self.report.accounting = account(
-            [t.record for t in self.tracked], ends, starts, killed_ids
-        )
+        self.report.accounting = account([t.record for t in self.tracked], ends, starts, killed_ids)
         self.memory_trend()
 
     def check_log(self, path: Path, lines: list[dict[str, Any]]) -> None:

@@ -299,36 +299,17 @@ async def test_an_assignment_lost_in_a_cut_is_claimed_and_the_job_runs_at_once(
         assert (done.state.worker_id, done.state.error) == (worker.id, "")
 
 
-async def test_an_assignment_sent_again_for_a_running_job_is_ignored(
+async def test_migrate_job_request_names_the_running_jobs(
     fake: FakeAgentServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """After a cut the server cannot tell a lost assignment from a lost JS_RUNNING, so it may
-    send the assignment of a claimed job again: the job runs once and nothing is reported."""
     caplog.set_level(logging.INFO, logger="callboard")
-    async with running_worker(fast_options(fake)) as worker:
-        job = agent.Job(id="AJ_resentassign1", room=models.Room(name="r"), metadata=script())
-        await fake.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job)))
-        await fake.next("availability")
-        await fake.send(agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t")))
-        await fake.next("update_job", lambda m: m.update_job.status == agent.JS_RUNNING)
-        worker._conn.cut()
-        await wait_until(lambda: fake.connections == 2, "a second connection", RECONNECT_S)
-        await fake.next("migrate_job")
-        await fake.send(agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t")))
-        await wait_until(
-            lambda: bool(records_with(caplog.records, "assignment sent again")), "the duplicate"
-        )
-        assert len(worker.active_jobs) == 1
-        assert [r.msg.update_job.status for r in fake.of_kind("update_job")] == [agent.JS_RUNNING]
-
-
-async def test_migrate_job_request_names_the_running_jobs(fake: FakeAgentServer) -> None:
     opts = fast_options(fake)
     async with running_worker(opts) as worker:
         job = agent.Job(id="AJ_migrating01", room=models.Room(name="r"), metadata=script())
+        assignment = agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t"))
         await fake.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job)))
         await fake.next("availability")
-        await fake.send(agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t")))
+        await fake.send(assignment)
         await fake.next("update_job", lambda m: m.update_job.status == agent.JS_RUNNING)
         worker._conn.cut()
         await wait_until(lambda: fake.connections == 2, "a second connection", RECONNECT_S)
@@ -341,6 +322,15 @@ async def test_migrate_job_request_names_the_running_jobs(fake: FakeAgentServer)
         assert kinds[:3] == ["register", "migrate_job", "update_worker"], kinds
         status = (await fake.next("update_worker", lambda m: m.update_worker.job_count == 1)).msg
         assert status.update_worker.job_count == 1
+
+        # The server cannot tell a lost assignment from a lost JS_RUNNING, so it may send a
+        # claimed job's assignment again: the job runs once and nothing more is reported.
+        await fake.send(assignment)
+        await wait_until(
+            lambda: bool(records_with(caplog.records, "assignment sent again")), "the duplicate"
+        )
+        assert len(worker.active_jobs) == 1
+        assert [r.msg.update_job.status for r in fake.of_kind("update_job")] == [agent.JS_RUNNING]
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
