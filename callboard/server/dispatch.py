@@ -61,7 +61,12 @@ class JobRecord:
     confirmed: bool = False
     """Its worker reported on it since the assignment, so the assignment arrived."""
     resumed: bool = False
-    """Offered again after its worker was lost: a later claim from elsewhere is a stale copy."""
+    """Offered again after its worker left before confirming it (`AvailabilityRequest.resuming`)."""
+    moved: bool = False
+    """It left a worker that may still hold a copy (an offer lost in a cut or unanswered, an
+    assignment that failed or went unconfirmed): a claim from a session other than its live
+    owner's is that stale copy. A job that never moved can only be claimed by its owner's
+    worker, reconnected while the server still holds the old connection open."""
 
     @property
     def id(self) -> str:
@@ -157,7 +162,7 @@ class DispatchEngine:
         lost.jobs.discard(rec.id)
         rec.worker = None
         rec.answer = None
-        rec.resumed = True
+        rec.resumed = rec.moved = True
         state = rec.job.state
         state.status = agent.JS_PENDING
         state.worker_id = ""
@@ -273,10 +278,12 @@ class DispatchEngine:
                     "timeout_s": self._config.availability_timeout,
                 },
             )
+            rec.moved = True
             return None
         except (asyncio.CancelledError, ConnectionError):
             if rec.ended.is_set() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise
+            rec.moved = True
             return None
         finally:
             worker.pending.pop(rec.id, None)
@@ -304,6 +311,7 @@ class DispatchEngine:
         except ConnectionError:
             worker.jobs.discard(rec.id)
             rec.worker = None
+            rec.moved = True
             state.status = agent.JS_PENDING
             return False
         if log.isEnabledFor(logging.INFO):
@@ -392,9 +400,16 @@ class DispatchEngine:
         ids = list(req.job_ids) + [j.id for j in req.jobs if j.id not in req.job_ids]
         for job_id in ids:
             rec = self._jobs.get(job_id)
-            if rec is None or rec.api_key != worker.api_key:
+            if rec is None:
+                # Usual after a cut: the worker claims the jobs whose final status it re-sends.
+                log.info(
+                    "cannot migrate a job that is unknown or ended",
+                    extra={**worker.log_fields, "job_id": job_id},
+                )
+                continue
+            if rec.api_key != worker.api_key:
                 log.warning(
-                    "cannot migrate a job that is unknown, ended or owned by another key",
+                    "cannot migrate a job offered under another key",
                     extra={**worker.log_fields, "job_id": job_id},
                 )
                 continue
@@ -402,7 +417,7 @@ class DispatchEngine:
             if old is None and rec.answer is None:
                 await self._stop_claimed_copy(rec, worker, "the job is being offered again")
                 continue
-            if rec.resumed and old is not None and not old.closed and old is not worker:
+            if rec.moved and old is not None and not old.closed and old is not worker:
                 await self._stop_claimed_copy(rec, worker, "the job runs on another worker")
                 continue
             if old is None and rec.place_task is not None:

@@ -1,8 +1,9 @@
 """The worker's running jobs: from the server's assignment to the one status reported for each.
 
 `RunningJobs.launch` hands an assigned job to the executor, reports JS_RUNNING and watches the
-job to its outcome, which is reported to the server exactly once (JS_SUCCESS or JS_FAILED with
-the reason), logged in one line, and counted.
+job to its outcome, which is reported to the server (JS_SUCCESS or JS_FAILED with the reason),
+logged in one line, and counted. A connection cut can lose a status already handed to the
+socket, so a final status is kept for `FINAL_STATUS_RESEND_S` and sent again after a reconnect.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from livekit import api
 from livekit.protocol import agent, models
@@ -20,11 +21,16 @@ from callboard.job.context import JobAcceptArguments, RunningJobInfo
 from callboard.job.executor import RunningJob
 from callboard.job.runner import JobOutcome, failed
 from callboard.log import get_logger
+from callboard.worker.connection import HEARTBEAT_INTERVAL_S
 
 if TYPE_CHECKING:
     from callboard.worker.worker import Worker
 
 log = get_logger("worker")
+
+FINAL_STATUS_RESEND_S: Final = HEARTBEAT_INTERVAL_S
+"""How long a final status stays ready to be sent again after a reconnect: a cut loses what
+was still in flight, and a stalled connection is noticed only by its heartbeat."""
 
 
 @dataclass(eq=False)
@@ -44,6 +50,8 @@ class RunningJobs:
         self.active: dict[str, ActiveJob] = {}
         self.stop_on_start: set[str] = set()
         """Assigned jobs the server terminated while they were still launching."""
+        self._ends: dict[str, tuple[float, agent.UpdateJobStatus]] = {}
+        """Final statuses reported lately, by job id, oldest first, with time.monotonic()."""
         self._first_end: asyncio.Future[JobOutcome] | None = None
 
     async def wait_first_end(self) -> JobOutcome:
@@ -149,8 +157,24 @@ class RunningJobs:
         )
 
     def report(self, job_id: str, outcome: JobOutcome) -> None:
-        self.report_status(job_id, outcome.status, outcome.error)
+        """Report the end of a job of ours, and keep that status to send again after a cut."""
+        upd = self.report_status(job_id, outcome.status, outcome.error)
+        self._ends[job_id] = (time.monotonic(), upd)
+        self.recent_ends()
 
-    def report_status(self, job_id: str, status: int, error: str = "") -> None:
+    def recent_ends(self) -> list[str]:
+        """The jobs whose final status was reported in the last FINAL_STATUS_RESEND_S."""
+        cutoff = time.monotonic() - FINAL_STATUS_RESEND_S
+        while self._ends and next(iter(self._ends.values()))[0] < cutoff:
+            del self._ends[next(iter(self._ends))]
+        return list(self._ends)
+
+    def report_ends_again(self, job_ids: list[str]) -> None:
+        """Queue again the final statuses of `job_ids` (from `recent_ends`)."""
+        for job_id in job_ids:
+            self._worker.send(agent.WorkerMessage(update_job=self._ends[job_id][1]))
+
+    def report_status(self, job_id: str, status: int, error: str = "") -> agent.UpdateJobStatus:
         upd = agent.UpdateJobStatus(job_id=job_id, status=status, error=error)  # type: ignore[arg-type]
         self._worker.send(agent.WorkerMessage(update_job=upd))
+        return upd

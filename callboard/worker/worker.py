@@ -18,7 +18,7 @@ from typing import Any, Final
 from livekit.protocol import agent, models
 
 from callboard.job.executor import JobExecutor
-from callboard.job.runner import JobOutcome, failed
+from callboard.job.runner import JobOutcome
 from callboard.log import get_logger, redact_secret
 from callboard.version import __version__
 from callboard.worker.availability import Offer
@@ -316,9 +316,9 @@ class Worker:
             },
         )
         first: list[agent.WorkerMessage] = []
-        ours = self._owned_job_ids()
-        self._claimed = frozenset(ours if reg.reconnect else ())
-        if reg.reconnect and ours:
+        ours = self._reclaim() if reg.reconnect else []
+        self._claimed = frozenset(ours)
+        if ours:
             migrate = agent.MigrateJobRequest(job_ids=ours)
             first.append(agent.WorkerMessage(migrate_job=migrate))
             log.info("migrating running jobs", extra=self.log_fields(jobs=ours))
@@ -326,18 +326,21 @@ class Worker:
         self.update_state()
         return first
 
-    def _owned_job_ids(self) -> list[str]:
-        """Jobs the server must attach to this worker's new session: the running ones, the
+    def _reclaim(self) -> list[str]:
+        """The jobs the server must attach to this worker's new session: the running ones, the
         accepted ones (still launching, or awaiting an assignment the cut may have lost), and
-        the ended ones whose final status is still queued (without the migration the server
-        would ignore that status and fail the job)."""
-        launching = [i for i, o in self._offers.items() if o.held]
-        unreported = [
+        the ended ones whose final status is still queued or was sent lately (the cut may have
+        lost it: it is sent again). Without the claim the server would ignore their statuses
+        and fail them."""
+        held = [i for i, o in self._offers.items() if o.held]
+        queued = {
             m.update_job.job_id
             for m in self._conn.pending()
             if m.WhichOneof("message") == "update_job" and m.update_job.status in TERMINAL
-        ]
-        return list(dict.fromkeys([*self._jobs, *launching, *unreported]))
+        }
+        ended = self._running.recent_ends()
+        self._running.report_ends_again([j for j in ended if j not in queued])
+        return list(dict.fromkeys([*self._jobs, *held, *queued, *ended]))
 
     def _on_disconnected(self, reason: str) -> None:
         unsent = {
@@ -403,7 +406,7 @@ class Worker:
             "assignment for a job this worker did not accept, reporting it failed",
             extra=self.log_fields(job_id=job_id),
         )
-        self._running.report(job_id, failed("worker had not accepted this job"))
+        self._running.report_status(job_id, agent.JS_FAILED, "worker had not accepted this job")
 
     def _on_termination(self, job_id: str) -> None:
         if self._running.terminate(job_id, "terminated by the server"):

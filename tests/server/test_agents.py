@@ -500,14 +500,15 @@ async def test_an_unconfirmed_job_nobody_claims_is_offered_again_not_failed(
 async def test_a_claim_for_a_job_the_server_never_got_an_accept_for_is_terminated(
     fast_server: EmbeddedServer,
 ) -> None:
-    """The worker's accept was lost in the cut (the server moved the offer on): the claim of
-    its next session cannot be served, and a JobTermination frees the waiting accept."""
+    """The worker's accept was lost in the cut (the server moved the offer on): the claims of
+    its next session, while the job is offered elsewhere and once it runs there, cannot be
+    served: each gets a JobTermination (freeing the waiting accept) and the job stays put."""
     cut = await connect(fast_server)
     await cut.register("unanswered")
     await dispatcher(fast_server).create("r-unanswered", "unanswered")
     job_id = (await cut.recv_kind("availability")).availability.job.id
     other = await connect(fast_server)
-    await other.register("unanswered")
+    other_id = await other.register("unanswered")
     await cut.abort()
     assert (await other.recv_kind("availability")).availability.job.id == job_id
 
@@ -519,6 +520,14 @@ async def test_a_claim_for_a_job_the_server_never_got_an_accept_for_is_terminate
         agent.WorkerMessage(availability=agent.AvailabilityResponse(job_id=job_id, available=True))
     )
     assert (await other.recv_kind("assignment")).assignment.job.id == job_id
+    running = agent.UpdateJobStatus(job_id=job_id, status=agent.JS_RUNNING)
+    await other.send(agent.WorkerMessage(update_job=running))
+    await other.ping()
+
+    await back.send(migrate(job_id))
+    assert (await back.recv_kind("termination")).termination.job_id == job_id
+    state = await dispatcher(fast_server).job_state("r-unanswered", "unanswered")
+    assert (state.status, state.worker_id) == (agent.JS_RUNNING, other_id)
     for client in (other, back):
         await client.aclose()
 

@@ -26,6 +26,7 @@ from tests.worker.agents.jobs import script
 from tests.worker.fake_server import FAKE_WORKER_ID, FakeAgentServer
 from tests.worker.support import (
     DEADLINE_S,
+    ENDED,
     EXECUTORS,
     GatedExecutor,
     control,
@@ -297,6 +298,51 @@ async def test_an_assignment_lost_in_a_cut_is_claimed_and_the_job_runs_at_once(
         release.touch()
         done = await ctl.wait_status("lost-assignment", agent.JS_SUCCESS, agent_name=NAMED)
         assert (done.state.worker_id, done.state.error) == (worker.id, "")
+
+
+def lose_the_next_final_status(worker: Worker) -> asyncio.Event:
+    """Cut `worker`'s connection at the moment it sends a job's final status: the worker counts
+    the status as sent, the server never gets it."""
+    ws = worker._conn._ws
+    assert ws is not None
+    send = ws.send_bytes
+    lost = asyncio.Event()
+
+    async def send_or_cut(data: bytes, compress: int | None = None) -> None:
+        msg = agent.WorkerMessage.FromString(data)
+        final = msg.WhichOneof("message") == "update_job" and msg.update_job.status in ENDED
+        if not final or lost.is_set():
+            await send(data, compress)
+            return
+        lost.set()
+        assert ws._response.connection is not None
+        transport = ws._response.connection.transport
+        assert transport is not None
+        transport.abort()
+
+    ws.send_bytes = send_or_cut  # type: ignore[method-assign]
+    return lost
+
+
+async def test_a_final_status_lost_in_a_cut_is_sent_again_after_the_reconnect(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """The job ended, its JS_SUCCESS went into the socket and the cut took it: the next session
+    claims the job and sends the status again, instead of the server failing the job when
+    its 15 s grace runs out."""
+    release = tmp_path / "release"
+    opts = fast_options(server, agent_name=NAMED)
+    async with control(server) as ctl, running_worker(opts) as worker:
+        await ctl.dispatch("lost-status", NAMED, script(until=str(release)))
+        await ctl.wait_status("lost-status", agent.JS_RUNNING, agent_name=NAMED)
+        old_id = worker.id
+        lost = lose_the_next_final_status(worker)
+        release.touch()
+        await asyncio.wait_for(lost.wait(), DEADLINE_S)
+        done = await ctl.wait_status(
+            "lost-status", agent.JS_SUCCESS, agent_name=NAMED, timeout=RECONNECT_S
+        )
+        assert done.state.worker_id == worker.id != old_id and done.state.error == ""
 
 
 async def test_migrate_job_request_names_the_running_jobs(
