@@ -3,7 +3,8 @@
 `RunningJobs.launch` hands an assigned job to the executor, reports JS_RUNNING and watches the
 job to its outcome, which is reported to the server (JS_SUCCESS or JS_FAILED with the reason),
 logged in one line, and counted. A connection cut can lose a status already handed to the
-socket, so a final status is kept for `FINAL_STATUS_RESEND_S` and sent again after a reconnect.
+socket, so a final status is kept until the server has it (a WorkerPing queued after it is
+answered) and sent again after a reconnect; `FINAL_STATUS_RESEND_S` bounds how long.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
 log = get_logger("worker")
 
 FINAL_STATUS_RESEND_S: Final = HEARTBEAT_INTERVAL_S
-"""How long a final status stays ready to be sent again after a reconnect: a cut loses what
-was still in flight, and a stalled connection is noticed only by its heartbeat."""
+"""How long an unconfirmed final status stays ready to be sent again after a reconnect: a cut
+loses what was still in flight, and a stalled connection is noticed only by its heartbeat."""
 
 
 @dataclass(eq=False)
@@ -50,8 +51,9 @@ class RunningJobs:
         self.active: dict[str, ActiveJob] = {}
         self.stop_on_start: set[str] = set()
         """Assigned jobs the server terminated while they were still launching."""
-        self._ends: dict[str, tuple[float, agent.UpdateJobStatus]] = {}
-        """Final statuses reported lately, by job id, oldest first, with time.monotonic()."""
+        self._ends: dict[str, tuple[int, agent.UpdateJobStatus]] = {}
+        """Final statuses the server may not have yet, by job id, oldest first, each with the
+        time.monotonic_ns() it was queued at."""
         self._first_end: asyncio.Future[JobOutcome] | None = None
 
     async def wait_first_end(self) -> JobOutcome:
@@ -157,22 +159,41 @@ class RunningJobs:
         )
 
     def report(self, job_id: str, outcome: JobOutcome) -> None:
-        """Report the end of a job of ours, and keep that status to send again after a cut."""
-        upd = self.report_status(job_id, outcome.status, outcome.error)
-        self._ends[job_id] = (time.monotonic(), upd)
-        self.recent_ends()
+        """Report the end of a job of ours, kept to send again until the server has it."""
+        self._keep_end(self.report_status(job_id, outcome.status, outcome.error))
+        self._ask_receipt()
 
-    def recent_ends(self) -> list[str]:
-        """The jobs whose final status was reported in the last FINAL_STATUS_RESEND_S."""
-        cutoff = time.monotonic() - FINAL_STATUS_RESEND_S
-        while self._ends and next(iter(self._ends.values()))[0] < cutoff:
-            del self._ends[next(iter(self._ends))]
+    def _keep_end(self, upd: agent.UpdateJobStatus) -> None:
+        self._ends.pop(upd.job_id, None)
+        self._ends[upd.job_id] = (time.monotonic_ns(), upd)
+
+    def _ask_receipt(self) -> None:
+        """Queue a WorkerPing after the statuses: its pong says the server got them."""
+        ping = agent.WorkerPing(timestamp=time.monotonic_ns())
+        self._worker.send(agent.WorkerMessage(ping=ping))
+
+    def received(self, stamp: int) -> None:
+        """The server answered the WorkerPing stamped `stamp`: it has what was queued before."""
+        self._forget_ends_before(stamp)
+
+    def unconfirmed_ends(self) -> list[str]:
+        """The jobs whose final status the server may not have (at most FINAL_STATUS_RESEND_S
+        old)."""
+        self._forget_ends_before(time.monotonic_ns() - int(FINAL_STATUS_RESEND_S * 1e9))
         return list(self._ends)
 
+    def _forget_ends_before(self, stamp: int) -> None:
+        while self._ends and next(iter(self._ends.values()))[0] <= stamp:
+            del self._ends[next(iter(self._ends))]
+
     def report_ends_again(self, job_ids: list[str]) -> None:
-        """Queue again the final statuses of `job_ids` (from `recent_ends`)."""
+        """Queue again the final statuses of `job_ids` (from `unconfirmed_ends`)."""
         for job_id in job_ids:
-            self._worker.send(agent.WorkerMessage(update_job=self._ends[job_id][1]))
+            upd = self._ends[job_id][1]
+            self._worker.send(agent.WorkerMessage(update_job=upd))
+            self._keep_end(upd)
+        if job_ids:
+            self._ask_receipt()
 
     def report_status(self, job_id: str, status: int, error: str = "") -> agent.UpdateJobStatus:
         upd = agent.UpdateJobStatus(job_id=job_id, status=status, error=error)  # type: ignore[arg-type]

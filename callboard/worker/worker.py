@@ -329,16 +329,16 @@ class Worker:
     def _reclaim(self) -> list[str]:
         """The jobs the server must attach to this worker's new session: the running ones, the
         accepted ones (still launching, or awaiting an assignment the cut may have lost), and
-        the ended ones whose final status is still queued or was sent lately (the cut may have
-        lost it: it is sent again). Without the claim the server would ignore their statuses
-        and fail them."""
+        the ended ones whose final status is still queued or was sent and not yet confirmed
+        (the cut may have lost it: it is sent again). Without the claim the server would ignore
+        their statuses and fail them."""
         held = [i for i, o in self._offers.items() if o.held]
         queued = {
             m.update_job.job_id
             for m in self._conn.pending()
             if m.WhichOneof("message") == "update_job" and m.update_job.status in TERMINAL
         }
-        ended = self._running.recent_ends()
+        ended = self._running.unconfirmed_ends()
         self._running.report_ends_again([j for j in ended if j not in queued])
         return list(dict.fromkeys([*self._jobs, *held, *queued, *ended]))
 
@@ -361,7 +361,7 @@ class Worker:
         elif which == "termination":
             self._on_termination(msg.termination.job_id)
         elif which == "pong":
-            return
+            self._running.received(msg.pong.last_timestamp)
         else:
             log.debug("ignored server message", extra=self.log_fields(message=which))
 
