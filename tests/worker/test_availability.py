@@ -205,6 +205,37 @@ async def test_an_answer_from_a_previous_connection_is_not_sent(
         assert records_with(caplog.records, "offer from a previous connection")
 
 
+async def test_an_accept_still_queued_at_a_cut_is_withdrawn_not_claimed(
+    fake: FakeAgentServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The accept never left: the server cannot have assigned the job, so the offer ends at the
+    cut (its slot freed) and the next session neither sends that accept nor claims the job.
+    An accept that did leave is held and claimed instead (tests/worker/test_connection.py)."""
+    caplog.set_level(logging.INFO, logger="callboard")
+    async with running_worker(fast_options(fake, availability_timeout=5.0)) as worker:
+        ws = worker._conn._ws
+        assert ws is not None
+        send = ws.send_bytes
+
+        async def stall_answers(data: bytes, compress: int | None = None) -> None:
+            if agent.WorkerMessage.FromString(data).WhichOneof("message") == "availability":
+                await asyncio.Event().wait()
+            await send(data, compress)
+
+        ws.send_bytes = stall_answers  # type: ignore[method-assign]
+        await fake.send(offer(fake_job("AJ_queuedaccept1")))
+        await wait_until(
+            lambda: any(m.HasField("availability") for m in worker._conn.pending()),
+            "the accept to be queued",
+        )
+        worker._conn.cut()
+        await wait_until(lambda: fake.connections == 2 and worker.registered, "reconnect", 2.0)
+        await wait_until(lambda: not worker._offers, "the offer to be over")
+        assert records_with(caplog.records, "offer withdrawn before assignment")
+        await fake.next("update_worker", lambda m: m.update_worker.job_count == 0)
+        assert fake.of_kind("availability") == [] and fake.of_kind("migrate_job") == []
+
+
 async def test_stopping_refuses_an_offer_still_being_decided(fake: FakeAgentServer) -> None:
     """A worker that stops while request_fnc deliberates answers "not available" at once, so
     the server can offer the job elsewhere instead of waiting out its timeout."""
