@@ -1,5 +1,6 @@
 """The worker's /agent link: its token, the register message, status updates, reconnection
-after a cut (with MigrateJobRequest for running jobs) and after a server restart.
+after a cut (with MigrateJobRequest for running jobs, for an accepted job whose assignment the
+cut lost, and for an ended job whose final status it lost) and after a server restart.
 """
 
 from __future__ import annotations
@@ -343,6 +344,8 @@ async def test_a_final_status_lost_in_a_cut_is_sent_again_after_the_reconnect(
             "lost-status", agent.JS_SUCCESS, agent_name=NAMED, timeout=RECONNECT_S
         )
         assert done.state.worker_id == worker.id != old_id and done.state.error == ""
+        # the WorkerPing sent after it came back: the server has it, nothing is kept to resend
+        await wait_until(lambda: not worker.running.unconfirmed_ends(), "the server's receipt")
 
 
 async def test_migrate_job_request_names_the_running_jobs(
