@@ -324,16 +324,18 @@ class Worker:
         return first
 
     def _owned_job_ids(self) -> list[str]:
-        """Jobs the server must attach to this worker's new session: the running ones, the
-        assigned ones still launching, and the ended ones whose final status is still queued
-        (without the migration the server would ignore that status and fail the job)."""
+        """Jobs the server must attach to this worker's new session: the running ones (not
+        those closing after their final status went out), the assigned ones still launching,
+        and the ended ones whose final status is still queued (without the migration the
+        server would ignore that status and fail the job)."""
         launching = [i for i, o in self._offers.items() if o.assigned]
         unreported = [
             m.update_job.job_id
             for m in self._conn.pending()
             if m.WhichOneof("message") == "update_job" and m.update_job.status in TERMINAL
         ]
-        return list(dict.fromkeys([*self._jobs, *launching, *unreported]))
+        running = [i for i, job in self._jobs.items() if not job.reported]
+        return list(dict.fromkeys([*running, *launching, *unreported]))
 
     def _on_disconnected(self, reason: str) -> None:
         for offer in list(self._offers.values()):
