@@ -1,8 +1,9 @@
 """A job that ends itself after joining its room (an end-call tool calling `ctx.shutdown()`)
 is recorded JS_SUCCESS by both servers. livekit-server fails a job whose agent leaves the room
 before its status arrives ("agent worker left the room", livekit/livekit#4447): callboard's
-worker sends the outcome as soon as the job knows it, before its agent leaves (livekit-agents'
-sends it after, and 2 of 3 such jobs were recorded failed in a run before this change)."""
+worker sends the outcome as soon as the job knows it, before its agent leaves. (Sent after
+the agent left, as livekit-agents does and callboard did, 2 of 3 were recorded failed in a
+run on livekit-server.)"""
 
 from __future__ import annotations
 
