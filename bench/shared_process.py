@@ -7,8 +7,12 @@ places that many calls at once (bench/voice.py's memory sample: callers in their
 processes, silent after the greeting) and, once every caller heard its greeting, prints the
 tree's added PSS per call, each process's PSS/USS/threads, and the busiest job process's
 private memory by kind of mapping (heap, pymalloc-sized anonymous regions, other anonymous
-regions, thread stacks, mapped files). Not side by side: see bench/voice.py for the
-comparison with livekit-agents; this says what the shared process holds.
+regions, thread stacks, mapped files). It also compares that process's pages with its parent's
+(the zygote it was forked from, /proc/<pid>/pagemap): still the zygote's page, a private copy
+of one (copy-on-write; and of those, how many still hold the zygote's very bytes: written and
+written back, as Python 3.11 does to the reference count of every object it merely uses), or
+new. Not side by side: see bench/voice.py for the comparison with livekit-agents; this says
+what the shared process holds.
 
     sudo python -m bench.shared_process [--jobs-per-process 8] [--calls 1 3 6]
 """
@@ -17,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import psutil
 from livekit import api
@@ -37,6 +43,11 @@ PYMALLOC_SIZES_KB: Final = range(1000, 1101)
 """Anonymous regions of about 1 MiB: CPython's object arenas."""
 STACK_SIZES_KB: Final = range(8180, 8201)
 """Anonymous regions of about 8 MiB: thread stacks."""
+PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+PAGEMAP_ENTRY: Final = 8
+PAGE_PRESENT: Final = 1 << 63
+PAGE_FRAME: Final = (1 << 55) - 1
+"""The page frame number bits of a pagemap entry (zero unless root)."""
 
 
 def private_by_kind(pid: int) -> dict[str, float]:
@@ -69,6 +80,93 @@ def _kind(name: str, size_kb: int) -> str:
     return "other anonymous"
 
 
+@dataclass
+class PageOrigins:
+    """A process's resident pages, against its parent's at the same addresses."""
+
+    shared: int = 0
+    """The parent's very page."""
+    copied: int = 0
+    """A private copy of a page the parent has (copy-on-write)."""
+    copied_unchanged: int = 0
+    """Copies whose bytes still equal the parent's page: written, then written back."""
+    new: int = 0
+    """No page at that address in the parent (fresh memory, or a file it never mapped)."""
+
+
+def page_origins(pid: int, parent: int) -> dict[str, PageOrigins]:
+    """`pid`'s resident pages by kind of mapping, each compared with `parent`'s (root only)."""
+    by_kind: dict[str, PageOrigins] = collections.defaultdict(PageOrigins)
+    files = [f"/proc/{p}/{f}" for f in ("pagemap", "mem") for p in (pid, parent)]
+    with contextlib.ExitStack() as stack:
+        maps, parent_maps, mem, parent_mem = (
+            stack.enter_context(open(f, "rb", buffering=0)) for f in files
+        )
+        for start, end, name in _mappings(pid):
+            kind = _kind(name, (end - start) // KB)
+            if not kind:
+                continue
+            origins = by_kind[kind]
+            own_pages, their_pages = _pagemap(maps, start, end), _pagemap(parent_maps, start, end)
+            pages = zip(own_pages, their_pages, strict=True)
+            for i, (own, theirs) in enumerate(pages):
+                if not own & PAGE_PRESENT:
+                    continue
+                if not theirs & PAGE_PRESENT:
+                    origins.new += 1
+                elif (own ^ theirs) & PAGE_FRAME == 0:
+                    origins.shared += 1
+                else:
+                    origins.copied += 1
+                    address = start + i * PAGE
+                    if _page(mem, address) == _page(parent_mem, address):
+                        origins.copied_unchanged += 1
+    return by_kind
+
+
+def _mappings(pid: int) -> list[tuple[int, int, str]]:
+    out = []
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end, parts[5] if len(parts) > 5 else ""))
+    return out
+
+
+def _pagemap(f: BinaryIO, start: int, end: int) -> memoryview:
+    f.seek(start // PAGE * PAGEMAP_ENTRY)
+    return memoryview(f.read((end - start) // PAGE * PAGEMAP_ENTRY)).cast("Q")
+
+
+def _page(f: BinaryIO, address: int) -> bytes | None:
+    try:
+        f.seek(address)
+        return f.read(PAGE)
+    except OSError:
+        return None
+
+
+def describe_origins(pid: int, parent: int) -> None:
+    by_kind = page_origins(pid, parent)
+
+    def mb(pages: int) -> str:
+        return f"{pages * PAGE / KB / KB:.1f}"
+
+    counts = (sum(getattr(o, f.name) for o in by_kind.values()) for f in fields(PageOrigins))
+    total = PageOrigins(*counts)
+    print(
+        f"  pid {pid} against its parent {parent} (MB): still shared {mb(total.shared)}, "
+        f"copied {mb(total.copied)} (of which {mb(total.copied_unchanged)} hold the parent's "
+        f"bytes again), new {mb(total.new)}"
+    )
+    copied = sorted(by_kind.items(), key=lambda kv: -kv[1].copied)
+    print(
+        "    copied by mapping (MB, of which unchanged): "
+        + ", ".join(f"{k} {mb(o.copied)} ({mb(o.copied_unchanged)})" for k, o in copied[:5])
+    )
+
+
 def describe(worker: AgentProcess, idle: TreeMemory, calls: int) -> None:
     tree = worker.memory()
     print(f"{calls} call(s): added PSS per call {(tree.pss_mb - idle.pss_mb) / calls:.1f} MB")
@@ -81,6 +179,8 @@ def describe(worker: AgentProcess, idle: TreeMemory, calls: int) -> None:
         print(f"  pid {pid}: PSS {pss:.1f} MB, USS {uss:.1f} MB, {threads} threads")
     busiest = max(rows, key=lambda r: r[3])[0]
     print(f"  pid {busiest} private memory by mapping (MB): {private_by_kind(busiest)}")
+    with contextlib.suppress(psutil.Error, OSError):
+        describe_origins(busiest, psutil.Process(busiest).ppid())
 
 
 async def run(jobs_per_process: int, counts: list[int]) -> None:

@@ -231,7 +231,8 @@ async def _serve_jobs(
             info = msg.running_info()
             if info.job.id not in jobs:
                 ctx = new_job_context(proc, info, inference)
-                jobs[info.job.id] = (ctx, asyncio.ensure_future(_run_tagged(ctx, spec)))
+                job = _run_tagged(ctx, spec, _outcome_sender(writer, info.job.id))
+                jobs[info.job.id] = (ctx, asyncio.ensure_future(job))
         elif isinstance(msg, ipc.Shutdown):
             if msg.job_id:
                 if msg.job_id in jobs:
@@ -252,12 +253,24 @@ async def _drain(writer: asyncio.StreamWriter) -> None:
         await writer.drain()
 
 
-async def _run_tagged(ctx: RunnableJob, spec: ChildSpec) -> JobOutcome:
+async def _run_tagged(
+    ctx: RunnableJob, spec: ChildSpec, on_outcome: Callable[[JobOutcome], None]
+) -> JobOutcome:
     """Run one job with its ids on every log line written in its tasks (a process may run
     several jobs at once)."""
     fields = ctx.job_fields
     JOB_LOG_FIELDS.set((("job_id", fields["job_id"]), ("room", fields["room"])))
-    return await run_job(ctx, spec.entrypoint, spec.shutdown_timeout)
+    return await run_job(ctx, spec.entrypoint, spec.shutdown_timeout, on_outcome)
+
+
+def _outcome_sender(writer: asyncio.StreamWriter, job_id: str) -> Callable[[JobOutcome], None]:
+    """Tells the worker a job's outcome as soon as it is known (ipc.JobEnding)."""
+
+    def send(outcome: JobOutcome) -> None:
+        if not writer.is_closing():
+            writer.write(ipc.encode(ipc.JobEnding(outcome.status, outcome.error, job_id)))
+
+    return send
 
 
 async def _stop_all(

@@ -33,6 +33,11 @@ class RunningJob(Protocol):
         """The job's one terminal outcome."""
         ...
 
+    async def wait_outcome(self) -> JobOutcome:
+        """The outcome as soon as it is known: before the job leaves its room and runs its
+        shutdown callbacks where the executor hears it then, else when `wait` has it."""
+        ...
+
 
 class JobExecutor(Protocol):
     """Starts jobs and owns their lifetime."""

@@ -111,6 +111,18 @@ class JobDone(Message):
     job_id: str = ""
 
 
+@register(8)
+@dataclass(frozen=True)
+class JobEnding(Message):
+    """Job `job_id`'s outcome, known before it leaves its room and runs its shutdown callbacks:
+    the worker reports it to the server at once (livekit-server fails a job whose agent leaves
+    the room first). JobDone follows once the job has closed."""
+
+    status: int
+    error: str = ""
+    job_id: str = ""
+
+
 @register(7)
 @dataclass(frozen=True)
 class LogRecordMsg(Message):

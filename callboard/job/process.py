@@ -67,7 +67,9 @@ class HostedJob:
     def __init__(self, process: JobProcessHandle, info: RunningJobInfo) -> None:
         self.process = process
         self._info = info
-        self._done: asyncio.Future[JobOutcome] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[JobOutcome] = loop.create_future()
+        self._known: asyncio.Future[JobOutcome] = loop.create_future()
         self.stop_requested = False
 
     @property
@@ -101,10 +103,19 @@ class HostedJob:
     async def wait(self) -> JobOutcome:
         return await asyncio.shield(self._done)
 
+    async def wait_outcome(self) -> JobOutcome:
+        return await asyncio.shield(self._known)
+
     async def wait_exit(self) -> int:
         return await self.process.wait_exit()
 
+    def outcome_known(self, outcome: JobOutcome) -> None:
+        """The job process knows the outcome; the job still closes (ipc.JobEnding)."""
+        if not self._known.done():
+            self._known.set_result(outcome)
+
     def resolve(self, outcome: JobOutcome) -> None:
+        self.outcome_known(outcome)
         if not self._done.done():
             self._done.set_result(outcome)
 
@@ -308,6 +319,9 @@ class JobProcessHandle:
         elif isinstance(msg, ipc.Initialized):
             if not self._initialized.done():
                 self._initialized.set_result(msg.error)
+        elif isinstance(msg, ipc.JobEnding):
+            if (job := self._jobs.get(msg.job_id)) is not None:
+                job.outcome_known(JobOutcome(msg.status, msg.error))
         elif isinstance(msg, ipc.JobDone):
             self._job_done(msg)
 

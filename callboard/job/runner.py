@@ -74,10 +74,19 @@ def failed(error: str) -> JobOutcome:
     return JobOutcome(agent.JS_FAILED, error)
 
 
-async def run_job(ctx: RunnableJob, entrypoint: Entrypoint, shutdown_timeout: float) -> JobOutcome:
-    """Drive `entrypoint(ctx)` to its one outcome."""
+async def run_job(
+    ctx: RunnableJob,
+    entrypoint: Entrypoint,
+    shutdown_timeout: float,
+    on_outcome: Callable[[JobOutcome], None] | None = None,
+) -> JobOutcome:
+    """Drive `entrypoint(ctx)` to its one outcome. `on_outcome` gets it as soon as it is
+    known, before the job closes (its session, its room, its shutdown callbacks), which does
+    not change it."""
     async with ctx.job_scope():
         outcome, reason = await _run_entrypoint(ctx, entrypoint, shutdown_timeout)
+        if on_outcome is not None:
+            on_outcome(outcome)
         try:
             await ctx.close_job(reason, shutdown_timeout)
         except Exception as e:

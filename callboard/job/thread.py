@@ -42,6 +42,7 @@ class ThreadJob:
         self._pending_stop: str | None = None
         self._owner = asyncio.get_running_loop()
         self._done: asyncio.Future[JobOutcome] = self._owner.create_future()
+        self._known: asyncio.Future[JobOutcome] = self._owner.create_future()
         self._thread = threading.Thread(target=self._main, name=f"job-{info.job.id}", daemon=True)
 
     @property
@@ -66,7 +67,16 @@ class ThreadJob:
             outcome = failed(f"job thread crashed: {e!r}")
         self._owner.call_soon_threadsafe(self._resolve, outcome)
 
+    def _tell_outcome(self, outcome: JobOutcome) -> None:
+        """From the job's thread: its outcome is known, its close begins."""
+        self._owner.call_soon_threadsafe(self._outcome_known, outcome)
+
+    def _outcome_known(self, outcome: JobOutcome) -> None:
+        if not self._known.done():
+            self._known.set_result(outcome)
+
     def _resolve(self, outcome: JobOutcome) -> None:
+        self._outcome_known(outcome)
         if not self._done.done():
             self._done.set_result(outcome)
 
@@ -83,7 +93,12 @@ class ThreadJob:
             self._ctx = ctx
             if self._pending_stop is not None:
                 ctx.shutdown(self._pending_stop)
-        return await run_job(ctx, self._entrypoint, self._shutdown_timeout)
+        return await run_job(
+            ctx,
+            self._entrypoint,
+            self._shutdown_timeout,
+            self._tell_outcome,
+        )
 
     def terminate(self, reason: str) -> None:
         with self._lock:
@@ -99,6 +114,9 @@ class ThreadJob:
 
     async def wait(self) -> JobOutcome:
         return await asyncio.shield(self._done)
+
+    async def wait_outcome(self) -> JobOutcome:
+        return await asyncio.shield(self._known)
 
 
 class ThreadExecutor:

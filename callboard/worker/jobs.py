@@ -2,9 +2,12 @@
 
 `RunningJobs.launch` hands an assigned job to the executor, reports JS_RUNNING and watches the
 job to its outcome, which is reported to the server (JS_SUCCESS or JS_FAILED with the reason),
-logged in one line, and counted. A connection cut can lose a status already handed to the
-socket, so a final status is kept until the server has it (a WorkerPing queued after it is
-answered) and sent again after a reconnect; `FINAL_STATUS_RESEND_S` bounds how long.
+logged in one line, and counted. The outcome goes out as soon as the job knows it, before its
+agent leaves the room: livekit-server fails a job whose agent leaves first ("agent worker left
+the room"). The job keeps its place here until it has closed. A connection cut can lose a
+status already handed to the socket, so a final status is kept until the server has it (a
+WorkerPing queued after it is answered) and sent again after a reconnect, for at most
+`FINAL_STATUS_RESEND_S`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class ActiveJob:
     handle: RunningJob
     started_at: float
     outcome: JobOutcome | None = None
+    reported: bool = False
+    """Its final status is with the server (it may still be closing)."""
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -119,21 +124,31 @@ class RunningJobs:
         await self.launch(JobAcceptArguments("", identity, ""), assignment, now, now)
 
     async def _watch(self, job: ActiveJob) -> None:
+        job_id = job.info.job.id
         try:
+            reported = await job.handle.wait_outcome()
+            self.report(job_id, reported)
+            job.reported = True
             outcome = await job.handle.wait()
         except Exception as e:
             outcome = failed(f"job supervision failed: {e!r}")
+            if not job.reported:
+                reported = outcome
+                self.report(job_id, reported)
+                job.reported = True
         job.outcome = outcome
         if self._first_end is not None and not self._first_end.done():
             self._first_end.set_result(outcome)
-        job_id = job.info.job.id
         self.active.pop(job_id, None)
-        self.report(job_id, outcome)
         self._worker.job_ended(job_id, outcome)
-        (log.info if outcome.ok else log.warning)(
-            "job ended",
-            extra={**self.job_fields(job), "status": outcome.status_name, "error": outcome.error},
-        )
+        fields = {**self.job_fields(job), "status": outcome.status_name, "error": outcome.error}
+        if outcome.status != reported.status:
+            log.warning(
+                "job failed while closing, after its outcome was reported to the server",
+                extra={**fields, "reported": reported.status_name},
+            )
+        else:
+            (log.info if outcome.ok else log.warning)("job ended", extra=fields)
         self._worker.update_state()
 
     def terminate(self, job_id: str, reason: str) -> bool:

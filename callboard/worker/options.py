@@ -187,7 +187,8 @@ class WorkerOptions:
     """How many jobs one job process may run at once (PROCESS executor). 1: a process per job,
     so a crash, a blocked loop or a memory limit touches that job alone. N > 1 shares one
     process's memory (the rtc SDK's runtime, the interpreter, what prewarm loaded) among up to
-    N calls, for fleets where memory per call matters more than that isolation."""
+    N calls, for fleets where memory per call matters more than that isolation. Per call it is
+    about 30/N + 7 MB for a voice agent; N = 3-4 takes most of it (docs/ARCHITECTURE.md)."""
     multiprocessing_context: str = "forkserver"
     """How job processes start: "forkserver" (forked from the zygote, milliseconds) or "spawn"
     (a fresh interpreter each, for libraries that cannot survive a fork)."""

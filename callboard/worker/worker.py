@@ -327,11 +327,13 @@ class Worker:
         return first
 
     def _reclaim(self) -> list[str]:
-        """The jobs the server must attach to this worker's new session: the running ones, the
-        accepted ones (still launching, or awaiting an assignment the cut may have lost), and
-        the ended ones whose final status is still queued or was sent and not yet confirmed
-        (the cut may have lost it: it is sent again). Without the claim the server would ignore
-        their statuses and fail them."""
+        """The jobs the server must attach to this worker's new session: the running ones (not
+        those closing after their final status went out), the accepted ones (still launching,
+        or awaiting an assignment the cut may have lost), and the ended or closing ones whose
+        final status is still queued or was sent and not yet confirmed (the cut may have lost
+        it: it is sent again). Without the claim the server would ignore their statuses and
+        fail them."""
+        running = [i for i, job in self._jobs.items() if not job.reported]
         held = [i for i, o in self._offers.items() if o.held]
         queued = {
             m.update_job.job_id
@@ -340,7 +342,7 @@ class Worker:
         }
         ended = self._running.unconfirmed_ends()
         self._running.report_ends_again([j for j in ended if j not in queued])
-        return list(dict.fromkeys([*self._jobs, *held, *queued, *ended]))
+        return list(dict.fromkeys([*running, *held, *queued, *ended]))
 
     def _on_disconnected(self, reason: str) -> None:
         unsent = {

@@ -27,7 +27,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -137,9 +137,11 @@ def agent_events(path: Path, event: str) -> list[dict[str, Any]]:
 
 
 @asynccontextmanager
-async def running_worker(server: ServerProcess) -> AsyncIterator[Worker]:
+async def running_worker(
+    server: ServerProcess, entrypoint: Callable[[Any], Awaitable[None]] = media_agent.entrypoint
+) -> AsyncIterator[Worker]:
     opts = WorkerOptions(
-        entrypoint_fnc=media_agent.entrypoint,
+        entrypoint_fnc=entrypoint,
         job_executor_type=JobExecutorType.PROCESS,
         ws_url=server.ws_url,
         api_key=API_KEY,

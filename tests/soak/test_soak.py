@@ -92,7 +92,7 @@ def test_every_job_ends_as_its_fault_calls_for(run: Run) -> None:
     acc = run.report.accounting
     assert acc.unexpected == []
     planned = Counter(spec.fault for spec in run.plan.schedule())
-    ended = Counter()
+    ended: Counter[str] = Counter()
     for outcome, n in acc.outcomes.items():
         ended[outcome.split(" -> ")[0]] += n
     assert ended == planned

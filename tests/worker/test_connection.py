@@ -382,6 +382,77 @@ async def test_migrate_job_request_names_the_running_jobs(
         assert [r.msg.update_job.status for r in fake.of_kind("update_job")] == [agent.JS_RUNNING]
 
 
+CLOSE_S = 1.5
+
+
+async def assign(fake: FakeAgentServer, job: agent.Job) -> None:
+    await fake.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job)))
+    await fake.next("availability")
+    await fake.send(agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t")))
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+async def test_the_outcome_goes_out_before_the_job_has_closed(
+    fake: FakeAgentServer, executor: JobExecutorType
+) -> None:
+    """livekit-server fails a job whose agent leaves the room before its status arrives ("agent
+    worker left the room"), so the worker reports the outcome as soon as the job knows it. The
+    job keeps its place until its close is over (a slow shutdown callback here), and a
+    reconnect meanwhile does not migrate it: the server has its end."""
+    async with running_worker(fast_options(fake, executor)) as worker:
+        job = agent.Job(
+            id="AJ_closing0001",
+            room=models.Room(name="r"),
+            metadata=script(sleep=0, close_s=CLOSE_S),
+        )
+        await assign(fake, job)
+        await fake.next("update_job", lambda m: m.update_job.status == agent.JS_RUNNING)
+        # the job returns at once; its close then takes CLOSE_S
+        ended = await fake.next("update_job", lambda m: m.update_job.job_id == job.id)
+        assert ended.msg.update_job.status == agent.JS_SUCCESS
+        assert [j.info.job.id for j in worker.active_jobs] == [job.id], "still closing"
+
+        worker._conn.cut()
+        await wait_until(lambda: fake.connections == 2, "a second connection", RECONNECT_S)
+        await fake.next("register")
+        second = await fake.next("register")
+        await fake.next("update_worker", lambda m: True)
+        assert worker.active_jobs, "the job is still closing after the reconnect"
+        assert "migrate_job" not in [r.kind for r in fake.received if r.at >= second.at]
+
+        await wait_until(lambda: not worker.active_jobs, "the job to close", CLOSE_S + 5)
+        assert [r.msg.update_job.status for r in fake.received if r.kind == "update_job"] == [
+            agent.JS_RUNNING,
+            agent.JS_SUCCESS,
+        ], "one final status"
+
+
+async def test_a_job_that_dies_while_closing_keeps_the_outcome_it_reported(
+    fake: FakeAgentServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its call ended well and the server has that; the process dying in a shutdown callback
+    afterwards is the worker's to log, with both statuses and the job's ids."""
+    async with running_worker(fast_options(fake, JobExecutorType.PROCESS)) as worker:
+        job = agent.Job(
+            id="AJ_closing0002",
+            room=models.Room(name="r"),
+            metadata=script(sleep=0, die_closing=True),
+        )
+        await assign(fake, job)
+        ended = await fake.next(
+            "update_job", lambda m: m.update_job.status not in (agent.JS_PENDING, agent.JS_RUNNING)
+        )
+        assert ended.msg.update_job.status == agent.JS_SUCCESS
+        await wait_until(lambda: not worker.active_jobs, "the process to die", 10.0)
+    statuses = [r.msg.update_job.status for r in fake.received if r.kind == "update_job"]
+    assert statuses == [agent.JS_RUNNING, agent.JS_SUCCESS]
+    (record,) = [r for r in caplog.records if "failed while closing" in r.getMessage()]
+    assert record.__dict__["job_id"] == job.id
+    assert record.__dict__["reported"] == "JS_SUCCESS"
+    assert record.__dict__["status"] == "JS_FAILED"
+    assert "SIGKILL" in record.__dict__["error"]
+
+
 @pytest.mark.parametrize("executor", EXECUTORS)
 async def test_server_restart_on_the_same_port_worker_reregisters(
     executor: JobExecutorType, tmp_path: Path

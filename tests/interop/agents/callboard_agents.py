@@ -10,6 +10,7 @@ import time
 from callboard import JobContext
 
 RECORD_ENV = "CALLBOARD_INTEROP_RECORD"
+HANG_UP_AFTER_S = 0.5
 
 
 def _record(event: str, ctx: JobContext, **more: object) -> None:
@@ -34,3 +35,10 @@ async def brief(ctx: JobContext) -> None:
     _record("job", ctx, agent_name=ctx.job.agent_name)
     await asyncio.sleep(1.0)
     _record("done", ctx)
+
+
+async def hangs_up_itself(ctx: JobContext) -> None:
+    """Joins its room, then ends its own job, as an agent's end-call tool does."""
+    await ctx.connect()
+    await asyncio.sleep(HANG_UP_AFTER_S)
+    ctx.shutdown("call over")

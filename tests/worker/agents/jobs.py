@@ -8,6 +8,8 @@ both executors and every scenario:
 - `{"raise": "boom"}`: raise (JS_FAILED);
 - `{"burn": 0.15, ...}`: keep that share of a core busy (CPU time, in BURN_PERIOD_S slices)
   while doing what the rest of the script says;
+- `{"close_s": 1.0, ...}`: a shutdown callback that takes that long (saving a transcript, say);
+- `{"die_closing": true, ...}`: a shutdown callback that SIGKILLs its process (PROCESS only);
 - anything else, or no metadata: run until terminated.
 """
 
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import time
 from typing import Any, Final
 
@@ -41,6 +44,7 @@ def script(**what: Any) -> str:
 
 async def scripted(ctx: JobContext) -> None:
     what = job_script(ctx.job.metadata)
+    add_closing_acts(ctx, what)
     if "burn" in what:
         burner = asyncio.create_task(burn(float(what["burn"])))
         try:
@@ -64,6 +68,21 @@ async def burn(duty: float) -> None:
             pass
         next_slice += BURN_PERIOD_S
         await asyncio.sleep(max(0.0, next_slice - loop.time()))
+
+
+def add_closing_acts(ctx: JobContext, what: dict[str, Any]) -> None:
+    if "close_s" in what:
+
+        async def slow_close(reason: str) -> None:
+            await asyncio.sleep(float(what["close_s"]))
+
+        ctx.add_shutdown_callback(slow_close)
+    if what.get("die_closing"):
+
+        async def die(reason: str) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        ctx.add_shutdown_callback(die)
 
 
 async def act(what: dict[str, Any]) -> None:
