@@ -81,6 +81,9 @@ class FakeAgentServer:
                 info = models.ServerInfo(region=FAKE_REGION, protocol=16, node_id="ND_fake")
                 reply = agent.RegisterWorkerResponse(worker_id=FAKE_WORKER_ID, server_info=info)
                 await self.send(agent.ServerMessage(register=reply))
+            elif msg.WhichOneof("message") == "ping":  # as livekit-server answers it
+                pong = agent.WorkerPong(last_timestamp=msg.ping.timestamp)
+                await self.send(agent.ServerMessage(pong=pong))
         return ws
 
     async def send(self, msg: agent.ServerMessage) -> None:

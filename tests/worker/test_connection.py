@@ -398,7 +398,8 @@ async def test_the_outcome_goes_out_before_the_job_has_closed(
     """livekit-server fails a job whose agent leaves the room before its status arrives ("agent
     worker left the room"), so the worker reports the outcome as soon as the job knows it. The
     job keeps its place until its close is over (a slow shutdown callback here), and a
-    reconnect meanwhile does not migrate it: the server has its end."""
+    reconnect meanwhile does not migrate it: the server has its end (it answered the
+    WorkerPing sent after it)."""
     async with running_worker(fast_options(fake, executor)) as worker:
         job = agent.Job(
             id="AJ_closing0001",
@@ -411,6 +412,7 @@ async def test_the_outcome_goes_out_before_the_job_has_closed(
         ended = await fake.next("update_job", lambda m: m.update_job.job_id == job.id)
         assert ended.msg.update_job.status == agent.JS_SUCCESS
         assert [j.info.job.id for j in worker.active_jobs] == [job.id], "still closing"
+        await wait_until(lambda: not worker.running.unconfirmed_ends(), "the server's receipt")
 
         worker._conn.cut()
         await wait_until(lambda: fake.connections == 2, "a second connection", RECONNECT_S)
