@@ -59,16 +59,20 @@ def private_by_kind(pid: int) -> dict[str, float]:
         for line in smaps:
             parts = line.split()
             if "-" in parts[0] and not parts[0].endswith(":"):
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                size_kb = (end - start) // KB
-                name = parts[5] if len(parts) > 5 else ""
-                kind = _kind(name, size_kb)
+                kind = _kind(*_mapping(parts))
             elif parts[0] in ("Private_Dirty:", "Private_Clean:") and kind:
                 kinds[kind] = kinds.get(kind, 0.0) + int(parts[1]) / KB
     return {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v >= 0.1}
 
 
-def _kind(name: str, size_kb: int) -> str:
+def _mapping(parts: list[str]) -> tuple[int, int, str]:
+    """The start, end and name (or "") of a mapping line of /proc/<pid>/maps or smaps, split."""
+    start, end = (int(x, 16) for x in parts[0].split("-"))
+    return start, end, parts[5] if len(parts) > 5 else ""
+
+
+def _kind(start: int, end: int, name: str) -> str:
+    size_kb = (end - start) // KB
     if name == "[heap]":
         return "heap"
     if name:
@@ -103,7 +107,7 @@ def page_origins(pid: int, parent: int) -> dict[str, PageOrigins]:
             stack.enter_context(open(f, "rb", buffering=0)) for f in files
         )
         for start, end, name in _mappings(pid):
-            kind = _kind(name, (end - start) // KB)
+            kind = _kind(start, end, name)
             if not kind:
                 continue
             origins = by_kind[kind]
@@ -119,19 +123,15 @@ def page_origins(pid: int, parent: int) -> dict[str, PageOrigins]:
                 else:
                     origins.copied += 1
                     address = start + i * PAGE
-                    if _page(mem, address) == _page(parent_mem, address):
+                    own_bytes = _page(mem, address)
+                    if own_bytes is not None and own_bytes == _page(parent_mem, address):
                         origins.copied_unchanged += 1
     return by_kind
 
 
 def _mappings(pid: int) -> list[tuple[int, int, str]]:
-    out = []
     with open(f"/proc/{pid}/maps") as maps:
-        for line in maps:
-            parts = line.split()
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            out.append((start, end, parts[5] if len(parts) > 5 else ""))
-    return out
+        return [_mapping(line.split()) for line in maps]
 
 
 def _pagemap(f: BinaryIO, start: int, end: int) -> memoryview:
