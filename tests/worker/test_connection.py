@@ -348,6 +348,12 @@ async def test_a_final_status_lost_in_a_cut_is_sent_again_after_the_reconnect(
         await wait_until(lambda: not worker.running.unconfirmed_ends(), "the server's receipt")
 
 
+async def assign(fake: FakeAgentServer, job: agent.Job) -> None:
+    await fake.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job)))
+    await fake.next("availability")
+    await fake.send(agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t")))
+
+
 async def test_migrate_job_request_names_the_running_jobs(
     fake: FakeAgentServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -355,10 +361,7 @@ async def test_migrate_job_request_names_the_running_jobs(
     opts = fast_options(fake)
     async with running_worker(opts) as worker:
         job = agent.Job(id="AJ_migrating01", room=models.Room(name="r"), metadata=script())
-        assignment = agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t"))
-        await fake.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job)))
-        await fake.next("availability")
-        await fake.send(assignment)
+        await assign(fake, job)
         await fake.next("update_job", lambda m: m.update_job.status == agent.JS_RUNNING)
         worker._conn.cut()
         await wait_until(lambda: fake.connections == 2, "a second connection", RECONNECT_S)
@@ -374,7 +377,7 @@ async def test_migrate_job_request_names_the_running_jobs(
 
         # The server cannot tell a lost assignment from a lost JS_RUNNING, so it may send a
         # claimed job's assignment again: the job runs once and nothing more is reported.
-        await fake.send(assignment)
+        await fake.send(agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t")))
         await wait_until(
             lambda: bool(records_with(caplog.records, "assignment sent again")), "the duplicate"
         )
@@ -383,12 +386,6 @@ async def test_migrate_job_request_names_the_running_jobs(
 
 
 CLOSE_S = 1.5
-
-
-async def assign(fake: FakeAgentServer, job: agent.Job) -> None:
-    await fake.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job)))
-    await fake.next("availability")
-    await fake.send(agent.ServerMessage(assignment=agent.JobAssignment(job=job, token="t")))
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
