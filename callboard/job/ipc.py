@@ -248,15 +248,16 @@ def astuple_shallow(msg: Message) -> tuple[Any, ...]:
 
 
 async def read_message(reader: asyncio.StreamReader) -> Message | None:
-    """The next message of a stream; None at EOF, or when the peer reset the connection between
-    frames (it closed with frames of ours unread: a hang-up all the same)."""
+    """The next message of a stream; None at EOF, or when the connection broke between frames
+    (the peer closed with frames of ours unread, or a write of ours found it gone: a hang-up
+    all the same)."""
     try:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as e:
         if not e.partial:
             return None
         raise IpcError("truncated IPC frame header") from None
-    except ConnectionResetError:
+    except (ConnectionResetError, BrokenPipeError):
         return None
     length, msg_id = HEADER.unpack(header)
     if not 1 <= length <= MAX_FRAME:
